@@ -1,0 +1,418 @@
+//! `Io`: one request, for every layer.
+//!
+//! Lifecycle (compare `bio_chain`/`bio_endio`): a request starts with one
+//! reference, held by whoever is working on it. A layer that splits it calls
+//! `child()` for each piece (the parent's count goes up by one per child),
+//! submits the children below, then drops its own reference with `put()`. A
+//! layer at the bottom calls `finish(result)` exactly once. When the count
+//! reaches zero the request completes: its `end_io` hook runs (decrypt, verify,
+//! gather...) in the thread that delivered the last completion, and the result
+//! is added to the parent, whose count then drops. A parent therefore completes
+//! once, after its last child, with the sum of the children's bytes or the
+//! first error. The first error of a child cancels its siblings.
+
+use crate::buf::Buf;
+use crate::errno::Errno;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Read,
+    Write,
+    /// Make every completed write durable (fdatasync below).
+    Flush,
+    /// The range's contents are no longer needed (punch hole / BLKDISCARD).
+    Discard,
+}
+
+/// What transform layers record about an extent on its way down, and need
+/// again on the way up: the filesystem stores it in the extent map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExtentTag {
+    /// Compression codec of the stored bytes (0 = raw).
+    pub codec: u8,
+    /// Bytes the caller sees.
+    pub logical_len: u32,
+    /// Bytes that reach the bottom of the stack (after compression, with crypt overhead).
+    pub stored_len: u32,
+    /// Nonce the crypt layer used.
+    pub nonce: [u8; 24],
+    /// Authentication tag of the crypt layer.
+    pub mac: [u8; 16],
+}
+
+/// Bytes transferred, or the errno that ended the request.
+pub type IoResult = Result<u64, Errno>;
+
+/// Runs when a request completes; may change the result it passes upward
+/// (a decrypting layer turns a bad MAC into EIO).
+pub type EndIo = Box<dyn FnOnce(&Io, IoResult) -> IoResult + Send>;
+
+type Canceller = Box<dyn FnOnce() + Send>;
+type Observer = Box<dyn FnOnce(&Io, &IoResult) + Send>;
+
+const FINISHED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+struct IoInner {
+    op: Op,
+    addr: u64,
+    /// Bytes covered: the buffer's length, or the range of a discard.
+    len: u64,
+    buf: Buf,
+    tag: Mutex<ExtentTag>,
+    parent: Option<Io>,
+    children: Mutex<Vec<Weak<IoInner>>>,
+    remaining: AtomicUsize,
+    bytes: AtomicU64,
+    error: AtomicI32,
+    state: AtomicU8,
+    end_io: Mutex<Option<EndIo>>,
+    /// Set by whoever holds the request queued or in flight; run once on cancel.
+    canceller: Mutex<Option<Canceller>>,
+    /// Completion observers (per-layer counters); run before `end_io`.
+    observers: Mutex<Vec<Observer>>,
+    created: Instant,
+}
+
+/// A counted handle on one request. Cloning the handle does not add a
+/// completion reference: only `child()` and the initial reference count.
+#[derive(Clone)]
+pub struct Io(Arc<IoInner>);
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Io({:?} @{} len {})", self.0.op, self.0.addr, self.0.len)
+    }
+}
+
+impl Io {
+    /// A top-level request; `end_io` receives its final result.
+    pub fn new(op: Op, addr: u64, buf: Buf, end_io: Option<EndIo>) -> Io {
+        let len = buf.len() as u64;
+        Io::build(op, addr, len, buf, None, end_io, ExtentTag::default())
+    }
+
+    /// A discard of `len` bytes (no buffer).
+    pub fn discard(addr: u64, len: u64, end_io: Option<EndIo>) -> Io {
+        Io::build(
+            Op::Discard,
+            addr,
+            len,
+            Buf::zeroed(0),
+            None,
+            end_io,
+            ExtentTag::default(),
+        )
+    }
+
+    fn build(
+        op: Op,
+        addr: u64,
+        len: u64,
+        buf: Buf,
+        parent: Option<Io>,
+        end_io: Option<EndIo>,
+        tag: ExtentTag,
+    ) -> Io {
+        let cancelled = parent.as_ref().is_some_and(|p| p.is_cancelled());
+        Io(Arc::new(IoInner {
+            op,
+            addr,
+            len,
+            buf,
+            tag: Mutex::new(tag),
+            parent,
+            children: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(1),
+            bytes: AtomicU64::new(0),
+            error: AtomicI32::new(0),
+            state: AtomicU8::new(if cancelled { CANCELLED } else { 0 }),
+            end_io: Mutex::new(end_io),
+            canceller: Mutex::new(None),
+            observers: Mutex::new(Vec::new()),
+            created: Instant::now(),
+        }))
+    }
+
+    /// A child request over (usually) a clone of part of this request's
+    /// buffer. The parent will not complete before the child has.
+    pub fn child(&self, op: Op, addr: u64, buf: Buf, end_io: Option<EndIo>) -> Io {
+        let len = buf.len() as u64;
+        self.child_len(op, addr, len, buf, end_io)
+    }
+
+    /// A child discard of `len` bytes.
+    pub fn child_discard(&self, addr: u64, len: u64, end_io: Option<EndIo>) -> Io {
+        self.child_len(Op::Discard, addr, len, Buf::zeroed(0), end_io)
+    }
+
+    fn child_len(&self, op: Op, addr: u64, len: u64, buf: Buf, end_io: Option<EndIo>) -> Io {
+        self.0.remaining.fetch_add(1, Ordering::AcqRel);
+        let tag = *self.0.tag.lock();
+        let c = Io::build(op, addr, len, buf, Some(self.clone()), end_io, tag);
+        self.0.children.lock().push(Arc::downgrade(&c.0));
+        c
+    }
+
+    pub fn op(&self) -> Op {
+        self.0.op
+    }
+    pub fn addr(&self) -> u64 {
+        self.0.addr
+    }
+    pub fn buf(&self) -> &Buf {
+        &self.0.buf
+    }
+    /// Bytes covered by the request (a discard's range has no buffer).
+    pub fn len(&self) -> u64 {
+        self.0.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+    pub fn parent(&self) -> Option<&Io> {
+        self.0.parent.as_ref()
+    }
+    pub fn tag(&self) -> ExtentTag {
+        *self.0.tag.lock()
+    }
+    pub fn set_tag(&self, tag: ExtentTag) {
+        *self.0.tag.lock() = tag;
+    }
+    pub fn age(&self) -> std::time::Duration {
+        self.0.created.elapsed()
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) & CANCELLED != 0
+    }
+    /// True once `finish` has been called (the request may still wait for children).
+    pub fn is_finished(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) & FINISHED != 0
+    }
+    /// Identity, for tables of requests in flight.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+    pub fn same(&self, other: &Io) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The bottom of the stack reports the outcome of this request. Only the
+    /// first call counts; later calls (a cancel racing a completion) are ignored.
+    /// Returns whether this call was the one that counted.
+    pub fn finish(&self, res: IoResult) -> bool {
+        let prev = self.0.state.fetch_or(FINISHED, Ordering::AcqRel);
+        if prev & FINISHED != 0 {
+            return false;
+        }
+        self.0.canceller.lock().take();
+        self.record(res);
+        self.put();
+        true
+    }
+
+    /// Give up the reference taken at creation without reporting anything
+    /// (a layer that has handed all the work to children).
+    pub fn put(&self) {
+        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.complete();
+        }
+    }
+
+    fn record(&self, res: IoResult) {
+        match res {
+            Ok(n) => {
+                self.0.bytes.fetch_add(n, Ordering::AcqRel);
+            }
+            Err(e) => {
+                if self
+                    .0
+                    .error
+                    .compare_exchange(0, e.0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    // First failure: the siblings' work is wasted, stop it.
+                    self.cancel_children();
+                }
+            }
+        }
+    }
+
+    fn complete(&self) {
+        let err = self.0.error.load(Ordering::Acquire);
+        let mut res = if err != 0 {
+            Err(Errno(err))
+        } else {
+            Ok(self.0.bytes.load(Ordering::Acquire))
+        };
+        let observers = std::mem::take(&mut *self.0.observers.lock());
+        for obs in observers {
+            obs(self, &res);
+        }
+        if let Some(end_io) = self.0.end_io.lock().take() {
+            res = end_io(self, res);
+        }
+        self.0.children.lock().clear();
+        if let Some(parent) = &self.0.parent {
+            parent.record(res);
+            parent.put();
+        }
+    }
+
+    /// Cancel this request and every descendant: queued ones never start,
+    /// in-flight ones are cancelled where they are, each completes once with
+    /// ECANCELED (unless it had already completed).
+    pub fn cancel(&self) {
+        let canceller = {
+            let mut slot = self.0.canceller.lock();
+            self.0.state.fetch_or(CANCELLED, Ordering::AcqRel);
+            slot.take()
+        };
+        self.cancel_children();
+        if let Some(f) = canceller {
+            f();
+        }
+    }
+
+    fn cancel_children(&self) {
+        let children: Vec<Io> = self
+            .0
+            .children
+            .lock()
+            .iter()
+            .filter_map(|w| w.upgrade().map(Io))
+            .collect();
+        for c in children {
+            c.cancel();
+        }
+    }
+
+    /// Whoever queues or starts this request says how to cancel it there.
+    /// If the request was cancelled already, `f` runs now.
+    pub fn set_canceller(&self, f: impl FnOnce() + Send + 'static) {
+        let mut slot = self.0.canceller.lock();
+        if self.is_cancelled() {
+            drop(slot);
+            f();
+        } else if self.is_finished() {
+            // Completed meanwhile: nothing left to cancel.
+        } else {
+            *slot = Some(Box::new(f));
+        }
+    }
+
+    /// Remove the canceller (the request left the queue by itself).
+    pub fn clear_canceller(&self) {
+        self.0.canceller.lock().take();
+    }
+
+    /// Run `f` when this request completes, before its `end_io`.
+    pub fn observe(&self, f: impl FnOnce(&Io, &IoResult) + Send + 'static) {
+        self.0.observers.lock().push(Box::new(f));
+    }
+}
+
+/// Blocks a thread until a request completes: for callers that are not
+/// themselves completion-driven (mkfs, fsck, metadata store, tests).
+#[derive(Clone, Default)]
+pub struct Waiter {
+    inner: Arc<(Mutex<Option<(IoResult, ExtentTag)>>, parking_lot::Condvar)>,
+}
+
+impl Waiter {
+    pub fn new() -> Waiter {
+        Waiter::default()
+    }
+
+    /// The `end_io` to give the request.
+    pub fn end_io(&self) -> EndIo {
+        let inner = self.inner.clone();
+        Box::new(move |io, res| {
+            let mut slot = inner.0.lock();
+            *slot = Some((res, io.tag()));
+            inner.1.notify_all();
+            res
+        })
+    }
+
+    pub fn wait(&self) -> IoResult {
+        self.wait_tag().0
+    }
+
+    /// The result and the extent tag the layers recorded.
+    pub fn wait_tag(&self) -> (IoResult, ExtentTag) {
+        let mut slot = self.inner.0.lock();
+        loop {
+            if let Some(r) = slot.take() {
+                return r;
+            }
+            self.inner.1.wait(&mut slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_completes_after_last_child_with_sum() {
+        let w = Waiter::new();
+        let p = Io::new(Op::Read, 0, Buf::zeroed(8192), Some(w.end_io()));
+        let (a, b) = p.buf().split_at(4096);
+        let c1 = p.child(Op::Read, 0, a, None);
+        let c2 = p.child(Op::Read, 4096, b, None);
+        p.put();
+        c1.finish(Ok(4096));
+        assert!(w.inner.0.lock().is_none(), "parent completed early");
+        c2.finish(Ok(4096));
+        assert_eq!(w.wait(), Ok(8192));
+    }
+
+    #[test]
+    fn first_error_wins_and_cancels_siblings() {
+        let w = Waiter::new();
+        let p = Io::new(Op::Write, 0, Buf::zeroed(8192), Some(w.end_io()));
+        let c1 = p.child(Op::Write, 0, p.buf().slice(0, 4096), None);
+        let c2 = p.child(Op::Write, 4096, p.buf().slice(4096, 4096), None);
+        let c2b = c2.clone();
+        c2.set_canceller(move || {
+            c2b.finish(Err(Errno::ECANCELED));
+        });
+        p.put();
+        c1.finish(Err(Errno::EIO));
+        assert!(c2.is_cancelled());
+        assert_eq!(w.wait(), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn finish_counts_once() {
+        let w = Waiter::new();
+        let io = Io::new(Op::Read, 0, Buf::zeroed(4096), Some(w.end_io()));
+        assert!(io.finish(Ok(4096)));
+        assert!(!io.finish(Err(Errno::ECANCELED)));
+        assert_eq!(w.wait(), Ok(4096));
+    }
+
+    #[test]
+    fn child_of_cancelled_parent_starts_cancelled() {
+        let p = Io::new(Op::Read, 0, Buf::zeroed(4096), None);
+        p.cancel();
+        let c = p.child(Op::Read, 0, p.buf().clone(), None);
+        assert!(c.is_cancelled());
+        let ran = Arc::new(AtomicU8::new(0));
+        let r = ran.clone();
+        c.set_canceller(move || {
+            r.store(1, Ordering::SeqCst);
+        });
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            1,
+            "canceller of a cancelled request runs at once"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The one trait every layer implements, and the counters the framework keeps
+//! for each of them.
+
+use crate::buf::Buf;
+use crate::errno::Errno;
+use crate::io::{ExtentTag, Io, IoResult, Op, Waiter};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A node of the stack. It receives requests in its own address space,
+/// transforms or splits them, and passes children to the layer(s) below.
+/// It never blocks in `submit` on I/O: completion arrives through the chain.
+pub trait Layer: Send + Sync {
+    /// The layer as written in a spec (`stripe=64k`, `device:/dev/loop0`).
+    fn name(&self) -> String;
+    /// Bytes addressable in this layer's space.
+    fn capacity(&self) -> u64;
+    /// Alignment (bytes) that requests should keep for the fast path.
+    fn alignment(&self) -> usize {
+        4096
+    }
+    /// Hand one request to the layer; the caller's reference moves with it.
+    fn submit(&self, io: Io);
+    /// Hand many requests at once; layers that can batch (one syscall, one
+    /// lock) override this.
+    fn submit_batch(&self, ios: Vec<Io>) {
+        for io in ios {
+            self.submit(io);
+        }
+    }
+    /// The most bytes an extent of `len` logical bytes can take below this
+    /// layer (crypt adds a nonce and a tag), so callers can allocate space.
+    fn stored_len(&self, len: u64) -> u64 {
+        len
+    }
+    /// The layers directly below, for walking the stack.
+    fn lowers(&self) -> Vec<Arc<dyn Layer>> {
+        Vec::new()
+    }
+    /// Counters, when the framework keeps them for this node.
+    fn stats(&self) -> Option<Arc<Stats>> {
+        None
+    }
+    /// Stop background work (completion threads); pending requests are cancelled.
+    fn shutdown(&self) {
+        for l in self.lowers() {
+            l.shutdown();
+        }
+    }
+}
+
+/// Number of latency buckets: bucket i counts completions in [2^i, 2^(i+1)) µs.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// Per-layer counters.
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub latency_us: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// A copy of `Stats` at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    pub latency_us: Vec<u64>,
+}
+
+impl StatsSnapshot {
+    /// Upper bound of the bucket holding the q-th quantile, in microseconds.
+    pub fn latency_quantile_us(&self, q: f64) -> u64 {
+        let total: u64 = self.latency_us.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency_us.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return 1 << (i + 1);
+            }
+        }
+        1 << LATENCY_BUCKETS
+    }
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency_us: self
+                .latency_us
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    fn start(self: &Arc<Self>, io: &Io) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let stats = self.clone();
+        let start = std::time::Instant::now();
+        io.observe(move |io, res| stats.end(io, res, start.elapsed()));
+    }
+
+    fn end(&self, io: &Io, res: &IoResult, took: Duration) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match res {
+            Ok(n) => {
+                let counter = match io.op() {
+                    Op::Read => &self.read_bytes,
+                    Op::Write => &self.write_bytes,
+                    _ => return self.bucket(took),
+                };
+                counter.fetch_add(*n, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.bucket(took);
+    }
+
+    fn bucket(&self, took: Duration) {
+        let us = took.as_micros().max(1) as u64;
+        let i = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency_us[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The framework's wrapper: counts every request that enters the layer.
+/// The stack builder puts one around each layer, so layers need not count.
+pub struct Counted {
+    inner: Arc<dyn Layer>,
+    stats: Arc<Stats>,
+}
+
+impl Counted {
+    pub fn wrap(inner: Arc<dyn Layer>) -> Arc<dyn Layer> {
+        Arc::new(Counted {
+            inner,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+}
+
+impl Layer for Counted {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn alignment(&self) -> usize {
+        self.inner.alignment()
+    }
+    fn submit(&self, io: Io) {
+        self.stats.start(&io);
+        self.inner.submit(io);
+    }
+    fn submit_batch(&self, ios: Vec<Io>) {
+        for io in &ios {
+            self.stats.start(io);
+        }
+        self.inner.submit_batch(ios);
+    }
+    fn stored_len(&self, len: u64) -> u64 {
+        self.inner.stored_len(len)
+    }
+    fn lowers(&self) -> Vec<Arc<dyn Layer>> {
+        self.inner.lowers()
+    }
+    fn stats(&self) -> Option<Arc<Stats>> {
+        Some(self.stats.clone())
+    }
+    fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+/// Submit one request and wait for it: for code that is not itself driven by
+/// completions (mkfs, fsck, the metadata store, tests).
+pub fn submit_wait(layer: &dyn Layer, op: Op, addr: u64, buf: Buf) -> IoResult {
+    submit_wait_tag(layer, op, addr, buf, ExtentTag::default()).0
+}
+
+/// Like `submit_wait`, with an extent tag going down and the one recorded by
+/// the layers coming back.
+pub fn submit_wait_tag(
+    layer: &dyn Layer,
+    op: Op,
+    addr: u64,
+    buf: Buf,
+    tag: ExtentTag,
+) -> (IoResult, ExtentTag) {
+    let w = Waiter::new();
+    let io = Io::new(op, addr, buf, Some(w.end_io()));
+    io.set_tag(tag);
+    layer.submit(io);
+    w.wait_tag()
+}
+
+/// Check that `[addr, addr+len)` fits in a layer of `capacity` bytes.
+pub fn check_range(addr: u64, len: u64, capacity: u64) -> Result<(), Errno> {
+    match addr.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(Errno::EINVAL),
+    }
+}

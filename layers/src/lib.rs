@@ -1,0 +1,27 @@
+//! stackfs-layers: the I/O model of stackfs and its layers.
+//!
+//! A `Buf` is shared page-aligned memory plus a window; an `Io` is one request
+//! that knows its children and completes once, upward, after all of them; a
+//! `Layer` receives requests and hands children to the layers below. The
+//! layers: `device` (io_uring), `stripe` (RAID-0), `fault` (for tests), and
+//! `mem` (in memory, for tests and benchmarks).
+
+pub mod buf;
+pub mod device;
+pub mod errno;
+pub mod fault;
+pub mod io;
+pub mod layer;
+pub mod mem;
+pub mod spec;
+pub mod stripe;
+
+pub use buf::{Buf, BufPool, PAGE};
+pub use device::Device;
+pub use errno::Errno;
+pub use fault::{Fault, FaultAction, FaultControl, FaultRule};
+pub use io::{EndIo, ExtentTag, Io, IoResult, Op, Waiter};
+pub use layer::{submit_wait, submit_wait_tag, Counted, Layer, Stats, StatsSnapshot};
+pub use mem::Mem;
+pub use spec::{parse_size, LayerSpec, Stack, StackSpec};
+pub use stripe::Stripe;
