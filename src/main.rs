@@ -1,1 +1,586 @@
-fn main() {}
+//! The `stackfs` command: mkfs, mount, info.
+
+use clap::{Parser, Subcommand};
+use stackfs::fs::{Fs, FsOptions};
+use stackfs::fuse::FuseFs;
+use stackfs::pool::{self, parse_source, uuid_str, MkfsOptions};
+use stackfs_layers::{parse_size, StackSpec};
+use std::io::{Read, Write};
+use std::os::unix::io::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "stackfs",
+    version,
+    about = "A pooled, layered filesystem in user space (FUSE)"
+)]
+struct Cli {
+    /// More log output (repeat for more); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a pool on one or more devices or image files.
+    Mkfs {
+        /// Layer stack, top first (e.g. "stripe=64k"). Default: stripe=64k over several devices.
+        #[arg(long)]
+        layers: Option<String>,
+        /// Stripe chunk size (multiple of 4 KiB), e.g. 64k.
+        #[arg(long)]
+        chunk: Option<String>,
+        /// Create missing image files of this size (e.g. 1G).
+        #[arg(long)]
+        size: Option<String>,
+        /// Overwrite devices that already hold a pool.
+        #[arg(long)]
+        force: bool,
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+    },
+    /// Mount a pool: SOURCE is its devices joined by ':'.
+    Mount {
+        /// Stay in the foreground instead of returning once mounted.
+        #[arg(short, long)]
+        foreground: bool,
+        /// Mount options, comma-separated (ro, rw, allow_other, fsname=, cache_size=, ...).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        source: String,
+        mountpoint: PathBuf,
+    },
+    /// Show a pool's devices, layers and usage.
+    Info { source: String },
+}
+
+fn main() -> ExitCode {
+    // mount.fuse calls `stackfs SOURCE MOUNTPOINT -o OPTS`: treat it as `mount`.
+    let mut args: Vec<String> = std::env::args().collect();
+    let known = ["mkfs", "mount", "info", "help"];
+    if args.len() > 2 && !args[1].starts_with('-') && !known.contains(&args[1].as_str()) {
+        args.insert(1, "mount".into());
+    }
+    let cli = Cli::parse_from(args);
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let r = match cli.cmd {
+        Cmd::Mkfs {
+            layers,
+            chunk,
+            size,
+            force,
+            devices,
+        } => mkfs(layers, chunk, size, force, devices),
+        Cmd::Mount {
+            foreground,
+            options,
+            source,
+            mountpoint,
+        } => mount(foreground, &options, &source, mountpoint),
+        Cmd::Info { source } => info(&source),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stackfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mkfs(
+    layers: Option<String>,
+    chunk: Option<String>,
+    size: Option<String>,
+    force: bool,
+    devices: Vec<PathBuf>,
+) -> Result<(), String> {
+    let size = size
+        .map(|s| parse_size(&s).ok_or(format!("--size {s:?} is not a size (e.g. 1G)")))
+        .transpose()?;
+    let default = if devices.len() > 1 { "stripe=64k" } else { "" };
+    let mut spec = StackSpec::parse(layers.as_deref().unwrap_or(default))
+        .map_err(|e| format!("--layers: {e}"))?;
+    if let Some(c) = chunk {
+        let c = parse_size(&c)
+            .filter(|c| *c > 0 && c % 4096 == 0)
+            .ok_or(format!("--chunk {c:?} is not a multiple of 4 KiB"))?;
+        let mut found = false;
+        for l in spec.layers.iter_mut() {
+            if let stackfs_layers::LayerSpec::Stripe { chunk } = l {
+                *chunk = c;
+                found = true;
+            }
+        }
+        if !found {
+            spec.layers
+                .push(stackfs_layers::LayerSpec::Stripe { chunk: c });
+        }
+    }
+    let sb = pool::mkfs(
+        &devices,
+        &MkfsOptions {
+            spec,
+            size,
+            force,
+            keys: Vec::new(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "created pool {} on {} device(s), layers \"{}\", {} MiB per device",
+        uuid_str(&sb.pool_uuid),
+        sb.count,
+        sb.spec,
+        sb.per_device >> 20
+    );
+    Ok(())
+}
+
+struct MountOpts {
+    read_only: bool,
+    allow_other: bool,
+    fsname: Option<String>,
+    cache_bytes: u64,
+    writeback: bool,
+    kernel: Vec<String>,
+    log_file: Option<PathBuf>,
+}
+
+fn parse_options(options: &[String]) -> Result<MountOpts, String> {
+    let mut o = MountOpts {
+        read_only: false,
+        allow_other: false,
+        fsname: None,
+        cache_bytes: 256 << 20,
+        writeback: true,
+        kernel: Vec::new(),
+        log_file: None,
+    };
+    for opt in options
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = opt
+            .split_once('=')
+            .map(|(k, v)| (k, Some(v)))
+            .unwrap_or((opt, None));
+        match (k, v) {
+            ("ro", None) => o.read_only = true,
+            ("rw", None) => o.read_only = false,
+            ("allow_other", None) => o.allow_other = true,
+            ("default_permissions", None) => {}
+            ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
+            ("cache_size", Some(v)) => {
+                o.cache_bytes = parse_size(v).ok_or(format!("cache_size={v} is not a size"))?
+            }
+            ("writeback", None) => o.writeback = true,
+            ("nowriteback", None) => o.writeback = false,
+            ("log_file", Some(v)) => o.log_file = Some(PathBuf::from(v)),
+            (
+                "suid" | "nosuid" | "dev" | "nodev" | "exec" | "noexec" | "atime" | "noatime"
+                | "relatime" | "dirsync" | "sync" | "async",
+                None,
+            ) => o.kernel.push(k.to_string()),
+            // Options mount(8) and fstab pass along, meaningless to us.
+            (
+                "defaults" | "nofail" | "_netdev" | "noauto" | "auto" | "user" | "nouser" | "users"
+                | "owner",
+                None,
+            ) => {}
+            (k, _) if k.starts_with("x-") || k == "comment" || k == "subtype" => {}
+            _ => return Err(format!("unknown mount option {opt:?}")),
+        }
+    }
+    Ok(o)
+}
+
+/// Parent side of daemon start: run ourselves in the foreground, detached,
+/// and wait until it says the mount is ready (or dies).
+fn spawn_daemon(
+    options: &[String],
+    source: &str,
+    mountpoint: &std::path::Path,
+) -> Result<(), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("mount").arg("--foreground");
+    for o in options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(source)
+        .arg(mountpoint)
+        .env("STACKFS_READY_FD", fds[1].to_string())
+        .stdin(std::process::Stdio::null());
+    let child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"));
+    // SAFETY: fds[1] is ours; the child has its own copy.
+    unsafe { libc::close(fds[1]) };
+    let mut child = child?;
+    // SAFETY: fds[0] is an open pipe end owned from here on.
+    let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let mut msg = String::new();
+    let _ = r.read_to_string(&mut msg);
+    if msg.starts_with("ok") {
+        return Ok(());
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    Err(format!(
+        "the daemon exited before the mount was ready ({status})"
+    ))
+}
+
+fn mount(
+    foreground: bool,
+    options: &[String],
+    source: &str,
+    mountpoint: PathBuf,
+) -> Result<(), String> {
+    let o = parse_options(options)?;
+    let ready_fd: Option<i32> = std::env::var("STACKFS_READY_FD")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if !foreground {
+        return spawn_daemon(options, source, &mountpoint);
+    }
+    let mountpoint =
+        std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let paths = parse_source(source);
+    let pool = pool::open(&paths, o.read_only).map_err(|e| e.to_string())?;
+    for w in &pool.warnings {
+        log::warn!("{w}");
+        eprintln!("stackfs: warning: {w}");
+    }
+    let fs = Arc::new(Fs::open(
+        pool,
+        FsOptions {
+            read_only: o.read_only,
+            cache_bytes: o.cache_bytes,
+        },
+    )?);
+    let fusefs = FuseFs {
+        fs: fs.clone(),
+        writeback: o.writeback && !o.read_only,
+    };
+    block_signals();
+    let session = mount_fuse(fusefs, source, &mountpoint, &o)?;
+    if let Some(fd) = ready_fd {
+        detach(fd, o.log_file.as_deref());
+    }
+    let mp = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            wait_for_signal();
+            log::info!("signal received: unmounting {}", mp.display());
+            if let Err(e) = unmount(&mp) {
+                log::error!("unmount after signal failed: {e}");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let running = Arc::new(AtomicBool::new(true));
+    let timer = {
+        let (fs, running) = (fs.clone(), running.clone());
+        std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                // Group commit: everything written is durable within ~5 s.
+                let mut waited = 0;
+                while running.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    waited += 200;
+                    if waited >= 5000 {
+                        waited = 0;
+                        if let Err(e) = fs.sync() {
+                            log::error!("periodic commit failed: {e}");
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?
+    };
+    let r = session.run();
+    running.store(false, Ordering::Release);
+    let _ = timer.join();
+    if let Err(e) = fs.shutdown() {
+        log::error!("final commit failed: {e}");
+    }
+    drop(fs);
+    r.map_err(|e| format!("session ended with an error: {e}"))
+}
+
+fn session_config(o: &MountOpts) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.acl = if o.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    config
+}
+
+/// Mount and complete the FUSE handshake. As root we call mount(2) ourselves
+/// so the type reads `fuse.stackfs` in /proc/mounts (fstests and `umount -t`
+/// need it); other users go through fusermount3.
+fn mount_fuse(
+    fusefs: FuseFs,
+    source: &str,
+    mountpoint: &std::path::Path,
+    o: &MountOpts,
+) -> Result<fuser::Session<FuseFs>, String> {
+    let mut config = session_config(o);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        config.mount_options = vec![
+            fuser::MountOption::FSName(o.fsname.clone().unwrap_or_else(|| source.to_string())),
+            fuser::MountOption::Subtype("stackfs".into()),
+            fuser::MountOption::DefaultPermissions,
+            if o.read_only {
+                fuser::MountOption::RO
+            } else {
+                fuser::MountOption::RW
+            },
+        ];
+        config.mount_options.extend(
+            o.kernel
+                .iter()
+                .map(|k| fuser::MountOption::CUSTOM(k.clone())),
+        );
+        return fuser::Session::new(fusefs, mountpoint, &config)
+            .map_err(|e| format!("mounting at {}: {e}", mountpoint.display()));
+    }
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::{AsRawFd, OwnedFd};
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("/dev/fuse: {e}"))?;
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+        dev.as_raw_fd()
+    );
+    if o.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags: libc::c_ulong = 0;
+    if o.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    for k in &o.kernel {
+        flags |= match k.as_str() {
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "relatime" => libc::MS_RELATIME,
+            "dirsync" => libc::MS_DIRSYNC,
+            "sync" => libc::MS_SYNCHRONOUS,
+            _ => 0,
+        };
+    }
+    let c = |s: &[u8]| CString::new(s).map_err(|_| "a NUL byte in the mount arguments".to_string());
+    let (src, target, fstype, data_c) = (
+        c(o.fsname.as_deref().unwrap_or(source).as_bytes())?,
+        c(mountpoint.as_os_str().as_bytes())?,
+        c(b"fuse.stackfs")?,
+        c(data.as_bytes())?,
+    );
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_c.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "mounting at {}: {}",
+            mountpoint.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let fd: OwnedFd = dev.into();
+    fuser::Session::from_fd(fusefs, fd, config.acl, config).map_err(|e| {
+        let _ = unmount(mountpoint);
+        format!("FUSE handshake at {}: {e}", mountpoint.display())
+    })
+}
+
+/// Detach the mount (as `umount -l`): the session ends once the kernel lets go.
+fn unmount(mountpoint: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    // Not root: ask the setuid helper.
+    let ok = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Tell the waiting parent we are mounted; from now on write nothing to the
+/// terminal or files we inherited.
+fn detach(fd: i32, log_file: Option<&std::path::Path>) {
+    // SAFETY: the parent gave us this pipe end; we write once and close it.
+    let mut w = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = w.write_all(b"ok\n");
+    drop(w);
+    // SAFETY: setsid has no memory effects; a failure only means we stay in the group.
+    unsafe { libc::setsid() };
+    let target = log_file
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .or_else(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .ok()
+        });
+    if let Some(f) = target {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors; `f` stays valid during the calls.
+        unsafe {
+            libc::dup2(f.as_raw_fd(), 1);
+            libc::dup2(f.as_raw_fd(), 2);
+        }
+    }
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: as above.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Block the stop signals in every thread (inherited), so one thread can wait for them.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: `set` is a valid signal set; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_for_signal() {
+    let set = signal_set();
+    let mut sig = 0;
+    // SAFETY: `set` is valid and `sig` outlives the call.
+    unsafe { libc::sigwait(&set, &mut sig) };
+}
+
+fn info(source: &str) -> Result<(), String> {
+    let paths = parse_source(source);
+    let (found, warnings) = pool::inspect(&paths).map_err(|e| e.to_string())?;
+    for w in &warnings {
+        eprintln!("stackfs: warning: {w}");
+    }
+    let sb = &found[0].2;
+    println!("pool:        {}", uuid_str(&sb.pool_uuid));
+    println!(
+        "layers:      {}",
+        if sb.spec.is_empty() {
+            "(none)"
+        } else {
+            &sb.spec
+        }
+    );
+    println!("devices:     {}", sb.count);
+    for (path, size, d) in &found {
+        println!(
+            "  [{}] {}  {} MiB  device {}",
+            d.index,
+            path.display(),
+            size >> 20,
+            uuid_str(&d.device_uuid)
+        );
+    }
+    let capacity = sb.per_device * sb.count as u64;
+    println!(
+        "capacity:    {} MiB (metadata region {} MiB)",
+        capacity >> 20,
+        sb.meta_len >> 20
+    );
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').next() == Some(source));
+    if mounted {
+        println!("state:       mounted");
+        return Ok(());
+    }
+    match pool::open(&paths, true)
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            Fs::open(
+                p,
+                FsOptions {
+                    read_only: true,
+                    cache_bytes: 16 << 20,
+                },
+            )
+        }) {
+        Ok(fs) => {
+            let u = fs.usage().map_err(|e| e.to_string())?;
+            println!(
+                "used:        {} MiB of {} MiB data space",
+                (u.total - u.free) >> 20,
+                u.total >> 20
+            );
+            println!("inodes:      {}", u.inodes);
+        }
+        Err(e) => println!("usage:       unavailable ({e})"),
+    }
+    Ok(())
+}

@@ -80,6 +80,8 @@ pub struct Device {
     ring: Arc<Ring>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     warned_buffered: AtomicBool,
+    /// Set by `shutdown`: no completion thread is left to finish new requests.
+    closed: AtomicBool,
 }
 
 /// Size of a block device or regular file.
@@ -154,6 +156,7 @@ impl Device {
             ring,
             reaper: Mutex::new(Some(reaper)),
             warned_buffered: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -166,6 +169,10 @@ impl Device {
     fn entry(&self, io: &Io, id: u64) -> Option<squeue::Entry> {
         if io.is_cancelled() {
             io.finish(Err(Errno::ECANCELED));
+            return None;
+        }
+        if self.closed.load(Ordering::Acquire) {
+            io.finish(Err(Errno::EIO));
             return None;
         }
         if let Err(e) = check_range(io.addr(), io.len(), self.capacity) {

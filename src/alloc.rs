@@ -1,0 +1,148 @@
+//! Free space of the data region, in 4 KiB blocks: a map of free ranges with
+//! a next-fit cursor, so sequential writes land sequentially. It is rebuilt
+//! at mount from the extent map (space no committed extent references is
+//! free), which is what makes a crash unable to leak or double-allocate space.
+
+use std::collections::BTreeMap;
+
+pub const BLOCK: u64 = 4096;
+
+pub struct Allocator {
+    free: BTreeMap<u64, u64>,
+    cursor: u64,
+    free_bytes: u64,
+    start: u64,
+    end: u64,
+}
+
+impl Allocator {
+    /// All of `[start, end)` free.
+    pub fn new(start: u64, end: u64) -> Allocator {
+        let mut a = Allocator {
+            free: BTreeMap::new(),
+            cursor: start,
+            free_bytes: 0,
+            start,
+            end,
+        };
+        if end > start {
+            a.free.insert(start, end - start);
+            a.free_bytes = end - start;
+        }
+        a
+    }
+
+    /// Free space given a list of used ranges; Err names the first overlap
+    /// or out-of-region range.
+    pub fn from_used(start: u64, end: u64, mut used: Vec<(u64, u64)>) -> Result<Allocator, String> {
+        used.sort_unstable();
+        let mut a = Allocator {
+            free: BTreeMap::new(),
+            cursor: start,
+            free_bytes: 0,
+            start,
+            end,
+        };
+        let mut at = start;
+        for (s, l) in used {
+            if s < at || s.checked_add(l).is_none_or(|e| e > end) {
+                return Err(format!(
+                    "extent at {s}+{l} overlaps another or lies outside the data region"
+                ));
+            }
+            if s > at {
+                a.free.insert(at, s - at);
+                a.free_bytes += s - at;
+            }
+            at = s + l;
+        }
+        if end > at {
+            a.free.insert(at, end - at);
+            a.free_bytes += end - at;
+        }
+        Ok(a)
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// `len` bytes (a multiple of BLOCK) in one piece, or None when no free
+    /// range is large enough.
+    pub fn alloc(&mut self, len: u64) -> Option<u64> {
+        let found = self
+            .free
+            .range(self.cursor..)
+            .chain(self.free.range(..self.cursor))
+            .find(|(_, l)| **l >= len)
+            .map(|(s, l)| (*s, *l))
+            .or_else(|| {
+                // The range holding the cursor may start before it.
+                self.free
+                    .range(..self.cursor)
+                    .next_back()
+                    .filter(|(s, l)| **s + **l > self.cursor && **l >= len)
+                    .map(|(s, l)| (*s, *l))
+            })?;
+        let (s, l) = found;
+        self.free.remove(&s);
+        if l > len {
+            self.free.insert(s + len, l - len);
+        }
+        self.free_bytes -= len;
+        self.cursor = s + len;
+        Some(s)
+    }
+
+    pub fn free(&mut self, start: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut s = start;
+        let mut l = len;
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            if ps + pl == start {
+                self.free.remove(&ps);
+                s = ps;
+                l += pl;
+            }
+        }
+        if let Some(&nl) = self.free.get(&(start + len)) {
+            self.free.remove(&(start + len));
+            l += nl;
+        }
+        self.free.insert(s, l);
+        self.free_bytes += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_merge() {
+        let mut a = Allocator::new(0, 10 * BLOCK);
+        let x = a.alloc(4 * BLOCK).unwrap();
+        let y = a.alloc(4 * BLOCK).unwrap();
+        assert_eq!((x, y), (0, 4 * BLOCK));
+        assert!(a.alloc(4 * BLOCK).is_none());
+        a.free(x, 4 * BLOCK);
+        a.free(y, 4 * BLOCK);
+        assert_eq!(a.free_bytes(), 10 * BLOCK);
+        assert_eq!(a.alloc(10 * BLOCK), Some(0), "freed ranges merged");
+    }
+
+    #[test]
+    fn rebuild_detects_overlap() {
+        assert!(
+            Allocator::from_used(0, 100 * BLOCK, vec![(0, 2 * BLOCK), (BLOCK, BLOCK)]).is_err()
+        );
+        let a = Allocator::from_used(0, 100 * BLOCK, vec![(BLOCK, BLOCK)]).unwrap();
+        assert_eq!(a.free_bytes(), 99 * BLOCK);
+    }
+}

@@ -1,0 +1,1866 @@
+//! The filesystem core, independent of FUSE: inodes, directories, extents,
+//! dirty buffers, the read cache, and commits. Every operation takes the
+//! filesystem lock for its duration; metadata changes are redb transactions
+//! committed without durability, made durable by fsync, the commit timer and
+//! unmount (each preceded by a flush of the data they reference).
+
+use crate::alloc::{Allocator, BLOCK};
+use crate::codec::{Dec, Enc};
+use crate::metastore::MetaStore;
+use crate::pool::Pool;
+use lru::LruCache;
+use parking_lot::Mutex;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use stackfs_layers::{Buf, Errno, Io, Layer, Op, Waiter};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Logical size of a file data unit: the granule of copy-on-write and of the
+/// extent map.
+pub const UNIT: u64 = 64 << 10;
+pub const ROOT: u64 = 1;
+pub const NAME_MAX: usize = 255;
+/// Dirty data kept in memory before writes push it out.
+const DIRTY_LIMIT: u64 = 256 << 20;
+const XATTR_SIZE_MAX: usize = 64 << 10;
+
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+const DIRENTS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("dirents");
+const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cookies");
+const EXTENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("extents");
+const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
+const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks");
+const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+pub type R<T> = Result<T, Errno>;
+
+fn err(e: i32) -> Errno {
+    Errno(e)
+}
+
+/// A metadata store failure is an I/O error for the caller, logged here.
+fn db_err(e: impl std::fmt::Display) -> Errno {
+    log::error!("metadata store: {e}");
+    Errno::EIO
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    Char,
+    Block,
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        self as u8
+    }
+    fn from_code(c: u8) -> Option<Kind> {
+        Some(match c {
+            0 => Kind::File,
+            1 => Kind::Dir,
+            2 => Kind::Symlink,
+            3 => Kind::Fifo,
+            4 => Kind::Socket,
+            5 => Kind::Char,
+            6 => Kind::Block,
+            _ => return None,
+        })
+    }
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::Char,
+            libc::S_IFBLK => Kind::Block,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ts {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Ts {
+    pub fn now() -> Ts {
+        Ts::from(SystemTime::now())
+    }
+    pub fn to_system(self) -> SystemTime {
+        if self.sec >= 0 {
+            UNIX_EPOCH + Duration::new(self.sec as u64, self.nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs())
+                + Duration::from_nanos(self.nsec as u64)
+        }
+    }
+}
+
+impl From<SystemTime> for Ts {
+    fn from(t: SystemTime) -> Ts {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Ts {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Ts { sec, nsec }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// Bytes of pool space its extents take.
+    pub stored: u64,
+    pub atime: Ts,
+    pub mtime: Ts,
+    pub ctime: Ts,
+    pub crtime: Ts,
+    pub rdev: u32,
+    pub generation: u64,
+    /// Directories: the parent directory.
+    pub parent: u64,
+    /// Directories: next readdir cookie to hand out.
+    pub next_cookie: u64,
+}
+
+impl Inode {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u8(1)
+            .u8(self.kind.code())
+            .u16(self.perm)
+            .u32(self.uid)
+            .u32(self.gid)
+            .u32(self.nlink);
+        e.u64(self.size).u64(self.stored);
+        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
+            e.i64(t.sec).u32(t.nsec);
+        }
+        e.u32(self.rdev)
+            .u64(self.generation)
+            .u64(self.parent)
+            .u64(self.next_cookie);
+        e.0
+    }
+
+    fn decode(ino: u64, raw: &[u8]) -> R<Inode> {
+        let bad = |_| {
+            log::error!("inode {ino}: record is malformed");
+            Errno::EIO
+        };
+        let mut d = Dec::new(raw);
+        if d.u8().map_err(bad)? != 1 {
+            log::error!("inode {ino}: unknown record version");
+            return Err(Errno::EIO);
+        }
+        let kind = Kind::from_code(d.u8().map_err(bad)?).ok_or_else(|| {
+            log::error!("inode {ino}: unknown file type");
+            Errno::EIO
+        })?;
+        let ts = |d: &mut Dec| -> R<Ts> {
+            Ok(Ts {
+                sec: d.i64().map_err(bad)?,
+                nsec: d.u32().map_err(bad)?,
+            })
+        };
+        let (perm, uid, gid, nlink) = (
+            d.u16().map_err(bad)?,
+            d.u32().map_err(bad)?,
+            d.u32().map_err(bad)?,
+            d.u32().map_err(bad)?,
+        );
+        let (size, stored) = (d.u64().map_err(bad)?, d.u64().map_err(bad)?);
+        let (atime, mtime, ctime, crtime) = (ts(&mut d)?, ts(&mut d)?, ts(&mut d)?, ts(&mut d)?);
+        Ok(Inode {
+            ino,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            stored,
+            atime,
+            mtime,
+            ctime,
+            crtime,
+            rdev: d.u32().map_err(bad)?,
+            generation: d.u64().map_err(bad)?,
+            parent: d.u64().map_err(bad)?,
+            next_cookie: d.u64().map_err(bad)?,
+        })
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.stored.div_ceil(512)
+    }
+}
+
+/// Where one unit of a file lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Pool address of the stored bytes.
+    pub phys: u64,
+    /// Pool space reserved (a multiple of 4 KiB).
+    pub alloc: u32,
+    /// Bytes of file data the unit holds; the rest of the unit reads as zeros.
+    pub logical: u32,
+    /// CRC32C of the stored bytes.
+    pub crc: u32,
+}
+
+impl Extent {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u8(1)
+            .u64(self.phys)
+            .u32(self.alloc)
+            .u32(self.logical)
+            .u32(self.crc);
+        e.0
+    }
+    pub fn decode(raw: &[u8]) -> R<Extent> {
+        let mut d = Dec::new(raw);
+        let bad = |_| Errno::EIO;
+        if d.u8().map_err(bad)? != 1 {
+            return Err(Errno::EIO);
+        }
+        Ok(Extent {
+            phys: d.u64().map_err(bad)?,
+            alloc: d.u32().map_err(bad)?,
+            logical: d.u32().map_err(bad)?,
+            crc: d.u32().map_err(bad)?,
+        })
+    }
+}
+
+fn dirent_val(ino: u64, kind: Kind, cookie: u64) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(ino).u8(kind.code()).u64(cookie);
+    e.0
+}
+
+fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
+    let mut d = Dec::new(raw);
+    let ino = d.u64().map_err(|_| Errno::EIO)?;
+    let kind = d.u8().ok().and_then(Kind::from_code).ok_or(Errno::EIO)?;
+    let cookie = d.u64().map_err(|_| Errno::EIO)?;
+    Ok((ino, kind, cookie))
+}
+
+/// Who is asking, for ownership of new files.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One directory entry as readdir returns it.
+pub struct Entry {
+    pub cookie: u64,
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+/// Changes setattr may make.
+#[derive(Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Ts>,
+    pub mtime: Option<Ts>,
+    pub ctime: Option<Ts>,
+}
+
+struct DirtyUnit {
+    data: Box<[u8]>,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// The inode with changes not yet committed (size, times).
+    inode: Option<Inode>,
+    units: BTreeMap<u64, DirtyUnit>,
+    open: u32,
+}
+
+struct State {
+    alloc: Allocator,
+    /// Space freed by commits not yet durable: reusable after the next durable one.
+    pending_free: Vec<(u64, u64)>,
+    files: HashMap<u64, FileState>,
+    dirty_bytes: u64,
+    next_ino: u64,
+    next_gen: u64,
+    /// Something was committed without durability since the last durable commit.
+    undurable: bool,
+}
+
+/// Stops the stack's threads when the filesystem is dropped, after the
+/// metadata store (declared before it) has written its last bytes.
+struct StackGuard(Arc<dyn Layer>);
+
+impl Drop for StackGuard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+pub struct Fs {
+    db: Database,
+    _stop: StackGuard,
+    closed: std::sync::atomic::AtomicBool,
+    data: Arc<dyn Layer>,
+    st: Mutex<State>,
+    cache: Mutex<LruCache<(u64, u64), Arc<Vec<u8>>>>,
+    read_only: bool,
+    pub pool: Pool,
+}
+
+pub struct FsOptions {
+    pub read_only: bool,
+    pub cache_bytes: u64,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            read_only: false,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Counters the statfs and info commands show.
+pub struct Usage {
+    pub total: u64,
+    pub free: u64,
+    pub inodes: u64,
+}
+
+impl Fs {
+    /// Open the filesystem in a pool; on a fresh pool, create the root.
+    pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
+        let top = pool.stack.top.clone();
+        let meta_len = pool.sb.meta_len;
+        let store = MetaStore::open(top.clone(), meta_len, pool.sb.pool_uuid, opts.read_only)
+            .map_err(|e| e.to_string())?;
+        let db = Database::builder()
+            .set_cache_size(64 << 20)
+            .create_with_backend(store)
+            .map_err(|e| format!("metadata store: {e}"))?;
+        let capacity = top.capacity();
+        let mut used = Vec::new();
+        let (mut next_ino, mut next_gen) = (ROOT + 1, 1);
+        {
+            let rtx = db.begin_read().map_err(|e| e.to_string())?;
+            if let Ok(t) = rtx.open_table(EXTENTS) {
+                for row in t.iter().map_err(|e| e.to_string())? {
+                    let (k, v) = row.map_err(|e| e.to_string())?;
+                    let x = Extent::decode(v.value())
+                        .map_err(|_| format!("extent of inode {} is malformed", k.value().0))?;
+                    used.push((x.phys, x.alloc as u64));
+                }
+            }
+            if let Ok(t) = rtx.open_table(COUNTERS) {
+                next_ino = t
+                    .get("next_ino")
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value())
+                    .unwrap_or(next_ino);
+                next_gen = t
+                    .get("next_gen")
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value())
+                    .unwrap_or(next_gen);
+            }
+        }
+        let alloc = Allocator::from_used(meta_len, capacity, used)
+            .map_err(|e| format!("extent map is inconsistent: {e} (run stackfs fsck)"))?;
+        let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
+        let fs = Fs {
+            db,
+            _stop: StackGuard(top.clone()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            data: top,
+            st: Mutex::new(State {
+                alloc,
+                pending_free: Vec::new(),
+                files: HashMap::new(),
+                dirty_bytes: 0,
+                next_ino,
+                next_gen,
+                undurable: false,
+            }),
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(cache_units).expect("non-zero"),
+            )),
+            read_only: opts.read_only,
+            pool,
+        };
+        if !fs.read_only {
+            fs.init_root()
+                .map_err(|e| format!("creating the root directory: {e}"))?;
+            fs.purge_orphans()
+                .map_err(|e| format!("removing orphaned files: {e}"))?;
+        }
+        Ok(fs)
+    }
+
+    fn init_root(&self) -> R<()> {
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        {
+            let mut t = tx.open_table(INODES).map_err(db_err)?;
+            if t.get(ROOT).map_err(db_err)?.is_some() {
+                return Ok(());
+            }
+            let now = Ts::now();
+            let root = Inode {
+                ino: ROOT,
+                kind: Kind::Dir,
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                stored: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+                rdev: 0,
+                generation: 0,
+                parent: ROOT,
+                next_cookie: 3,
+            };
+            t.insert(ROOT, root.encode().as_slice()).map_err(db_err)?;
+            tx.open_table(DIRENTS).map_err(db_err)?;
+            tx.open_table(COOKIES).map_err(db_err)?;
+            tx.open_table(EXTENTS).map_err(db_err)?;
+            tx.open_table(XATTRS).map_err(db_err)?;
+            tx.open_table(SYMLINKS).map_err(db_err)?;
+            tx.open_table(ORPHANS).map_err(db_err)?;
+            let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
+            c.insert("next_ino", st.next_ino).map_err(db_err)?;
+            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+        }
+        self.commit(&mut st, tx, true)
+    }
+
+    fn purge_orphans(&self) -> R<()> {
+        let mut st = self.st.lock();
+        let orphans: Vec<u64> = {
+            let rtx = self.db.begin_read().map_err(db_err)?;
+            let t = rtx.open_table(ORPHANS).map_err(db_err)?;
+            t.iter()
+                .map_err(db_err)?
+                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+                .collect()
+        };
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let tx = self.begin()?;
+        for ino in &orphans {
+            self.purge(&mut st, &tx, *ino)?;
+        }
+        log::info!(
+            "removed {} orphaned file(s) left by an unclean shutdown",
+            orphans.len()
+        );
+        self.commit(&mut st, tx, true)
+    }
+
+    fn begin(&self) -> R<WriteTransaction> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        self.db.begin_write().map_err(db_err)
+    }
+
+    /// Commit a transaction. A durable commit first flushes the data below
+    /// (so no committed extent points at bytes not yet on disk), then makes
+    /// the pending frees reusable.
+    fn commit(&self, st: &mut State, mut tx: WriteTransaction, durable: bool) -> R<()> {
+        {
+            let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
+            c.insert("next_ino", st.next_ino).map_err(db_err)?;
+            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+        }
+        if durable {
+            self.flush_device()?;
+            tx.set_durability(Durability::Immediate).map_err(db_err)?;
+        } else {
+            tx.set_durability(Durability::None).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        if durable {
+            for (s, l) in st.pending_free.drain(..) {
+                st.alloc.free(s, l);
+            }
+            st.undurable = false;
+        } else {
+            st.undurable = true;
+        }
+        Ok(())
+    }
+
+    fn flush_device(&self) -> R<()> {
+        stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0)).map(|_| ())
+    }
+
+    // ----- inode access -----
+
+    fn load_inode(&self, st: &State, ino: u64) -> R<Inode> {
+        if let Some(i) = st.files.get(&ino).and_then(|f| f.inode.clone()) {
+            return Ok(i);
+        }
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(INODES).map_err(db_err)?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        Inode::decode(ino, v.value())
+    }
+
+    fn inode_tx(&self, st: &State, tx: &WriteTransaction, ino: u64) -> R<Inode> {
+        if let Some(i) = st.files.get(&ino).and_then(|f| f.inode.clone()) {
+            return Ok(i);
+        }
+        let t = tx.open_table(INODES).map_err(db_err)?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        Inode::decode(ino, v.value())
+    }
+
+    fn put_inode(&self, st: &mut State, tx: &WriteTransaction, inode: &Inode) -> R<()> {
+        tx.open_table(INODES)
+            .map_err(db_err)?
+            .insert(inode.ino, inode.encode().as_slice())
+            .map_err(db_err)?;
+        if let Some(f) = st.files.get_mut(&inode.ino) {
+            if f.inode.is_some() {
+                f.inode = Some(inode.clone());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn getattr(&self, ino: u64) -> R<Inode> {
+        let st = self.st.lock();
+        self.load_inode(&st, ino)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
+        let st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((parent, name)).map_err(db_err)?;
+        let Some(v) = v else {
+            // Tell "no such entry" from "parent is not a directory".
+            let p = self.load_inode(&st, parent)?;
+            return Err(err(if p.kind == Kind::Dir {
+                libc::ENOENT
+            } else {
+                libc::ENOTDIR
+            }));
+        };
+        let (ino, _, _) = dirent_decode(v.value())?;
+        self.load_inode(&st, ino)
+    }
+
+    fn find(&self, tx: &WriteTransaction, parent: u64, name: &[u8]) -> R<Option<(u64, Kind, u64)>> {
+        let t = tx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((parent, name)).map_err(db_err)?;
+        v.map(|v| dirent_decode(v.value())).transpose()
+    }
+
+    fn add_entry(
+        &self,
+        st: &mut State,
+        tx: &WriteTransaction,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        kind: Kind,
+    ) -> R<()> {
+        let cookie = dir.next_cookie.max(3);
+        dir.next_cookie = cookie + 1;
+        tx.open_table(DIRENTS)
+            .map_err(db_err)?
+            .insert((dir.ino, name), dirent_val(ino, kind, cookie).as_slice())
+            .map_err(db_err)?;
+        tx.open_table(COOKIES)
+            .map_err(db_err)?
+            .insert((dir.ino, cookie), name)
+            .map_err(db_err)?;
+        let now = Ts::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        let _ = st;
+        Ok(())
+    }
+
+    fn remove_entry(&self, tx: &WriteTransaction, dir: &mut Inode, name: &[u8]) -> R<()> {
+        let old = tx
+            .open_table(DIRENTS)
+            .map_err(db_err)?
+            .remove((dir.ino, name))
+            .map_err(db_err)?
+            .map(|v| dirent_decode(v.value()));
+        if let Some(Ok((_, _, cookie))) = old {
+            tx.open_table(COOKIES)
+                .map_err(db_err)?
+                .remove((dir.ino, cookie))
+                .map_err(db_err)?;
+        }
+        let now = Ts::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        Ok(())
+    }
+
+    fn check_name(name: &[u8]) -> R<()> {
+        if name.len() > NAME_MAX {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            return Err(err(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Create any kind of node.
+    pub fn mknod(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> R<Inode> {
+        Self::check_name(name)?;
+        let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if dir.nlink == 0 {
+            return Err(err(libc::ENOENT));
+        }
+        if self.find(&tx, parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let now = Ts::now();
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let generation = st.next_gen;
+        st.next_gen += 1;
+        let mut perm = (mode & 0o7777) as u16;
+        let mut gid = c.gid;
+        if dir.perm & libc::S_ISGID as u16 != 0 {
+            // BSD group semantics under a setgid directory.
+            gid = dir.gid;
+            if kind == Kind::Dir {
+                perm |= libc::S_ISGID as u16;
+            }
+        }
+        let inode = Inode {
+            ino,
+            kind,
+            perm,
+            uid: c.uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: target.map(|t| t.len() as u64).unwrap_or(0),
+            stored: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev,
+            generation,
+            parent,
+            next_cookie: 3,
+        };
+        if let Some(t) = target {
+            tx.open_table(SYMLINKS)
+                .map_err(db_err)?
+                .insert(ino, t)
+                .map_err(db_err)?;
+        }
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.add_entry(&mut st, &tx, &mut dir, name, ino, kind)?;
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+        }
+        self.put_inode(&mut st, &tx, &dir)?;
+        self.commit(&mut st, tx, false)?;
+        Ok(inode)
+    }
+
+    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+        let _st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::EINVAL))?;
+        Ok(v.value().to_vec())
+    }
+
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
+        Self::check_name(name)?;
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(err(libc::EPERM));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if self.find(&tx, parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        if inode.nlink >= u32::MAX - 1 {
+            return Err(err(libc::EMLINK));
+        }
+        if inode.nlink == 0 {
+            // Relinking an open, unlinked file (linkat with AT_EMPTY_PATH) revives it.
+            tx.open_table(ORPHANS)
+                .map_err(db_err)?
+                .remove(ino)
+                .map_err(db_err)?;
+        }
+        inode.nlink += 1;
+        inode.ctime = Ts::now();
+        self.add_entry(&mut st, &tx, &mut dir, name, ino, inode.kind)?;
+        self.put_inode(&mut st, &tx, &dir)?;
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)?;
+        Ok(inode)
+    }
+
+    /// Drop one link of `ino`; at zero, free it now or when its last opener closes.
+    fn drop_link(&self, st: &mut State, tx: &WriteTransaction, inode: &mut Inode) -> R<()> {
+        inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
+            inode.nlink
+        } else {
+            1
+        });
+        inode.ctime = Ts::now();
+        if inode.nlink > 0 {
+            return self.put_inode(st, tx, inode);
+        }
+        if st.files.get(&inode.ino).is_some_and(|f| f.open > 0) {
+            tx.open_table(ORPHANS)
+                .map_err(db_err)?
+                .insert(inode.ino, ())
+                .map_err(db_err)?;
+            return self.put_inode(st, tx, inode);
+        }
+        self.purge(st, tx, inode.ino)
+    }
+
+    /// Remove an inode and everything it owns.
+    fn purge(&self, st: &mut State, tx: &WriteTransaction, ino: u64) -> R<()> {
+        if let Some(f) = st.files.get_mut(&ino) {
+            let n = f.units.len() as u64 * UNIT;
+            f.units.clear();
+            f.inode = None;
+            st.dirty_bytes -= n.min(st.dirty_bytes);
+        }
+        self.drop_extents(st, tx, ino, 0)?;
+        tx.open_table(INODES)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        tx.open_table(SYMLINKS)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        tx.open_table(ORPHANS)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+        let names: Vec<Vec<u8>> = x
+            .range((ino, &[][..])..)
+            .map_err(db_err)?
+            .map_while(|r| {
+                r.ok()
+                    .filter(|(k, _)| k.value().0 == ino)
+                    .map(|(k, _)| k.value().1.to_vec())
+            })
+            .collect();
+        for n in names {
+            x.remove((ino, n.as_slice())).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Drop extents of units >= `from_unit`; their space is freed once durable.
+    fn drop_extents(
+        &self,
+        st: &mut State,
+        tx: &WriteTransaction,
+        ino: u64,
+        from_unit: u64,
+    ) -> R<u64> {
+        let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+        let doomed: Vec<(u64, Extent)> = t
+            .range((ino, from_unit)..=(ino, u64::MAX))
+            .map_err(db_err)?
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| Extent::decode(v.value()).ok().map(|x| (k.value().1, x)))
+            .collect();
+        let mut freed = 0;
+        for (unit, x) in doomed {
+            t.remove((ino, unit)).map_err(db_err)?;
+            st.pending_free.push((x.phys, x.alloc as u64));
+            freed += x.alloc as u64;
+            self.cache.lock().pop(&(ino, unit));
+        }
+        Ok(freed)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        if kind == Kind::Dir {
+            return Err(err(libc::EISDIR));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut dir, name)?;
+        self.put_inode(&mut st, &tx, &dir)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        self.drop_link(&mut st, &tx, &mut inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> R<bool> {
+        let t = tx.open_table(COOKIES).map_err(db_err)?;
+        let empty = t
+            .range((ino, 0)..=(ino, u64::MAX))
+            .map_err(db_err)?
+            .next()
+            .is_none();
+        Ok(empty)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
+        if name == b"." {
+            return Err(err(libc::EINVAL));
+        }
+        if name == b".." {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        if kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if !self.is_empty_dir(&tx, ino)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut dir, name)?;
+        dir.nlink = dir.nlink.saturating_sub(1);
+        self.put_inode(&mut st, &tx, &dir)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        self.drop_link(&mut st, &tx, &mut inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    /// Is `ancestor` on the path from `dir` up to the root?
+    fn is_ancestor(
+        &self,
+        st: &State,
+        tx: &WriteTransaction,
+        ancestor: u64,
+        mut dir: u64,
+    ) -> R<bool> {
+        for _ in 0..100_000 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT {
+                return Ok(false);
+            }
+            dir = self.inode_tx(st, tx, dir)?.parent;
+        }
+        Err(Errno::EIO)
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> R<()> {
+        const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+        const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
+            return Err(err(libc::EINVAL));
+        }
+        Self::check_name(newname)?;
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let target = self.find(&tx, newparent, newname)?;
+        let mut pdir = self.inode_tx(&st, &tx, parent)?;
+        if self.inode_tx(&st, &tx, newparent)?.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if kind == Kind::Dir && parent != newparent && self.is_ancestor(&st, &tx, ino, newparent)? {
+            return Err(err(libc::EINVAL));
+        }
+        if flags & EXCHANGE != 0 {
+            let (tino, tkind, _) = target.ok_or(err(libc::ENOENT))?;
+            if tkind == Kind::Dir
+                && parent != newparent
+                && self.is_ancestor(&st, &tx, tino, parent)?
+            {
+                return Err(err(libc::EINVAL));
+            }
+            if tino == ino {
+                return self.commit(&mut st, tx, false);
+            }
+            self.remove_entry(&tx, &mut pdir, name)?;
+            self.put_inode(&mut st, &tx, &pdir)?;
+            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+            self.remove_entry(&tx, &mut ndir, newname)?;
+            self.add_entry(&mut st, &tx, &mut ndir, newname, ino, kind)?;
+            self.put_inode(&mut st, &tx, &ndir)?;
+            let mut pdir = self.inode_tx(&st, &tx, parent)?;
+            self.add_entry(&mut st, &tx, &mut pdir, name, tino, tkind)?;
+            if parent != newparent {
+                // A directory that moves takes its ".." link along.
+                let d = (kind == Kind::Dir) as i64 - (tkind == Kind::Dir) as i64;
+                pdir.nlink = (pdir.nlink as i64 - d) as u32;
+                self.put_inode(&mut st, &tx, &pdir)?;
+                let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+                ndir.nlink = (ndir.nlink as i64 + d) as u32;
+                self.put_inode(&mut st, &tx, &ndir)?;
+            } else {
+                self.put_inode(&mut st, &tx, &pdir)?;
+            }
+            for (i, p) in [(ino, newparent), (tino, parent)] {
+                let mut n = self.inode_tx(&st, &tx, i)?;
+                if n.kind == Kind::Dir {
+                    n.parent = p;
+                }
+                n.ctime = Ts::now();
+                self.put_inode(&mut st, &tx, &n)?;
+            }
+            return self.commit(&mut st, tx, false);
+        }
+        if let Some((tino, tkind, _)) = target {
+            if flags & NOREPLACE != 0 {
+                return Err(err(libc::EEXIST));
+            }
+            if tino == ino {
+                // Two names of one inode: POSIX says do nothing.
+                return self.commit(&mut st, tx, false);
+            }
+            match (kind == Kind::Dir, tkind == Kind::Dir) {
+                (true, false) => return Err(err(libc::ENOTDIR)),
+                (false, true) => return Err(err(libc::EISDIR)),
+                (true, true) if !self.is_empty_dir(&tx, tino)? => return Err(err(libc::ENOTEMPTY)),
+                _ => {}
+            }
+            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+            self.remove_entry(&tx, &mut ndir, newname)?;
+            if tkind == Kind::Dir {
+                ndir.nlink = ndir.nlink.saturating_sub(1);
+            }
+            self.put_inode(&mut st, &tx, &ndir)?;
+            let mut t = self.inode_tx(&st, &tx, tino)?;
+            self.drop_link(&mut st, &tx, &mut t)?;
+        }
+        let mut pdir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut pdir, name)?;
+        if kind == Kind::Dir && parent != newparent {
+            pdir.nlink = pdir.nlink.saturating_sub(1);
+        }
+        self.put_inode(&mut st, &tx, &pdir)?;
+        let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+        self.add_entry(&mut st, &tx, &mut ndir, newname, ino, kind)?;
+        if kind == Kind::Dir && parent != newparent {
+            ndir.nlink += 1;
+        }
+        self.put_inode(&mut st, &tx, &ndir)?;
+        let mut n = self.inode_tx(&st, &tx, ino)?;
+        if kind == Kind::Dir {
+            n.parent = newparent;
+        }
+        n.ctime = Ts::now();
+        self.put_inode(&mut st, &tx, &n)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    /// Entries after `offset` (a cookie; 0 = start, 1 = after ".", 2 = after "..").
+    pub fn readdir(&self, ino: u64, offset: u64, mut want: impl FnMut(&Entry) -> bool) -> R<()> {
+        let st = self.st.lock();
+        let dir = self.load_inode(&st, ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        drop(st);
+        if offset < 1
+            && !want(&Entry {
+                cookie: 1,
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            })
+        {
+            return Ok(());
+        }
+        if offset < 2
+            && !want(&Entry {
+                cookie: 2,
+                ino: dir.parent,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            })
+        {
+            return Ok(());
+        }
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let cookies = rtx.open_table(COOKIES).map_err(db_err)?;
+        let dirents = rtx.open_table(DIRENTS).map_err(db_err)?;
+        for row in cookies
+            .range((ino, offset.max(2) + 1)..=(ino, u64::MAX))
+            .map_err(db_err)?
+        {
+            let (k, name) = row.map_err(db_err)?;
+            let name = name.value().to_vec();
+            let Some(v) = dirents.get((ino, name.as_slice())).map_err(db_err)? else {
+                continue;
+            };
+            let (child, kind, _) = dirent_decode(v.value())?;
+            if !want(&Entry {
+                cookie: k.value().1,
+                ino: child,
+                kind,
+                name,
+            }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
+        let mut st = self.st.lock();
+        if let Some(size) = a.size {
+            self.truncate(&mut st, ino, size)?;
+        }
+        let tx = self.begin()?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        if let Some(m) = a.mode {
+            inode.perm = (m & 0o7777) as u16;
+        }
+        if a.uid.is_some() || a.gid.is_some() {
+            if inode.kind != Kind::Dir && a.uid.is_some_and(|u| u != inode.uid)
+                || a.gid.is_some_and(|g| g != inode.gid)
+            {
+                // chown clears set-id bits (the kernel asks us to keep them
+                // only through an explicit mode in the same call).
+                if a.mode.is_none() && inode.kind != Kind::Dir {
+                    inode.perm &= !(libc::S_ISUID as u16);
+                    if inode.perm & libc::S_IXGRP as u16 != 0 {
+                        inode.perm &= !(libc::S_ISGID as u16);
+                    }
+                }
+            }
+            if let Some(u) = a.uid {
+                inode.uid = u;
+            }
+            if let Some(g) = a.gid {
+                inode.gid = g;
+            }
+        }
+        if let Some(t) = a.atime {
+            inode.atime = t;
+        }
+        if let Some(t) = a.mtime {
+            inode.mtime = t;
+        }
+        inode.ctime = a.ctime.unwrap_or_else(Ts::now);
+        if a.size.is_some() && a.mtime.is_none() {
+            inode.mtime = inode.ctime;
+        }
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)?;
+        Ok(inode)
+    }
+
+    // ----- file data -----
+
+    pub fn open_file(&self, ino: u64) -> R<Inode> {
+        let mut st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        st.files.entry(ino).or_default().open += 1;
+        Ok(inode)
+    }
+
+    /// Last close of a handle: write its data out, free it if unlinked.
+    pub fn release(&self, ino: u64) -> R<()> {
+        let mut st = self.st.lock();
+        let res = self.flush_file(&mut st, ino, false);
+        let Some(f) = st.files.get_mut(&ino) else {
+            return res;
+        };
+        f.open = f.open.saturating_sub(1);
+        if f.open == 0 {
+            let gone = self
+                .load_inode(&st, ino)
+                .map(|i| i.nlink == 0)
+                .unwrap_or(false);
+            if gone {
+                let tx = self.begin()?;
+                self.purge(&mut st, &tx, ino)?;
+                self.commit(&mut st, tx, false)?;
+            }
+            if st.files.get(&ino).is_some_and(|f| f.units.is_empty()) {
+                st.files.remove(&ino);
+            }
+        }
+        res
+    }
+
+    fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
+        let v = t.get((ino, unit)).map_err(db_err)?;
+        v.map(|v| Extent::decode(v.value())).transpose()
+    }
+
+    /// Read committed units from the pool in one batch; verify each.
+    fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Arc<Vec<u8>>>> {
+        let mut out = vec![None; units.len()];
+        let mut ios = Vec::new();
+        let mut waits = Vec::new();
+        {
+            let mut cache = self.cache.lock();
+            for (i, (u, x)) in units.iter().enumerate() {
+                if let Some(d) = cache.get(&(ino, *u)) {
+                    out[i] = Some(d.clone());
+                    continue;
+                }
+                let w = Waiter::new();
+                ios.push((
+                    i,
+                    Io::new(
+                        Op::Read,
+                        x.phys,
+                        Buf::zeroed(x.alloc as usize),
+                        Some(w.end_io()),
+                    ),
+                ));
+                waits.push(w);
+            }
+        }
+        let bufs: Vec<(usize, Buf)> = ios.iter().map(|(i, io)| (*i, io.buf().clone())).collect();
+        self.data
+            .submit_batch(ios.into_iter().map(|(_, io)| io).collect());
+        let mut first_err = None;
+        for (w, (i, b)) in waits.iter().zip(bufs) {
+            let (u, x) = units[i];
+            match w.wait() {
+                Err(e) => {
+                    log::error!("inode {ino} offset {}: read failed: {e}", u * UNIT);
+                    first_err.get_or_insert(Errno::EIO);
+                }
+                Ok(_) if crc32c::crc32c(b.as_slice()) != x.crc => {
+                    log::error!("inode {ino} offset {}: checksum mismatch at pool address {}; data is corrupt", u * UNIT, x.phys);
+                    first_err.get_or_insert(Errno::EIO);
+                }
+                Ok(_) => {
+                    let mut d = vec![0u8; UNIT as usize];
+                    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
+                    d[..n].copy_from_slice(&b.as_slice()[..n]);
+                    let d = Arc::new(d);
+                    self.cache.lock().put((ino, u), d.clone());
+                    out[i] = Some(d);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    }
+
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
+        let st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        if off >= inode.size {
+            return Ok(Vec::new());
+        }
+        let end = (off + size as u64).min(inode.size);
+        let mut out = vec![0u8; (end - off) as usize];
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let file = st.files.get(&ino);
+        let mut need = Vec::new();
+        for u in first..=last {
+            if file.is_some_and(|f| f.units.contains_key(&u)) {
+                continue;
+            }
+            if let Some(x) = self.extent(ino, u)? {
+                need.push((u, x));
+            }
+        }
+        let loaded = self.read_units(ino, &need)?;
+        let mut by_unit: HashMap<u64, &[u8]> = need
+            .iter()
+            .map(|(u, _)| *u)
+            .zip(loaded.iter().map(|d| d.as_slice()))
+            .collect();
+        if let Some(f) = file {
+            for u in first..=last {
+                if let Some(d) = f.units.get(&u) {
+                    by_unit.insert(u, &d.data);
+                }
+            }
+        }
+        for u in first..=last {
+            let Some(src) = by_unit.get(&u) else { continue };
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            out[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&src[(from - ustart) as usize..(to - ustart) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// The unit's current contents, for a partial overwrite.
+    fn unit_for_write(&self, st: &mut State, ino: u64, u: u64) -> R<()> {
+        if st.files.get(&ino).is_some_and(|f| f.units.contains_key(&u)) {
+            return Ok(());
+        }
+        let data = match self.extent(ino, u)? {
+            Some(x) => self
+                .read_units(ino, &[(u, x)])?
+                .pop()
+                .expect("one")
+                .as_ref()
+                .clone()
+                .into_boxed_slice(),
+            None => vec![0u8; UNIT as usize].into_boxed_slice(),
+        };
+        st.files
+            .entry(ino)
+            .or_default()
+            .units
+            .insert(u, DirtyUnit { data });
+        st.dirty_bytes += UNIT;
+        Ok(())
+    }
+
+    fn file_inode(&self, st: &mut State, ino: u64) -> R<Inode> {
+        let inode = self.load_inode(st, ino)?;
+        st.files.entry(ino).or_default().inode = Some(inode.clone());
+        Ok(inode)
+    }
+
+    /// Space that new dirty data may still claim.
+    fn room(&self, st: &State) -> u64 {
+        st.alloc.free_bytes().saturating_sub(st.dirty_bytes)
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(err(libc::EFBIG))?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.st.lock();
+        let mut inode = self.file_inode(&mut st, ino)?;
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let new_units = (first..=last)
+            .filter(|u| !st.files[&ino].units.contains_key(u))
+            .count() as u64;
+        if self.room(&st) < new_units * UNIT {
+            // Frees wait for a durable commit; make one before giving up.
+            self.flush_all(&mut st, true)?;
+            if self.room(&st) < new_units * UNIT {
+                return Err(err(libc::ENOSPC));
+            }
+        }
+        for u in first..=last {
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            let whole = from == ustart && to == ustart + UNIT;
+            let beyond = ustart >= inode.size;
+            if whole || beyond {
+                let f = st.files.get_mut(&ino).expect("file state");
+                if !f.units.contains_key(&u) {
+                    f.units.insert(
+                        u,
+                        DirtyUnit {
+                            data: vec![0u8; UNIT as usize].into_boxed_slice(),
+                        },
+                    );
+                    st.dirty_bytes += UNIT;
+                }
+            } else {
+                self.unit_for_write(&mut st, ino, u)?;
+            }
+            let f = st.files.get_mut(&ino).expect("file state");
+            let d = f.units.get_mut(&u).expect("unit");
+            d.data[(from - ustart) as usize..(to - ustart) as usize]
+                .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+        }
+        let now = Ts::now();
+        inode.size = inode.size.max(end);
+        inode.mtime = now;
+        inode.ctime = now;
+        st.files.get_mut(&ino).expect("file state").inode = Some(inode);
+        if st.dirty_bytes > DIRTY_LIMIT {
+            self.flush_all(&mut st, false)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Write a file's dirty units to fresh space and commit the new extents.
+    fn flush_file(&self, st: &mut State, ino: u64, durable: bool) -> R<()> {
+        let Some(f) = st.files.get_mut(&ino) else {
+            return if durable && st.undurable {
+                self.commit_now(st, true)
+            } else {
+                Ok(())
+            };
+        };
+        let units = std::mem::take(&mut f.units);
+        let Some(mut inode) = f.inode.take() else {
+            f.units = units;
+            return if durable && st.undurable {
+                self.commit_now(st, true)
+            } else {
+                Ok(())
+            };
+        };
+        let res = self.write_units(st, &mut inode, &units, durable);
+        match res {
+            Ok(()) => {
+                st.dirty_bytes -= (units.len() as u64 * UNIT).min(st.dirty_bytes);
+                Ok(())
+            }
+            Err(e) => {
+                // Keep everything in memory: a later flush may succeed.
+                let f = st.files.entry(ino).or_default();
+                f.inode.get_or_insert(inode);
+                for (u, d) in units {
+                    f.units.entry(u).or_insert(d);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn write_units(
+        &self,
+        st: &mut State,
+        inode: &mut Inode,
+        units: &BTreeMap<u64, DirtyUnit>,
+        durable: bool,
+    ) -> R<()> {
+        let ino = inode.ino;
+        let mut ios = Vec::new();
+        let mut waits = Vec::new();
+        let mut placed = Vec::new();
+        for (&u, d) in units {
+            let ustart = u * UNIT;
+            if ustart >= inode.size {
+                continue;
+            }
+            let logical = (inode.size - ustart).min(UNIT);
+            let alloc_len = logical.div_ceil(BLOCK) * BLOCK;
+            if d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
+                // An all-zero unit is stored as a hole.
+                placed.push((u, None));
+                continue;
+            }
+            let Some(phys) = st.alloc.alloc(alloc_len) else {
+                for (_, x) in placed
+                    .iter()
+                    .filter_map(|(u, x): &(u64, Option<Extent>)| x.map(|x| (u, x)))
+                {
+                    st.alloc.free(x.phys, x.alloc as u64);
+                }
+                return Err(err(libc::ENOSPC));
+            };
+            let mut b = Buf::zeroed(alloc_len as usize);
+            b.as_mut_slice()[..logical as usize].copy_from_slice(&d.data[..logical as usize]);
+            let x = Extent {
+                phys,
+                alloc: alloc_len as u32,
+                logical: logical as u32,
+                crc: crc32c::crc32c(b.as_slice()),
+            };
+            let w = Waiter::new();
+            ios.push(Io::new(Op::Write, phys, b, Some(w.end_io())));
+            waits.push(w);
+            placed.push((u, Some(x)));
+        }
+        self.data.submit_batch(ios);
+        let mut failed = None;
+        for w in &waits {
+            if let Err(e) = w.wait() {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            log::error!("inode {ino}: data write failed: {e}");
+            for x in placed.iter().filter_map(|(_, x)| *x) {
+                st.alloc.free(x.phys, x.alloc as u64);
+            }
+            return Err(Errno::EIO);
+        }
+        let tx = self.begin()?;
+        {
+            let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+            let mut cache = self.cache.lock();
+            for (u, x) in &placed {
+                let old = match x {
+                    Some(x) => t
+                        .insert((ino, *u), x.encode().as_slice())
+                        .map_err(db_err)?
+                        .map(|v| Extent::decode(v.value())),
+                    None => t
+                        .remove((ino, *u))
+                        .map_err(db_err)?
+                        .map(|v| Extent::decode(v.value())),
+                };
+                if let Some(Ok(old)) = old {
+                    st.pending_free.push((old.phys, old.alloc as u64));
+                    inode.stored -= (old.alloc as u64).min(inode.stored);
+                }
+                if let Some(x) = x {
+                    inode.stored += x.alloc as u64;
+                }
+                cache.pop(&(ino, *u));
+            }
+        }
+        // The inode may be gone (unlinked and purged meanwhile): then drop the extents again.
+        let exists = tx
+            .open_table(INODES)
+            .map_err(db_err)?
+            .get(ino)
+            .map_err(db_err)?
+            .is_some();
+        if exists {
+            tx.open_table(INODES)
+                .map_err(db_err)?
+                .insert(ino, inode.encode().as_slice())
+                .map_err(db_err)?;
+        } else {
+            self.drop_extents(st, &tx, ino, 0)?;
+        }
+        self.commit(st, tx, durable)
+    }
+
+    fn commit_now(&self, st: &mut State, durable: bool) -> R<()> {
+        let tx = self.begin()?;
+        self.commit(st, tx, durable)
+    }
+
+    fn flush_all(&self, st: &mut State, durable: bool) -> R<()> {
+        let inos: Vec<u64> = st
+            .files
+            .iter()
+            .filter(|(_, f)| f.inode.is_some() || !f.units.is_empty())
+            .map(|(i, _)| *i)
+            .collect();
+        let mut first = None;
+        for ino in inos {
+            if let Err(e) = self.flush_file(st, ino, false) {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        if durable && (st.undurable || !st.pending_free.is_empty()) {
+            self.commit_now(st, true)?;
+        }
+        Ok(())
+    }
+
+    /// fsync: this file's data and all metadata so far, durably.
+    pub fn fsync(&self, ino: u64) -> R<()> {
+        let mut st = self.st.lock();
+        self.flush_file(&mut st, ino, true)?;
+        if st.undurable {
+            self.commit_now(&mut st, true)?;
+        }
+        Ok(())
+    }
+
+    /// Everything durable (timer, syncfs, unmount).
+    pub fn sync(&self) -> R<()> {
+        if self.read_only || self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut st = self.st.lock();
+        self.flush_all(&mut st, true)
+    }
+
+    fn truncate(&self, st: &mut State, ino: u64, size: u64) -> R<()> {
+        let mut inode = self.file_inode(st, ino)?;
+        if inode.kind != Kind::File {
+            return Err(err(if inode.kind == Kind::Dir {
+                libc::EISDIR
+            } else {
+                libc::EINVAL
+            }));
+        }
+        if size > i64::MAX as u64 {
+            return Err(err(libc::EFBIG));
+        }
+        if size < inode.size {
+            // Zero the tail of the last kept unit; drop every unit after it.
+            let keep = size.div_ceil(UNIT);
+            if size % UNIT != 0 {
+                let u = size / UNIT;
+                self.unit_for_write(st, ino, u)?;
+                let d = st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .get_mut(&u)
+                    .expect("unit");
+                d.data[(size % UNIT) as usize..].fill(0);
+            }
+            let f = st.files.get_mut(&ino).expect("file");
+            let gone: Vec<u64> = f.units.range(keep..).map(|(u, _)| *u).collect();
+            for u in &gone {
+                f.units.remove(u);
+            }
+            st.dirty_bytes -= (gone.len() as u64 * UNIT).min(st.dirty_bytes);
+            let tx = self.begin()?;
+            let freed = self.drop_extents(st, &tx, ino, keep)?;
+            inode.stored -= freed.min(inode.stored);
+            inode.size = size;
+            self.put_inode(st, &tx, &inode)?;
+            st.files.get_mut(&ino).expect("file").inode = Some(inode);
+            self.commit(st, tx, false)?;
+        } else {
+            inode.size = size;
+            st.files.get_mut(&ino).expect("file").inode = Some(inode);
+        }
+        Ok(())
+    }
+
+    /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
+    fn zero_range(&self, st: &mut State, ino: u64, off: u64, len: u64) -> R<()> {
+        let inode = self.file_inode(st, ino)?;
+        let end = (off + len).min(inode.size.max(off + len));
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let tx = self.begin()?;
+        let mut stored = inode.stored;
+        for u in first..=last {
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            if from == ustart && to == ustart + UNIT {
+                if st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .remove(&u)
+                    .is_some()
+                {
+                    st.dirty_bytes -= UNIT.min(st.dirty_bytes);
+                }
+                let old = tx
+                    .open_table(EXTENTS)
+                    .map_err(db_err)?
+                    .remove((ino, u))
+                    .map_err(db_err)?
+                    .map(|v| Extent::decode(v.value()));
+                if let Some(Ok(x)) = old {
+                    st.pending_free.push((x.phys, x.alloc as u64));
+                    stored -= (x.alloc as u64).min(stored);
+                }
+                self.cache.lock().pop(&(ino, u));
+            } else if ustart < inode.size {
+                self.unit_for_write(st, ino, u)?;
+                let d = st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .get_mut(&u)
+                    .expect("unit");
+                d.data[(from - ustart) as usize..(to - ustart) as usize].fill(0);
+            }
+        }
+        let f = st.files.get_mut(&ino).expect("file");
+        let mut i = f.inode.clone().expect("file inode");
+        i.stored = stored;
+        self.put_inode(st, &tx, &i)?;
+        st.files.get_mut(&ino).expect("file").inode = Some(i);
+        self.commit(st, tx, false)
+    }
+
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> R<()> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+        {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        if punch && (!keep || zero) {
+            return Err(err(libc::EINVAL));
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(err(libc::EFBIG))?;
+        if len == 0 {
+            return Err(err(libc::EINVAL));
+        }
+        let mut st = self.st.lock();
+        let inode = self.file_inode(&mut st, ino)?;
+        if inode.kind != Kind::File {
+            return Err(err(libc::ENODEV));
+        }
+        if punch || zero {
+            let zend = if punch { end.min(inode.size) } else { end };
+            if zend > off {
+                self.zero_range(&mut st, ino, off, zend - off)?;
+            }
+        } else {
+            // Copy-on-write cannot reserve blocks for later overwrites; it can
+            // promise that the space exists now.
+            let holes = len.div_ceil(UNIT) * UNIT;
+            if self.room(&st) < holes.min(st.alloc.total_bytes()) && self.room(&st) < len {
+                return Err(err(libc::ENOSPC));
+            }
+        }
+        if !keep && end > inode.size {
+            let mut i = self.file_inode(&mut st, ino)?;
+            i.size = end;
+            i.ctime = Ts::now();
+            st.files.get_mut(&ino).expect("file").inode = Some(i);
+        }
+        Ok(())
+    }
+
+    /// SEEK_DATA / SEEK_HOLE at unit granularity.
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> R<u64> {
+        let st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        if off >= inode.size {
+            return Err(err(libc::ENXIO));
+        }
+        let dirty: Vec<u64> = st
+            .files
+            .get(&ino)
+            .map(|f| f.units.keys().copied().collect())
+            .unwrap_or_default();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
+        let has = |u: u64| -> R<bool> {
+            Ok(dirty.binary_search(&u).is_ok() || t.get((ino, u)).map_err(db_err)?.is_some())
+        };
+        let last = (inode.size - 1) / UNIT;
+        let mut u = off / UNIT;
+        match whence {
+            libc::SEEK_DATA => {
+                // Jump over long holes using the sorted extent keys.
+                while u <= last {
+                    if has(u)? {
+                        return Ok(off.max(u * UNIT));
+                    }
+                    let next_x = t
+                        .range((ino, u + 1)..=(ino, last))
+                        .map_err(db_err)?
+                        .next()
+                        .and_then(|r| r.ok())
+                        .map(|(k, _)| k.value().1);
+                    let next_d = dirty.iter().copied().find(|d| *d > u);
+                    u = match (next_x, next_d) {
+                        (Some(a), Some(b)) => a.min(b),
+                        (a, b) => match a.or(b) {
+                            Some(n) => n,
+                            None => break,
+                        },
+                    };
+                }
+                Err(err(libc::ENXIO))
+            }
+            libc::SEEK_HOLE => {
+                while u <= last {
+                    if !has(u)? {
+                        return Ok(off.max(u * UNIT));
+                    }
+                    u += 1;
+                }
+                Ok(inode.size)
+            }
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+
+    // ----- xattrs -----
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(err(libc::ERANGE));
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(err(libc::E2BIG));
+        }
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        {
+            let mut t = tx.open_table(XATTRS).map_err(db_err)?;
+            let exists = t.get((ino, name)).map_err(db_err)?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(err(libc::EEXIST));
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(err(libc::ENODATA));
+            }
+            t.insert((ino, name), value).map_err(db_err)?;
+        }
+        inode.ctime = Ts::now();
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+        let st = self.st.lock();
+        self.load_inode(&st, ino)?;
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(XATTRS).map_err(db_err)?;
+        let v = t
+            .get((ino, name))
+            .map_err(db_err)?
+            .ok_or(err(libc::ENODATA))?;
+        Ok(v.value().to_vec())
+    }
+
+    pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
+        let st = self.st.lock();
+        self.load_inode(&st, ino)?;
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(XATTRS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.range((ino, &[][..])..).map_err(db_err)? {
+            let (k, _) = row.map_err(db_err)?;
+            let (i, n) = k.value();
+            if i != ino {
+                break;
+            }
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> R<()> {
+        let mut st = self.st.lock();
+        let tx = self.begin()?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let gone = tx
+            .open_table(XATTRS)
+            .map_err(db_err)?
+            .remove((ino, name))
+            .map_err(db_err)?
+            .is_some();
+        if !gone {
+            return Err(err(libc::ENODATA));
+        }
+        inode.ctime = Ts::now();
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    pub fn usage(&self) -> R<Usage> {
+        let st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let inodes = rtx
+            .open_table(INODES)
+            .map_err(db_err)?
+            .len()
+            .map_err(db_err)?;
+        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum();
+        Ok(Usage {
+            total: st.alloc.total_bytes(),
+            free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
+            inodes,
+        })
+    }
+
+    /// Make everything durable and refuse further syncs; the stack stops
+    /// when the last handle on the filesystem is dropped.
+    pub fn shutdown(&self) -> R<()> {
+        let r = self.sync();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        r
+    }
+}

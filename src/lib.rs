@@ -1,0 +1,9 @@
+//! stackfs: a pooled, layered filesystem in user space.
+
+pub mod alloc;
+pub mod codec;
+pub mod fs;
+pub mod fuse;
+pub mod metastore;
+pub mod pool;
+pub mod superblock;

@@ -1,0 +1,364 @@
+//! A pool: the devices named by the user, checked against each other through
+//! their superblocks, ordered by index, and built into the layer stack.
+//! Every check happens before anything is written.
+
+use crate::superblock::{self, SbError, Superblock, DATA_START, MAX_SPEC, SB_SIZE};
+use stackfs_layers::spec::Stack;
+use stackfs_layers::{Device, StackSpec};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Smallest share of a device the pool will use.
+pub const MIN_PER_DEVICE: u64 = 16 << 20;
+/// The metadata store's unit of placement (one sector slot pair).
+pub const META_ALIGN: u64 = 16 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{path}: {err}")]
+    Device { path: PathBuf, err: std::io::Error },
+    #[error("{path}: not a stackfs device ({err})")]
+    NotPool { path: PathBuf, err: SbError },
+    #[error("{path} already holds stackfs pool {uuid}; use --force to overwrite it")]
+    InUse { path: PathBuf, uuid: String },
+    #[error("{path} belongs to pool {theirs}, not to pool {ours} (of {first})")]
+    Foreign {
+        path: PathBuf,
+        theirs: String,
+        ours: String,
+        first: PathBuf,
+    },
+    #[error("{a} and {b} are the same device")]
+    Duplicate { a: PathBuf, b: PathBuf },
+    #[error("pool {uuid} has {count} devices; missing device number {missing} (give every device, in any order)")]
+    Missing {
+        uuid: String,
+        count: u32,
+        missing: u32,
+    },
+    #[error("{path} is too small: {size} bytes, the pool needs at least {need}")]
+    TooSmall { path: PathBuf, size: u64, need: u64 },
+    #[error("{path} does not exist; give --size to create it as an image file")]
+    NoSuchDevice { path: PathBuf },
+    #[error("layer spec: {0}")]
+    Spec(#[from] stackfs_layers::spec::SpecError),
+    #[error("no devices given")]
+    NoDevices,
+    #[error("{0}")]
+    Other(String),
+}
+
+fn dev_err(path: &Path) -> impl FnOnce(std::io::Error) -> PoolError + '_ {
+    move |err| PoolError::Device {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+pub fn uuid_str(u: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*u).hyphenated().to_string()
+}
+
+/// Split `a:b:c` into device paths.
+pub fn parse_source(source: &str) -> Vec<PathBuf> {
+    source
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+struct Opened {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    id: (u64, u64),
+}
+
+fn open_dev(path: &Path, write: bool) -> Result<Opened, PoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(dev_err(path))?;
+    let meta = file.metadata().map_err(dev_err(path))?;
+    let size = stackfs_layers::device::device_size(&file).map_err(dev_err(path))?;
+    let id = if meta.file_type().is_file() {
+        (meta.dev(), meta.ino())
+    } else {
+        (meta.rdev(), 0)
+    };
+    Ok(Opened {
+        path: path.to_path_buf(),
+        file,
+        size,
+        id,
+    })
+}
+
+fn check_distinct(devs: &[Opened]) -> Result<(), PoolError> {
+    for (i, a) in devs.iter().enumerate() {
+        if let Some(b) = devs[..i].iter().find(|b| b.id == a.id) {
+            return Err(PoolError::Duplicate {
+                a: b.path.clone(),
+                b: a.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub struct MkfsOptions {
+    pub spec: StackSpec,
+    pub size: Option<u64>,
+    pub force: bool,
+    /// Key material to store (empty: unencrypted).
+    pub keys: Vec<u8>,
+}
+
+/// Format the devices as one pool. Refuses a device that holds a pool
+/// already unless `force`.
+pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolError> {
+    if paths.is_empty() {
+        return Err(PoolError::NoDevices);
+    }
+    let spec_str = opts.spec.to_string();
+    if spec_str.len() > MAX_SPEC {
+        return Err(PoolError::Other(format!(
+            "layer spec longer than {MAX_SPEC} bytes"
+        )));
+    }
+    let mut devs = Vec::new();
+    for p in paths {
+        if !p.exists() {
+            let Some(size) = opts.size else {
+                return Err(PoolError::NoSuchDevice { path: p.clone() });
+            };
+            File::create(p)
+                .and_then(|f| f.set_len(size))
+                .map_err(dev_err(p))?;
+        }
+        devs.push(open_dev(p, true)?);
+    }
+    check_distinct(&devs)?;
+    let need = DATA_START + MIN_PER_DEVICE + SB_SIZE as u64;
+    for d in &devs {
+        if d.size < need {
+            return Err(PoolError::TooSmall {
+                path: d.path.clone(),
+                size: d.size,
+                need,
+            });
+        }
+        if !opts.force {
+            if let Ok(found) = superblock::read(&d.file, d.size) {
+                return Err(PoolError::InUse {
+                    path: d.path.clone(),
+                    uuid: uuid_str(&found.sb.pool_uuid),
+                });
+            }
+        }
+    }
+    // Probe the stack shape now (device count vs stripe) without touching disks.
+    if opts.spec.chunk().is_none() && devs.len() > 1 {
+        return Err(PoolError::Spec(stackfs_layers::spec::SpecError::Shape(
+            format!(
+                "{} devices but no stripe layer to pool them (add e.g. stripe=64k)",
+                devs.len()
+            ),
+        )));
+    }
+    let chunk = opts.spec.chunk().unwrap_or(META_ALIGN).max(META_ALIGN);
+    let smallest = devs.iter().map(|d| d.size).min().unwrap_or(0);
+    // Leave the last 64 KiB of the smallest device for the backup superblock.
+    let per_device = (smallest - DATA_START - (64 << 10)) / chunk * chunk;
+    let capacity = per_device * devs.len() as u64;
+    let meta_len = (capacity / 8).clamp(16 << 20, 4 << 30).min(capacity / 2)
+        / chunk.max(META_ALIGN)
+        * chunk.max(META_ALIGN);
+    let pool_uuid = *uuid::Uuid::new_v4().as_bytes();
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut first = None;
+    for (i, d) in devs.iter().enumerate() {
+        let sb = Superblock {
+            pool_uuid,
+            device_uuid: *uuid::Uuid::new_v4().as_bytes(),
+            index: i as u32,
+            count: devs.len() as u32,
+            per_device,
+            meta_len,
+            created,
+            generation: 0,
+            spec: spec_str.clone(),
+            keys: opts.keys.clone(),
+        };
+        // Old pool contents must not leak into the new one: punch the region.
+        discard_region(&d.file, DATA_START, per_device);
+        superblock::write(&d.file, d.size, &sb).map_err(dev_err(&d.path))?;
+        first.get_or_insert(sb);
+    }
+    Ok(first.expect("at least one device"))
+}
+
+fn discard_region(file: &File, off: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on an fd we own; failure only means the bytes stay.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+    };
+    if r != 0 {
+        // Block devices and filesystems without punch: zero the metadata
+        // region's start at least, which is what a new pool would misread.
+        let zeros = vec![0u8; 1 << 20];
+        let _ = std::os::unix::fs::FileExt::write_all_at(file, &zeros, off);
+    }
+}
+
+pub struct Pool {
+    /// Superblock of device 0 (the pool-wide fields are the same on all).
+    pub sb: Superblock,
+    /// Devices in pool order.
+    pub paths: Vec<PathBuf>,
+    pub sizes: Vec<u64>,
+    pub stack: Stack,
+    pub warnings: Vec<String>,
+}
+
+impl Pool {
+    pub fn capacity(&self) -> u64 {
+        self.stack.top.capacity()
+    }
+}
+
+/// Read and check every superblock; nothing is written.
+pub fn inspect(
+    paths: &[PathBuf],
+) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<String>), PoolError> {
+    if paths.is_empty() {
+        return Err(PoolError::NoDevices);
+    }
+    let mut devs = Vec::new();
+    for p in paths {
+        devs.push(open_dev(p, false)?);
+    }
+    check_distinct(&devs)?;
+    let mut warnings = Vec::new();
+    let mut found: Vec<(PathBuf, u64, Superblock)> = Vec::new();
+    for d in &devs {
+        let f = superblock::read(&d.file, d.size).map_err(|err| PoolError::NotPool {
+            path: d.path.clone(),
+            err,
+        })?;
+        if let Some(why) = f.used_backup {
+            warnings.push(format!(
+                "{}: primary superblock unusable ({why}); using the backup copy",
+                d.path.display()
+            ));
+        }
+        found.push((d.path.clone(), d.size, f.sb));
+    }
+    let (first_path, _, first) = found[0].clone();
+    for (path, size, sb) in &found {
+        if sb.pool_uuid != first.pool_uuid {
+            return Err(PoolError::Foreign {
+                path: path.clone(),
+                theirs: uuid_str(&sb.pool_uuid),
+                ours: uuid_str(&first.pool_uuid),
+                first: first_path.clone(),
+            });
+        }
+        if let Some((other, _, _)) = found
+            .iter()
+            .find(|(p, _, o)| o.device_uuid == sb.device_uuid && p != path)
+        {
+            return Err(PoolError::Duplicate {
+                a: other.clone(),
+                b: path.clone(),
+            });
+        }
+        let need = DATA_START + sb.per_device + SB_SIZE as u64;
+        if *size < need {
+            return Err(PoolError::TooSmall {
+                path: path.clone(),
+                size: *size,
+                need,
+            });
+        }
+        if sb.count != first.count
+            || sb.per_device != first.per_device
+            || sb.spec != first.spec
+            || sb.meta_len != first.meta_len
+        {
+            return Err(PoolError::Other(format!(
+                "{}: superblock disagrees with {} about the pool's shape",
+                path.display(),
+                first_path.display()
+            )));
+        }
+    }
+    for want in 0..first.count {
+        if !found.iter().any(|(_, _, sb)| sb.index == want) {
+            return Err(PoolError::Missing {
+                uuid: uuid_str(&first.pool_uuid),
+                count: first.count,
+                missing: want,
+            });
+        }
+    }
+    if found.len() as u32 != first.count {
+        return Err(PoolError::Other(format!(
+            "pool has {} devices but {} were given",
+            first.count,
+            found.len()
+        )));
+    }
+    found.sort_by_key(|(_, _, sb)| sb.index);
+    Ok((found, warnings))
+}
+
+/// Open a pool for use: check it, repair a damaged primary superblock from its
+/// backup (when writable), and build the stack.
+pub fn open(paths: &[PathBuf], read_only: bool) -> Result<Pool, PoolError> {
+    let (found, mut warnings) = inspect(paths)?;
+    if !read_only {
+        for (path, size, sb) in &found {
+            let f = open_dev(path, true)?;
+            if superblock::read(&f.file, *size)
+                .map(|x| x.used_backup.is_some())
+                .unwrap_or(false)
+            {
+                superblock::write(&f.file, *size, sb).map_err(dev_err(path))?;
+                warnings.push(format!(
+                    "{}: primary superblock rewritten from the backup",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let sb = found[0].2.clone();
+    let spec = StackSpec::parse(&sb.spec)?;
+    let mut devices = Vec::new();
+    for (path, _, s) in &found {
+        devices.push(Arc::new(
+            Device::open(path, DATA_START, s.per_device, read_only).map_err(dev_err(path))?,
+        ));
+    }
+    let stack = spec.build(devices)?;
+    Ok(Pool {
+        sb,
+        paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
+        sizes: found.iter().map(|(_, s, _)| *s).collect(),
+        stack,
+        warnings,
+    })
+}
