@@ -308,6 +308,8 @@ pub struct SetAttr {
 
 struct DirtyUnit {
     data: Box<[u8]>,
+    /// Store even if all zeros (space preallocated by fallocate).
+    keep: bool,
 }
 
 #[derive(Default)]
@@ -586,6 +588,9 @@ impl Fs {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
+        if name.len() > NAME_MAX {
+            return Err(err(libc::ENAMETOOLONG));
+        }
         let st = self.st.lock();
         let rtx = self.db.begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
@@ -1147,6 +1152,12 @@ impl Fs {
         Ok(inode)
     }
 
+    /// Write a file's dirty data out (not durably): close() reports its errors.
+    pub fn flush(&self, ino: u64) -> R<()> {
+        let mut st = self.st.lock();
+        self.flush_file(&mut st, ino, false)
+    }
+
     /// Last close of a handle: write its data out, free it if unlinked.
     pub fn release(&self, ino: u64) -> R<()> {
         let mut st = self.st.lock();
@@ -1297,7 +1308,7 @@ impl Fs {
             .entry(ino)
             .or_default()
             .units
-            .insert(u, DirtyUnit { data });
+            .insert(u, DirtyUnit { data, keep: false });
         st.dirty_bytes += UNIT;
         Ok(())
     }
@@ -1350,6 +1361,7 @@ impl Fs {
                         u,
                         DirtyUnit {
                             data: vec![0u8; UNIT as usize].into_boxed_slice(),
+                            keep: false,
                         },
                     );
                     st.dirty_bytes += UNIT;
@@ -1427,7 +1439,7 @@ impl Fs {
             }
             let logical = (inode.size - ustart).min(UNIT);
             let alloc_len = logical.div_ceil(BLOCK) * BLOCK;
-            if d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
+            if !d.keep && d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
                 // An all-zero unit is stored as a hole.
                 placed.push((u, None));
                 continue;
@@ -1691,12 +1703,41 @@ impl Fs {
                 self.zero_range(&mut st, ino, off, zend - off)?;
             }
         } else {
-            // Copy-on-write cannot reserve blocks for later overwrites; it can
-            // promise that the space exists now.
-            let holes = len.div_ceil(UNIT) * UNIT;
-            if self.room(&st) < holes.min(st.alloc.total_bytes()) && self.room(&st) < len {
-                return Err(err(libc::ENOSPC));
+            // Copy-on-write cannot reserve blocks for later overwrites; it
+            // stores zeros in the holes of the range now, so the space is
+            // claimed and counted.
+            let size_after = if keep {
+                inode.size
+            } else {
+                inode.size.max(end)
+            };
+            let (first, last) = (off / UNIT, (end.min(size_after).max(off + 1) - 1) / UNIT);
+            let mut holes = Vec::new();
+            for u in first..=last {
+                if u * UNIT < size_after
+                    && !st.files[&ino].units.contains_key(&u)
+                    && self.extent(ino, u)?.is_none()
+                {
+                    holes.push(u);
+                }
             }
+            if self.room(&st) < holes.len() as u64 * UNIT {
+                self.flush_all(&mut st, true)?;
+                if self.room(&st) < holes.len() as u64 * UNIT {
+                    return Err(err(libc::ENOSPC));
+                }
+            }
+            let f = st.files.get_mut(&ino).expect("file");
+            for u in &holes {
+                f.units.insert(
+                    *u,
+                    DirtyUnit {
+                        data: vec![0u8; UNIT as usize].into_boxed_slice(),
+                        keep: true,
+                    },
+                );
+            }
+            st.dirty_bytes += holes.len() as u64 * UNIT;
         }
         if !keep && end > inode.size {
             let mut i = self.file_inode(&mut st, ino)?;
@@ -1775,6 +1816,21 @@ impl Fs {
         let mut st = self.st.lock();
         let tx = self.begin()?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
+        if name == b"system.posix_acl_access" {
+            // The kernel leaves ACLs to us: an access ACL carries the mode bits,
+            // and one with no named entries is nothing but a mode (as on ext4).
+            let (mode, minimal) = acl_mode(value).ok_or(err(libc::EINVAL))?;
+            inode.perm = (inode.perm & !0o777) | mode;
+            if minimal {
+                tx.open_table(XATTRS)
+                    .map_err(db_err)?
+                    .remove((ino, name))
+                    .map_err(db_err)?;
+                inode.ctime = Ts::now();
+                self.put_inode(&mut st, &tx, &inode)?;
+                return self.commit(&mut st, tx, false);
+            }
+        }
         {
             let mut t = tx.open_table(XATTRS).map_err(db_err)?;
             let exists = t.get((ino, name)).map_err(db_err)?.is_some();
@@ -1792,6 +1848,9 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+        if name.len() > 255 {
+            return Err(err(libc::ERANGE));
+        }
         let st = self.st.lock();
         self.load_inode(&st, ino)?;
         let rtx = self.db.begin_read().map_err(db_err)?;
@@ -1863,4 +1922,31 @@ impl Fs {
             .store(true, std::sync::atomic::Ordering::Release);
         r
     }
+}
+
+/// The permission bits an access ACL (Linux xattr form) implies, and whether
+/// it is minimal (owner, group and other only). None if malformed.
+fn acl_mode(v: &[u8]) -> Option<(u16, bool)> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[..4].try_into().ok()?) != 2 {
+        return None;
+    }
+    let (mut user, mut group, mut other, mut mask) = (None, None, None, None);
+    let mut minimal = true;
+    for e in v[4..].chunks(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) & 7;
+        match tag {
+            0x01 => user = Some(perm),
+            0x04 => group = Some(perm),
+            0x20 => other = Some(perm),
+            0x10 => {
+                mask = Some(perm);
+                minimal = false;
+            }
+            0x02 | 0x08 => minimal = false,
+            _ => return None,
+        }
+    }
+    let g = mask.or(group)?;
+    Some(((user? << 6) | (g << 3) | other?, minimal))
 }

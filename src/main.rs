@@ -65,7 +65,13 @@ fn main() -> ExitCode {
     // mount.fuse calls `stackfs SOURCE MOUNTPOINT -o OPTS`: treat it as `mount`.
     let mut args: Vec<String> = std::env::args().collect();
     let known = ["mkfs", "mount", "info", "help"];
-    if args.len() > 2 && !args[1].starts_with('-') && !known.contains(&args[1].as_str()) {
+    let looks_like_source =
+        |a: &str| a.contains(':') || a.contains('/') || std::path::Path::new(a).exists();
+    if args.len() > 2
+        && !known.contains(&args[1].as_str())
+        && looks_like_source(&args[1])
+        && !args[2].starts_with('-')
+    {
         args.insert(1, "mount".into());
     }
     let cli = Cli::parse_from(args);
@@ -261,6 +267,9 @@ fn mount(
     if !foreground {
         return spawn_daemon(options, source, &mountpoint);
     }
+    // Before any thread exists (io_uring completion threads start with the
+    // pool), so that only the signal thread ever receives SIGTERM.
+    block_signals();
     let mountpoint =
         std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let paths = parse_source(source);
@@ -280,7 +289,6 @@ fn mount(
         fs: fs.clone(),
         writeback: o.writeback && !o.read_only,
     };
-    block_signals();
     let session = mount_fuse(fusefs, source, &mountpoint, &o)?;
     if let Some(fd) = ready_fd {
         detach(fd, o.log_file.as_deref());

@@ -1,0 +1,346 @@
+//! End-to-end tests on real mounts: the stackfs binary, real FUSE, real
+//! io_uring on image files. Every mount is undone by a guard, even when a
+//! test fails.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stackfs");
+
+fn stackfs(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run stackfs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stackfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails_with(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure mentioning {needle:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "stackfs panicked: {err}");
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let m = mnt.to_string_lossy().to_string();
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&m))
+}
+
+/// A pool of image files in a temporary directory, unmounted on drop.
+struct Pool {
+    dir: tempfile::TempDir,
+    imgs: Vec<PathBuf>,
+    mnt: PathBuf,
+}
+
+impl Pool {
+    fn new(n: usize, size: &str) -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let imgs: Vec<PathBuf> = (0..n)
+            .map(|i| dir.path().join(format!("d{i}.img")))
+            .collect();
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mut args = vec!["mkfs", "--size", size];
+        let paths: Vec<String> = imgs.iter().map(|p| p.display().to_string()).collect();
+        args.extend(paths.iter().map(|s| s.as_str()));
+        ok(stackfs(&args));
+        Pool { dir, imgs, mnt }
+    }
+
+    fn source(&self) -> String {
+        self.imgs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    fn mount(&self) {
+        ok(stackfs(&[
+            "mount",
+            &self.source(),
+            self.mnt.to_str().unwrap(),
+        ]));
+        assert!(is_mounted(&self.mnt));
+    }
+
+    fn umount(&self) {
+        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
+        assert!(st.success(), "umount failed");
+        self.wait_daemon_gone();
+    }
+
+    fn wait_daemon_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.daemon_pid().is_none() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon still running 20 s after unmount");
+    }
+
+    /// The daemon serving this pool, if it still runs (zombies do not count).
+    fn daemon_pid(&self) -> Option<i32> {
+        let want = format!("mount\0--foreground\0{}\0", self.source());
+        for e in fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if !cmd.is_empty() && String::from_utf8_lossy(&cmd).contains(&want) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = &self.dir;
+    }
+}
+
+#[test]
+fn data_survives_remount() {
+    let p = Pool::new(3, "256M");
+    p.mount();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(p.mnt.join("file"), &data).unwrap();
+    fs::create_dir_all(p.mnt.join("a/b/c")).unwrap();
+    std::os::unix::fs::symlink("../file", p.mnt.join("a/link")).unwrap();
+    fs::hard_link(p.mnt.join("file"), p.mnt.join("a/b/hard")).unwrap();
+    p.umount();
+    p.mount();
+    assert!(fs::read(p.mnt.join("file")).unwrap() == data);
+    assert!(fs::read(p.mnt.join("a/b/hard")).unwrap() == data);
+    assert_eq!(
+        fs::read_link(p.mnt.join("a/link")).unwrap(),
+        PathBuf::from("../file")
+    );
+    assert!(p.mnt.join("a/b/c").is_dir());
+    p.umount();
+}
+
+/// fsync'ed data survives SIGKILL of the daemon; the pool mounts again without repair.
+#[test]
+fn fsynced_data_survives_sigkill() {
+    let p = Pool::new(2, "256M");
+    p.mount();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    {
+        let f = fs::File::create(p.mnt.join("precious")).unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let pid = p.daemon_pid().expect("daemon pid");
+    // SAFETY: plain kill(2) on the daemon's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = Command::new("umount").arg("-l").arg(&p.mnt).status();
+    p.wait_daemon_gone();
+    p.mount();
+    assert!(
+        fs::read(p.mnt.join("precious")).unwrap() == data,
+        "fsync'ed data lost after SIGKILL"
+    );
+    p.umount();
+}
+
+/// SIGTERM unmounts cleanly and flushes what was written.
+#[test]
+fn sigterm_flushes_and_unmounts() {
+    let p = Pool::new(1, "128M");
+    p.mount();
+    fs::write(p.mnt.join("note"), b"written before SIGTERM").unwrap();
+    let pid = p.daemon_pid().expect("daemon pid");
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    p.wait_daemon_gone();
+    assert!(!is_mounted(&p.mnt));
+    p.mount();
+    assert_eq!(
+        fs::read(p.mnt.join("note")).unwrap(),
+        b"written before SIGTERM"
+    );
+    p.umount();
+}
+
+#[test]
+fn bad_devices_are_clear_errors() {
+    let p = Pool::new(3, "64M");
+    let other = Pool::new(1, "64M");
+    let src = p.source();
+    let (a, b, c) = (
+        p.imgs[0].display().to_string(),
+        p.imgs[1].display().to_string(),
+        p.imgs[2].display().to_string(),
+    );
+    let mnt = p.mnt.to_str().unwrap();
+    let sums: Vec<Vec<u8>> = p.imgs.iter().map(|i| fs::read(i).unwrap()).collect();
+
+    // Any order works.
+    ok(stackfs(&["info", &format!("{c}:{a}:{b}")]));
+    // Missing device.
+    fails_with(
+        stackfs(&["mount", &format!("{a}:{b}"), mnt]),
+        "missing device number 2",
+    );
+    // The same device twice.
+    fails_with(
+        stackfs(&["mount", &format!("{a}:{b}:{a}"), mnt]),
+        "same device",
+    );
+    // A device of another pool.
+    fails_with(
+        stackfs(&[
+            "mount",
+            &format!("{a}:{b}:{}", other.imgs[0].display()),
+            mnt,
+        ]),
+        "belongs to pool",
+    );
+    // An unformatted device.
+    let blank = p.dir.path().join("blank.img");
+    fs::File::create(&blank).unwrap().set_len(64 << 20).unwrap();
+    fails_with(
+        stackfs(&["mount", &format!("{a}:{b}:{}", blank.display()), mnt]),
+        "not a stackfs device",
+    );
+    // A device that does not exist.
+    fails_with(
+        stackfs(&["mount", &format!("{a}:{b}:/nonexistent/x.img"), mnt]),
+        "/nonexistent/x.img",
+    );
+    // mkfs refuses to overwrite a pool, and refuses tiny devices.
+    fails_with(stackfs(&["mkfs", &a]), "already holds stackfs pool");
+    let tiny = p.dir.path().join("tiny.img");
+    fails_with(
+        stackfs(&["mkfs", "--size", "1M", tiny.to_str().unwrap()]),
+        "too small",
+    );
+    fails_with(
+        stackfs(&[
+            "mkfs",
+            "--layers",
+            "stripe=3k",
+            "--size",
+            "64M",
+            tiny.to_str().unwrap(),
+        ]),
+        "multiple of 4 KiB",
+    );
+    fails_with(
+        stackfs(&["mount", "-o", "bogus_option", &src, mnt]),
+        "unknown mount option",
+    );
+    // None of that wrote anything.
+    for (img, before) in p.imgs.iter().zip(&sums) {
+        assert!(
+            &fs::read(img).unwrap() == before,
+            "{} changed",
+            img.display()
+        );
+    }
+    assert!(!is_mounted(&p.mnt));
+}
+
+/// A damaged primary superblock is replaced from the backup at mount, with a warning.
+#[test]
+fn damaged_primary_superblock_uses_backup() {
+    let p = Pool::new(2, "64M");
+    let f = fs::OpenOptions::new().write(true).open(&p.imgs[1]).unwrap();
+    f.write_all_at(&[0xff; 64], 100).unwrap();
+    drop(f);
+    let out = stackfs(&["info", &p.source()]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("using the backup copy"),
+        "no warning about the backup: {err}"
+    );
+    p.mount();
+    fs::write(p.mnt.join("x"), b"still works").unwrap();
+    p.umount();
+    let out = stackfs(&["info", &p.source()]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("backup"),
+        "primary was not repaired"
+    );
+    // Both copies damaged: a clear error.
+    let size = fs::metadata(&p.imgs[0]).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&p.imgs[0]).unwrap();
+    f.write_all_at(&[0xff; 64], 100).unwrap();
+    f.write_all_at(&[0xff; 64], size - 4096 + 100).unwrap();
+    drop(f);
+    fails_with(stackfs(&["info", &p.source()]), "checksum");
+}
+
+/// A full pool gives ENOSPC, keeps what was written, and takes data again after deletes.
+#[test]
+fn full_pool_enospc_and_recovery() {
+    let p = Pool::new(1, "48M");
+    p.mount();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0;
+    let mut hit = None;
+    // With the kernel's writeback cache, ENOSPC shows at fsync/close, as on NFS.
+    let put = |name: String| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::File::create(p.mnt.join(name))?;
+        f.write_all(&chunk)?;
+        f.sync_all()
+    };
+    for i in 0..200 {
+        match put(format!("f{i}")) {
+            Ok(()) => written += 1,
+            Err(e) => {
+                hit = Some(e);
+                break;
+            }
+        }
+    }
+    let e = hit.expect("the pool never filled up");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert!(written > 5);
+    for i in 0..written {
+        assert!(
+            fs::read(p.mnt.join(format!("f{i}"))).unwrap() == chunk,
+            "f{i} damaged by ENOSPC"
+        );
+    }
+    for i in 0..=written {
+        let _ = fs::remove_file(p.mnt.join(format!("f{i}")));
+    }
+    for i in 0..5 {
+        fs::write(p.mnt.join(format!("g{i}")), &chunk)
+            .expect("space is usable again after deletes");
+    }
+    p.umount();
+    p.mount();
+    assert!(fs::read(p.mnt.join("g4")).unwrap() == chunk);
+    p.umount();
+}
