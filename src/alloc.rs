@@ -16,22 +16,6 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    /// All of `[start, end)` free.
-    pub fn new(start: u64, end: u64) -> Allocator {
-        let mut a = Allocator {
-            free: BTreeMap::new(),
-            cursor: start,
-            free_bytes: 0,
-            start,
-            end,
-        };
-        if end > start {
-            a.free.insert(start, end - start);
-            a.free_bytes = end - start;
-        }
-        a
-    }
-
     /// Free space given a list of used ranges; Err names the first overlap
     /// or out-of-region range.
     pub fn from_used(start: u64, end: u64, mut used: Vec<(u64, u64)>) -> Result<Allocator, String> {
@@ -126,7 +110,7 @@ mod tests {
 
     #[test]
     fn alloc_free_merge() {
-        let mut a = Allocator::new(0, 10 * BLOCK);
+        let mut a = Allocator::from_used(0, 10 * BLOCK, vec![]).unwrap();
         let x = a.alloc(4 * BLOCK).unwrap();
         let y = a.alloc(4 * BLOCK).unwrap();
         assert_eq!((x, y), (0, 4 * BLOCK));

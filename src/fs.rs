@@ -616,7 +616,6 @@ impl Fs {
 
     fn add_entry(
         &self,
-        st: &mut State,
         tx: &WriteTransaction,
         dir: &mut Inode,
         name: &[u8],
@@ -636,7 +635,6 @@ impl Fs {
         let now = Ts::now();
         dir.mtime = now;
         dir.ctime = now;
-        let _ = st;
         Ok(())
     }
 
@@ -732,7 +730,7 @@ impl Fs {
                 .map_err(db_err)?;
         }
         self.put_inode(&mut st, &tx, &inode)?;
-        self.add_entry(&mut st, &tx, &mut dir, name, ino, kind)?;
+        self.add_entry(&tx, &mut dir, name, ino, kind)?;
         if kind == Kind::Dir {
             dir.nlink += 1;
         }
@@ -776,7 +774,7 @@ impl Fs {
         }
         inode.nlink += 1;
         inode.ctime = Ts::now();
-        self.add_entry(&mut st, &tx, &mut dir, name, ino, inode.kind)?;
+        self.add_entry(&tx, &mut dir, name, ino, inode.kind)?;
         self.put_inode(&mut st, &tx, &dir)?;
         self.put_inode(&mut st, &tx, &inode)?;
         self.commit(&mut st, tx, false)?;
@@ -976,10 +974,10 @@ impl Fs {
             self.put_inode(&mut st, &tx, &pdir)?;
             let mut ndir = self.inode_tx(&st, &tx, newparent)?;
             self.remove_entry(&tx, &mut ndir, newname)?;
-            self.add_entry(&mut st, &tx, &mut ndir, newname, ino, kind)?;
+            self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
             self.put_inode(&mut st, &tx, &ndir)?;
             let mut pdir = self.inode_tx(&st, &tx, parent)?;
-            self.add_entry(&mut st, &tx, &mut pdir, name, tino, tkind)?;
+            self.add_entry(&tx, &mut pdir, name, tino, tkind)?;
             if parent != newparent {
                 // A directory that moves takes its ".." link along.
                 let d = (kind == Kind::Dir) as i64 - (tkind == Kind::Dir) as i64;
@@ -1031,7 +1029,7 @@ impl Fs {
         }
         self.put_inode(&mut st, &tx, &pdir)?;
         let mut ndir = self.inode_tx(&st, &tx, newparent)?;
-        self.add_entry(&mut st, &tx, &mut ndir, newname, ino, kind)?;
+        self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
         if kind == Kind::Dir && parent != newparent {
             ndir.nlink += 1;
         }
@@ -1109,16 +1107,13 @@ impl Fs {
             inode.perm = (m & 0o7777) as u16;
         }
         if a.uid.is_some() || a.gid.is_some() {
-            if inode.kind != Kind::Dir && a.uid.is_some_and(|u| u != inode.uid)
-                || a.gid.is_some_and(|g| g != inode.gid)
-            {
-                // chown clears set-id bits (the kernel asks us to keep them
-                // only through an explicit mode in the same call).
-                if a.mode.is_none() && inode.kind != Kind::Dir {
-                    inode.perm &= !(libc::S_ISUID as u16);
-                    if inode.perm & libc::S_IXGRP as u16 != 0 {
-                        inode.perm &= !(libc::S_ISGID as u16);
-                    }
+            let changes =
+                a.uid.is_some_and(|u| u != inode.uid) || a.gid.is_some_and(|g| g != inode.gid);
+            // chown of a non-directory clears set-id bits, unless the same call sets a mode.
+            if changes && a.mode.is_none() && inode.kind != Kind::Dir {
+                inode.perm &= !(libc::S_ISUID as u16);
+                if inode.perm & libc::S_IXGRP as u16 != 0 {
+                    inode.perm &= !(libc::S_ISGID as u16);
                 }
             }
             if let Some(u) = a.uid {
@@ -1184,10 +1179,19 @@ impl Fs {
     }
 
     fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
+        Ok(self.extents(ino, unit, unit)?.pop().map(|(_, x)| x))
+    }
+
+    /// The committed extents of units `first..=last`, with one range lookup.
+    fn extents(&self, ino: u64, first: u64, last: u64) -> R<Vec<(u64, Extent)>> {
         let rtx = self.db.begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
-        let v = t.get((ino, unit)).map_err(db_err)?;
-        v.map(|v| Extent::decode(v.value())).transpose()
+        let mut out = Vec::new();
+        for row in t.range((ino, first)..=(ino, last)).map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value().1, Extent::decode(v.value())?));
+        }
+        Ok(out)
     }
 
     /// Read committed units from the pool in one batch; verify each.
@@ -1256,15 +1260,8 @@ impl Fs {
         let mut out = vec![0u8; (end - off) as usize];
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
         let file = st.files.get(&ino);
-        let mut need = Vec::new();
-        for u in first..=last {
-            if file.is_some_and(|f| f.units.contains_key(&u)) {
-                continue;
-            }
-            if let Some(x) = self.extent(ino, u)? {
-                need.push((u, x));
-            }
-        }
+        let mut need = self.extents(ino, first, last)?;
+        need.retain(|(u, _)| !file.is_some_and(|f| f.units.contains_key(u)));
         let loaded = self.read_units(ino, &need)?;
         let mut by_unit: HashMap<u64, &[u8]> = need
             .iter()
@@ -1619,7 +1616,7 @@ impl Fs {
     /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
     fn zero_range(&self, st: &mut State, ino: u64, off: u64, len: u64) -> R<()> {
         let inode = self.file_inode(st, ino)?;
-        let end = (off + len).min(inode.size.max(off + len));
+        let end = off + len;
         if len == 0 {
             return Ok(());
         }
@@ -1901,11 +1898,12 @@ impl Fs {
     pub fn usage(&self) -> R<Usage> {
         let st = self.st.lock();
         let rtx = self.db.begin_read().map_err(db_err)?;
-        let inodes = rtx
-            .open_table(INODES)
-            .map_err(db_err)?
-            .len()
-            .map_err(db_err)?;
+        // A pool that was never mounted read-write has no tables yet.
+        let inodes = match rtx.open_table(INODES) {
+            Ok(t) => t.len().map_err(db_err)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(db_err(e)),
+        };
         let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum();
         Ok(Usage {
             total: st.alloc.total_bytes(),

@@ -79,6 +79,13 @@ impl FuseFs {
         }
     }
 
+    fn data(reply: ReplyData, r: Result<Vec<u8>, stackfs_layers::Errno>) {
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     fn empty(reply: ReplyEmpty, r: Result<(), stackfs_layers::Errno>) {
         match r {
             Ok(()) => reply.ok(),
@@ -155,10 +162,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(e)),
-        }
+        Self::data(reply, self.fs.readlink(ino.0))
     }
 
     fn mknod(
@@ -309,10 +313,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(e)),
-        }
+        Self::data(reply, self.fs.read(ino.0, offset, size))
     }
 
     fn write(

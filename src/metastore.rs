@@ -53,6 +53,7 @@ pub struct MetaStore {
     region: u64,
     pool_uuid: [u8; 16],
     state: Mutex<State>,
+    /// Writes (redb's recovery on open) stay in memory and never reach the pool.
     read_only: bool,
 }
 
@@ -318,9 +319,6 @@ impl redb::StorageBackend for MetaStore {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
         let mut st = self.state.lock();
         if len > self.max_len() {
             return Err(io::Error::new(
@@ -358,9 +356,6 @@ impl redb::StorageBackend for MetaStore {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
         let mut st = self.state.lock();
         let end = offset
             .checked_add(data.len() as u64)
@@ -386,7 +381,7 @@ impl redb::StorageBackend for MetaStore {
             st.dirty.insert(s, sec);
             done += n;
         }
-        if st.dirty.len() > MAX_DIRTY {
+        if st.dirty.len() > MAX_DIRTY && !self.read_only {
             self.write_out(&mut st, false)?;
         }
         Ok(())

@@ -146,6 +146,39 @@ fn data_survives_remount() {
     p.umount();
 }
 
+/// A read-only mount reads everything and writes nothing; `info` shows usage.
+#[test]
+fn read_only_mount_changes_nothing() {
+    let p = Pool::new(2, "128M");
+    p.mount();
+    fs::write(p.mnt.join("f"), b"kept").unwrap();
+    p.umount();
+    let before: Vec<Vec<u8>> = p.imgs.iter().map(|i| fs::read(i).unwrap()).collect();
+    ok(stackfs(&[
+        "mount",
+        "-o",
+        "ro",
+        &p.source(),
+        p.mnt.to_str().unwrap(),
+    ]));
+    assert_eq!(fs::read(p.mnt.join("f")).unwrap(), b"kept");
+    let e = fs::write(p.mnt.join("g"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    p.umount();
+    let info = ok(stackfs(&["info", &p.source()]));
+    assert!(
+        info.contains("inodes:      2"),
+        "info shows no usage: {info}"
+    );
+    for (img, b) in p.imgs.iter().zip(&before) {
+        assert!(
+            &fs::read(img).unwrap() == b,
+            "{} changed by a read-only mount",
+            img.display()
+        );
+    }
+}
+
 /// fsync'ed data survives SIGKILL of the daemon; the pool mounts again without repair.
 #[test]
 fn fsynced_data_survives_sigkill() {
