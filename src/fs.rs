@@ -238,6 +238,17 @@ pub struct Extent {
     pub logical: u32,
     /// CRC32C of the stored bytes.
     pub crc: u32,
+    /// Bit i set: 4 KiB block i of the unit holds non-zero bytes. Blocks of
+    /// zeros are reported as holes by SEEK_DATA/SEEK_HOLE.
+    pub map: u16,
+}
+
+/// Which 4 KiB blocks of a unit's bytes are not all zero.
+fn block_map(data: &[u8]) -> u16 {
+    data.chunks(BLOCK as usize)
+        .enumerate()
+        .filter(|(_, b)| b.iter().any(|x| *x != 0))
+        .fold(0, |m, (i, _)| m | 1 << i)
 }
 
 impl Extent {
@@ -247,7 +258,8 @@ impl Extent {
             .u64(self.phys)
             .u32(self.alloc)
             .u32(self.logical)
-            .u32(self.crc);
+            .u32(self.crc)
+            .u16(self.map);
         e.0
     }
     pub fn decode(raw: &[u8]) -> R<Extent> {
@@ -261,6 +273,7 @@ impl Extent {
             alloc: d.u32().map_err(bad)?,
             logical: d.u32().map_err(bad)?,
             crc: d.u32().map_err(bad)?,
+            map: d.u16().map_err(bad)?,
         })
     }
 }
@@ -1431,11 +1444,16 @@ impl Fs {
         let mut placed = Vec::new();
         for (&u, d) in units {
             let ustart = u * UNIT;
-            if ustart >= inode.size {
+            // Units past EOF are kept only when fallocate reserved them.
+            if ustart >= inode.size && !d.keep {
                 continue;
             }
-            let logical = (inode.size - ustart).min(UNIT);
-            let alloc_len = logical.div_ceil(BLOCK) * BLOCK;
+            let logical = inode.size.saturating_sub(ustart).min(UNIT);
+            let alloc_len = if d.keep {
+                UNIT
+            } else {
+                logical.div_ceil(BLOCK) * BLOCK
+            };
             if !d.keep && d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
                 // An all-zero unit is stored as a hole.
                 placed.push((u, None));
@@ -1457,6 +1475,7 @@ impl Fs {
                 alloc: alloc_len as u32,
                 logical: logical as u32,
                 crc: crc32c::crc32c(b.as_slice()),
+                map: block_map(&d.data[..logical as usize]),
             };
             let w = Waiter::new();
             ios.push(Io::new(Op::Write, phys, b, Some(w.end_io())));
@@ -1701,40 +1720,30 @@ impl Fs {
             }
         } else {
             // Copy-on-write cannot reserve blocks for later overwrites; it
-            // stores zeros in the holes of the range now, so the space is
-            // claimed and counted.
-            let size_after = if keep {
-                inode.size
-            } else {
-                inode.size.max(end)
-            };
-            let (first, last) = (off / UNIT, (end.min(size_after).max(off + 1) - 1) / UNIT);
-            let mut holes = Vec::new();
-            for u in first..=last {
-                if u * UNIT < size_after
-                    && !st.files[&ino].units.contains_key(&u)
-                    && self.extent(ino, u)?.is_none()
-                {
-                    holes.push(u);
-                }
-            }
-            if self.room(&st) < holes.len() as u64 * UNIT {
+            // stores every unit of the range at full size now (zeros in the
+            // holes), so the space is claimed and counted.
+            let (first, last) = (off / UNIT, (end - 1) / UNIT);
+            let stored: HashMap<u64, Extent> =
+                self.extents(ino, first, last)?.into_iter().collect();
+            let short: Vec<u64> = (first..=last)
+                .filter(|u| {
+                    !st.files[&ino].units.contains_key(u)
+                        && stored.get(u).is_none_or(|x| (x.alloc as u64) < UNIT)
+                })
+                .collect();
+            if self.room(&st) < short.len() as u64 * UNIT {
                 self.flush_all(&mut st, true)?;
-                if self.room(&st) < holes.len() as u64 * UNIT {
+                if self.room(&st) < short.len() as u64 * UNIT {
                     return Err(err(libc::ENOSPC));
                 }
             }
-            let f = st.files.get_mut(&ino).expect("file");
-            for u in &holes {
-                f.units.insert(
-                    *u,
-                    DirtyUnit {
-                        data: vec![0u8; UNIT as usize].into_boxed_slice(),
-                        keep: true,
-                    },
-                );
+            for u in short {
+                self.unit_for_write(&mut st, ino, u)?;
             }
-            st.dirty_bytes += holes.len() as u64 * UNIT;
+            let f = st.files.get_mut(&ino).expect("file");
+            for (_, d) in f.units.range_mut(first..=last) {
+                d.keep = true;
+            }
         }
         if !keep && end > inode.size {
             let mut i = self.file_inode(&mut st, ino)?;
@@ -1745,55 +1754,52 @@ impl Fs {
         Ok(())
     }
 
-    /// SEEK_DATA / SEEK_HOLE at unit granularity.
+    /// SEEK_DATA / SEEK_HOLE at 4 KiB granularity: a block is data when it
+    /// holds a non-zero byte (blocks of zeros read the same as holes).
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> R<u64> {
         let st = self.st.lock();
         let inode = self.load_inode(&st, ino)?;
         if off >= inode.size {
             return Err(err(libc::ENXIO));
         }
-        let dirty: Vec<u64> = st
-            .files
-            .get(&ino)
-            .map(|f| f.units.keys().copied().collect())
-            .unwrap_or_default();
-        let rtx = self.db.begin_read().map_err(db_err)?;
-        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
-        let has = |u: u64| -> R<bool> {
-            Ok(dirty.binary_search(&u).is_ok() || t.get((ino, u)).map_err(db_err)?.is_some())
-        };
-        let last = (inode.size - 1) / UNIT;
-        let mut u = off / UNIT;
+        let (first, last) = (off / UNIT, (inode.size - 1) / UNIT);
+        let mut maps: BTreeMap<u64, u16> = self
+            .extents(ino, first, last)?
+            .into_iter()
+            .map(|(u, x)| (u, x.map))
+            .collect();
+        if let Some(f) = st.files.get(&ino) {
+            for (u, d) in f.units.range(first..=last) {
+                maps.insert(*u, block_map(&d.data));
+            }
+        }
+        let per_unit = UNIT / BLOCK;
+        let end_block = inode.size.div_ceil(BLOCK);
+        let start_block = off / BLOCK;
+        let found = |b: u64| Ok(off.max(b * BLOCK));
         match whence {
             libc::SEEK_DATA => {
-                // Jump over long holes using the sorted extent keys.
-                while u <= last {
-                    if has(u)? {
-                        return Ok(off.max(u * UNIT));
+                for (u, m) in &maps {
+                    for i in 0..per_unit {
+                        let b = u * per_unit + i;
+                        if b >= end_block {
+                            break;
+                        }
+                        if b >= start_block && m & (1 << i) != 0 {
+                            return found(b);
+                        }
                     }
-                    let next_x = t
-                        .range((ino, u + 1)..=(ino, last))
-                        .map_err(db_err)?
-                        .next()
-                        .and_then(|r| r.ok())
-                        .map(|(k, _)| k.value().1);
-                    let next_d = dirty.iter().copied().find(|d| *d > u);
-                    u = match (next_x, next_d) {
-                        (Some(a), Some(b)) => a.min(b),
-                        (a, b) => match a.or(b) {
-                            Some(n) => n,
-                            None => break,
-                        },
-                    };
                 }
                 Err(err(libc::ENXIO))
             }
             libc::SEEK_HOLE => {
-                while u <= last {
-                    if !has(u)? {
-                        return Ok(off.max(u * UNIT));
+                let mut b = start_block;
+                while b < end_block {
+                    let (u, i) = (b / per_unit, b % per_unit);
+                    match maps.get(&u) {
+                        Some(&m) if m & (1 << i) != 0 => b += 1,
+                        _ => return found(b),
                     }
-                    u += 1;
                 }
                 Ok(inode.size)
             }

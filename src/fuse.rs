@@ -67,7 +67,20 @@ fn caller(req: &Request) -> Caller {
 fn time(t: TimeOrNow) -> Ts {
     match t {
         TimeOrNow::Now => Ts::now(),
-        TimeOrNow::SpecificTime(t) => Ts::from(t),
+        TimeOrNow::SpecificTime(t) => from_kernel(t),
+    }
+}
+
+/// A time the kernel sent, as fuser 0.18 hands it over. For times before
+/// 1970 fuser builds `EPOCH - (|sec| + nsec)` from the kernel's (sec, nsec),
+/// where the kernel means `sec + nsec`; undo that to get the kernel's pair.
+fn from_kernel(t: SystemTime) -> Ts {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(_) => Ts::from(t),
+        Err(e) => Ts {
+            sec: -(e.duration().as_secs() as i64),
+            nsec: e.duration().subsec_nanos(),
+        },
     }
 }
 
@@ -153,7 +166,7 @@ impl Filesystem for FuseFs {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
-            ctime: ctime.map(Ts::from),
+            ctime: ctime.map(from_kernel),
         };
         match self.fs.setattr(ino.0, a) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
@@ -441,7 +454,9 @@ impl Filesystem for FuseFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.usage() {
             Ok(u) => {
-                let files = u.inodes + (u.free / 4096).min(1 << 32);
+                // Inodes live in the metadata store: one per 4 KiB of data
+                // space is the ceiling we report.
+                let files = (u.total / 4096).max(u.inodes);
                 reply.statfs(
                     u.total / 4096,
                     u.free / 4096,
@@ -562,5 +577,38 @@ impl Filesystem for FuseFs {
             done += data.len() as u64;
         }
         reply.written(done as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_times_before_1970_are_read_back_as_the_kernel_meant() {
+        // The kernel's (-2 s, 500_000_000 ns) is -1.5 s; fuser hands over EPOCH - 2.5 s.
+        let from_fuser = std::time::UNIX_EPOCH - Duration::new(2, 500_000_000);
+        assert_eq!(
+            from_kernel(from_fuser),
+            Ts {
+                sec: -2,
+                nsec: 500_000_000
+            }
+        );
+        assert_eq!(
+            Ts::from(
+                Ts {
+                    sec: -2,
+                    nsec: 500_000_000
+                }
+                .to_system()
+            ),
+            Ts {
+                sec: -2,
+                nsec: 500_000_000
+            }
+        );
+        let later = std::time::UNIX_EPOCH + Duration::new(5, 7);
+        assert_eq!(from_kernel(later), Ts { sec: 5, nsec: 7 });
     }
 }
