@@ -687,6 +687,7 @@ impl Fs {
         parent: u64,
         name: &[u8],
         mode: u32,
+        umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
     ) -> R<Inode> {
@@ -709,7 +710,26 @@ impl Fs {
         st.next_ino += 1;
         let generation = st.next_gen;
         st.next_gen += 1;
-        let mut perm = (mode & 0o7777) as u16;
+        // A default ACL on the parent replaces the umask (POSIX.1e): the new
+        // inode's access ACL is the default masked by the requested mode.
+        let default_acl = match kind {
+            Kind::Symlink => None,
+            _ => tx
+                .open_table(XATTRS)
+                .map_err(db_err)?
+                .get((parent, ACL_DEFAULT))
+                .map_err(db_err)?
+                .map(|v| v.value().to_vec()),
+        };
+        let mut access_acl = None;
+        let mut perm = match &default_acl {
+            Some(d) => {
+                let (bits, acl) = acl_create(d, mode & 0o777).ok_or(Errno::EIO)?;
+                access_acl = acl;
+                (mode & 0o7000) as u16 | bits
+            }
+            None => (mode & !umask & 0o7777) as u16,
+        };
         let mut gid = c.gid;
         if dir.perm & libc::S_ISGID as u16 != 0 {
             // BSD group semantics under a setgid directory.
@@ -736,6 +756,15 @@ impl Fs {
             parent,
             next_cookie: 3,
         };
+        {
+            let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+            if let Some(a) = &access_acl {
+                x.insert((ino, ACL_ACCESS), a.as_slice()).map_err(db_err)?;
+            }
+            if let (Some(d), Kind::Dir) = (&default_acl, kind) {
+                x.insert((ino, ACL_DEFAULT), d.as_slice()).map_err(db_err)?;
+            }
+        }
         if let Some(t) = target {
             tx.open_table(SYMLINKS)
                 .map_err(db_err)?
@@ -1819,7 +1848,7 @@ impl Fs {
         let mut st = self.st.lock();
         let tx = self.begin()?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
-        if name == b"system.posix_acl_access" {
+        if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
             // and one with no named entries is nothing but a mode (as on ext4).
             let (mode, minimal) = acl_mode(value).ok_or(err(libc::EINVAL))?;
@@ -1928,22 +1957,69 @@ impl Fs {
     }
 }
 
-/// The permission bits an access ACL (Linux xattr form) implies, and whether
-/// it is minimal (owner, group and other only). None if malformed.
-fn acl_mode(v: &[u8]) -> Option<(u16, bool)> {
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+
+/// Entries (tag, perm, id) of an ACL in its xattr form; None if malformed.
+fn acl_entries(v: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
     if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[..4].try_into().ok()?) != 2 {
         return None;
     }
+    Some(
+        v[4..]
+            .chunks(8)
+            .map(|e| {
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u16::from_le_bytes([e[2], e[3]]) & 7,
+                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// What a new inode gets from its parent's default ACL and the requested
+/// mode (as Linux's posix_acl_create): its permission bits, and its access
+/// ACL unless that says no more than the bits.
+fn acl_create(default: &[u8], mode: u32) -> Option<(u16, Option<Vec<u8>>)> {
+    let mut entries = acl_entries(default)?;
+    let has_mask = entries.iter().any(|e| e.0 == ACL_MASK);
+    let m = mode as u16;
+    for e in entries.iter_mut() {
+        match e.0 {
+            ACL_USER_OBJ => e.1 &= (m >> 6) & 7,
+            ACL_MASK => e.1 &= (m >> 3) & 7,
+            ACL_GROUP_OBJ if !has_mask => e.1 &= (m >> 3) & 7,
+            ACL_OTHER => e.1 &= m & 7,
+            _ => {}
+        }
+    }
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in &entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    let (bits, minimal) = acl_mode(&out)?;
+    Some((bits, (!minimal).then_some(out)))
+}
+
+/// The permission bits an access ACL (Linux xattr form) implies, and whether
+/// it is minimal (owner, group and other only). None if malformed.
+fn acl_mode(v: &[u8]) -> Option<(u16, bool)> {
     let (mut user, mut group, mut other, mut mask) = (None, None, None, None);
     let mut minimal = true;
-    for e in v[4..].chunks(8) {
-        let tag = u16::from_le_bytes([e[0], e[1]]);
-        let perm = u16::from_le_bytes([e[2], e[3]]) & 7;
+    for (tag, perm, _) in acl_entries(v)? {
         match tag {
-            0x01 => user = Some(perm),
-            0x04 => group = Some(perm),
-            0x20 => other = Some(perm),
-            0x10 => {
+            ACL_USER_OBJ => user = Some(perm),
+            ACL_GROUP_OBJ => group = Some(perm),
+            ACL_OTHER => other = Some(perm),
+            ACL_MASK => {
                 mask = Some(perm);
                 minimal = false;
             }

@@ -113,6 +113,10 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_EXPORT_SUPPORT
+            // The kernel enforces ACLs; we store them, inherit default ACLs
+            // and apply the umask ourselves (it does not apply under a default ACL).
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_BIG_WRITES;
         if self.writeback {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
@@ -194,7 +198,8 @@ impl Filesystem for FuseFs {
                 caller(req),
                 parent.0,
                 name.as_bytes(),
-                mode & !umask,
+                mode,
+                umask,
                 rdev,
                 None,
             ),
@@ -210,11 +215,11 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mode = libc::S_IFDIR | (mode & !umask & 0o7777);
+        let mode = libc::S_IFDIR | (mode & 0o7777);
         self.entry(
             reply,
             self.fs
-                .mknod(caller(req), parent.0, name.as_bytes(), mode, 0, None),
+                .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, 0, None),
         )
     }
 
@@ -242,6 +247,7 @@ impl Filesystem for FuseFs {
                 parent.0,
                 link_name.as_bytes(),
                 libc::S_IFLNK | 0o777,
+                0,
                 0,
                 Some(t),
             ),
@@ -298,10 +304,18 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = libc::S_IFREG | (mode & !umask & 0o7777);
+        let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self
             .fs
-            .mknod(caller(req), parent.0, name.as_bytes(), mode, 0, None)
+            .mknod(
+                caller(req),
+                parent.0,
+                name.as_bytes(),
+                mode,
+                umask as u32,
+                0,
+                None,
+            )
             .and_then(|i| self.fs.open_file(i.ino));
         match r {
             Ok(i) => reply.created(
