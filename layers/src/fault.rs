@@ -459,8 +459,8 @@ impl Layer for Fault {
             self.lower.submit_batch(pass);
         }
     }
-    fn stored_len(&self, len: u64) -> u64 {
-        self.lower.stored_len(len)
+    fn overhead(&self) -> u64 {
+        self.lower.overhead()
     }
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         vec![self.lower.clone()]

@@ -29,10 +29,11 @@ pub trait Layer: Send + Sync {
             self.submit(io);
         }
     }
-    /// The most bytes an extent of `len` logical bytes can take below this
-    /// layer (crypt adds a nonce and a tag), so callers can allocate space.
-    fn stored_len(&self, len: u64) -> u64 {
-        len
+    /// Bytes this layer and those below add to every request (crypt's nonce
+    /// and tag); a request of `len` bytes takes at most
+    /// `footprint(len + overhead)` below, padded to 4 KiB.
+    fn overhead(&self) -> u64 {
+        0
     }
     /// The layers directly below, for walking the stack.
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
@@ -179,8 +180,8 @@ impl Layer for Counted {
         }
         self.inner.submit_batch(ios);
     }
-    fn stored_len(&self, len: u64) -> u64 {
-        self.inner.stored_len(len)
+    fn overhead(&self) -> u64 {
+        self.inner.overhead()
     }
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         self.inner.lowers()
@@ -213,6 +214,12 @@ pub fn submit_wait_tag(
     io.set_tag(tag);
     layer.submit(io);
     w.wait_tag()
+}
+
+/// Space below a layer for a request of `len` bytes: with the layers'
+/// overhead, padded to whole 4 KiB blocks.
+pub fn footprint(layer: &dyn Layer, len: u64) -> u64 {
+    (len + layer.overhead()).div_ceil(4096) * 4096
 }
 
 /// Check that `[addr, addr+len)` fits in a layer of `capacity` bytes.

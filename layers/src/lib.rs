@@ -3,10 +3,13 @@
 //! A `Buf` is shared page-aligned memory plus a window; an `Io` is one request
 //! that knows its children and completes once, upward, after all of them; a
 //! `Layer` receives requests and hands children to the layers below. The
-//! layers: `device` (io_uring), `stripe` (RAID-0), `fault` (for tests), and
-//! `mem` (in memory, for tests and benchmarks).
+//! layers: `compress` (lz4, zstd), `crypt` (AES-256-GCM), `device` (io_uring),
+//! `stripe` (RAID-0), `fault` (for tests), and `mem` (in memory, for tests
+//! and benchmarks).
 
 pub mod buf;
+pub mod compress;
+pub mod crypt;
 pub mod device;
 pub mod errno;
 pub mod fault;
@@ -17,11 +20,13 @@ pub mod spec;
 pub mod stripe;
 
 pub use buf::{Buf, BufPool, PAGE};
+pub use crypt::NonceSource;
 pub use device::Device;
 pub use errno::Errno;
 pub use fault::{Fault, FaultAction, FaultControl, FaultRule};
 pub use io::{EndIo, ExtentTag, Io, IoResult, Op, Waiter};
+pub use layer::footprint;
 pub use layer::{submit_wait, submit_wait_tag, Counted, Layer, Stats, StatsSnapshot};
 pub use mem::Mem;
-pub use spec::{parse_size, LayerSpec, Stack, StackSpec};
+pub use spec::{parse_size, CryptKeys, LayerSpec, Stack, StackSpec};
 pub use stripe::Stripe;

@@ -2,6 +2,8 @@
 //! the stack down. Layers above `stripe` see the pooled space once; layers
 //! below it are made once per device.
 
+use crate::compress::{Codec, Compress};
+use crate::crypt::{Crypt, NonceSource};
 use crate::device::Device;
 use crate::fault::{Fault, FaultControl};
 use crate::layer::{Counted, Layer};
@@ -11,7 +13,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("unknown layer {0:?} (known: stripe, fault)")]
+    #[error("unknown layer {0:?} (known: compress, crypt, stripe, fault)")]
     UnknownLayer(String),
     #[error("layer {layer}: {why}")]
     BadParam { layer: String, why: String },
@@ -23,6 +25,8 @@ pub enum SpecError {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LayerSpec {
+    Compress(Codec),
+    Crypt,
     Stripe { chunk: u64 },
     Fault,
 }
@@ -30,6 +34,8 @@ pub enum LayerSpec {
 impl LayerSpec {
     fn kind(&self) -> &'static str {
         match self {
+            LayerSpec::Compress(_) => "compress",
+            LayerSpec::Crypt => "crypt",
             LayerSpec::Stripe { .. } => "stripe",
             LayerSpec::Fault => "fault",
         }
@@ -39,6 +45,9 @@ impl LayerSpec {
 impl fmt::Display for LayerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            LayerSpec::Compress(Codec::Lz4) => write!(f, "compress=lz4"),
+            LayerSpec::Compress(Codec::Zstd(l)) => write!(f, "compress=zstd:{l}"),
+            LayerSpec::Crypt => write!(f, "crypt=aes-256-gcm"),
             LayerSpec::Stripe { chunk } => write!(f, "stripe={}", format_size(*chunk)),
             LayerSpec::Fault => write!(f, "fault"),
         }
@@ -106,6 +115,26 @@ impl StackSpec {
                     }
                     LayerSpec::Stripe { chunk }
                 }
+                "compress" => LayerSpec::Compress(match param.unwrap_or("zstd") {
+                    "lz4" => Codec::Lz4,
+                    "zstd" => Codec::Zstd(1),
+                    p => {
+                        let level = p.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok());
+                        match level {
+                            Some(l) if (-7..=22).contains(&l) && l != 0 => Codec::Zstd(l),
+                            _ => return Err(bad("compress", format!("{p:?}: use lz4, zstd or zstd:LEVEL (1..22, or -7..-1 for fast)"))),
+                        }
+                    }
+                }),
+                "crypt" => match param.unwrap_or("aes-256-gcm") {
+                    "aes-256-gcm" => LayerSpec::Crypt,
+                    p => {
+                        return Err(bad(
+                            "crypt",
+                            format!("cipher {p:?} is not supported (use aes-256-gcm)"),
+                        ))
+                    }
+                },
                 "fault" => {
                     if let Some(p) = param {
                         return Err(bad(
@@ -125,6 +154,24 @@ impl StackSpec {
             }
             layers.push(layer);
         }
+        let pos = |k: &str| layers.iter().position(|l| l.kind() == k);
+        if let (Some(c), Some(e)) = (pos("compress"), pos("crypt")) {
+            if c > e {
+                return Err(SpecError::Shape(
+                    "compress must come before (above) crypt: encrypted bytes do not compress"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(st) = pos("stripe") {
+            for k in ["compress", "crypt"] {
+                if pos(k).is_some_and(|i| i > st) {
+                    return Err(SpecError::Shape(format!(
+                        "{k} must come before (above) stripe: it changes request lengths, which striping maps 1:1"
+                    )));
+                }
+            }
+        }
         Ok(StackSpec { layers })
     }
 
@@ -135,9 +182,26 @@ impl StackSpec {
         })
     }
 
+    pub fn has_crypt(&self) -> bool {
+        self.layers.contains(&LayerSpec::Crypt)
+    }
+
     /// Build the stack over opened devices (in pool order). Every layer is
-    /// wrapped in the framework's counters.
+    /// wrapped in the framework's counters. A crypt layer needs `keys`.
     pub fn build(&self, devices: Vec<Arc<Device>>) -> Result<Stack, SpecError> {
+        self.build_with(devices, None)
+    }
+
+    pub fn build_with(
+        &self,
+        devices: Vec<Arc<Device>>,
+        keys: Option<&CryptKeys>,
+    ) -> Result<Stack, SpecError> {
+        if self.has_crypt() && keys.is_none() {
+            return Err(SpecError::Shape(
+                "the crypt layer needs the pool's key".into(),
+            ));
+        }
         if devices.is_empty() {
             return Err(SpecError::Shape("no devices".into()));
         }
@@ -167,10 +231,23 @@ impl StackSpec {
             }
             _ => lowers.pop().expect("one device"),
         };
+        let mut meta = None;
         for spec in self.layers[..split].iter().rev() {
-            top = self.make_filter(spec, top, &mut faults);
+            top = match spec {
+                LayerSpec::Compress(codec) => {
+                    // Metadata is not compressed: it enters the stack below here.
+                    meta = Some(top.clone());
+                    Counted::wrap(Arc::new(Compress::new(top, *codec)))
+                }
+                LayerSpec::Crypt => {
+                    let k = keys.expect("checked above");
+                    Counted::wrap(Arc::new(Crypt::new(top, &k.key, k.nonces.clone())))
+                }
+                _ => self.make_filter(spec, top, &mut faults),
+            };
         }
-        Ok(Stack { top, faults })
+        let meta = meta.unwrap_or_else(|| top.clone());
+        Ok(Stack { top, meta, faults })
     }
 
     fn make_filter(
@@ -185,8 +262,9 @@ impl StackSpec {
                 faults.push(ctl.clone());
                 Counted::wrap(Fault::new(lower, ctl))
             }
-            // Only filters are instantiated per device; stripe is placed by `build`.
-            LayerSpec::Stripe { .. } => lower,
+            // Only filters are instantiated per device; the others are placed by
+            // `build_with` (and the parser keeps them above stripe).
+            LayerSpec::Stripe { .. } | LayerSpec::Compress(_) | LayerSpec::Crypt => lower,
         }
     }
 }
@@ -198,9 +276,17 @@ fn bad(layer: &str, why: impl Into<String>) -> SpecError {
     }
 }
 
-/// A built stack: its top layer, and the switches of its fault layers.
+/// What the crypt layer needs: the data key and where nonces come from.
+pub struct CryptKeys {
+    pub key: zeroize::Zeroizing<[u8; 32]>,
+    pub nonces: Arc<dyn NonceSource>,
+}
+
+/// A built stack: its top layer (file data), the layer metadata enters
+/// (below compression), and the switches of its fault layers.
 pub struct Stack {
     pub top: Arc<dyn Layer>,
+    pub meta: Arc<dyn Layer>,
     pub faults: Vec<Arc<FaultControl>>,
 }
 
@@ -262,6 +348,39 @@ mod tests {
             StackSpec::parse("fault=1"),
             Err(SpecError::BadParam { .. })
         ));
+    }
+
+    #[test]
+    fn transform_layers_and_their_order() {
+        assert!(matches!(
+            StackSpec::parse("crypt,compress=lz4"),
+            Err(SpecError::Shape(_))
+        ));
+        assert!(matches!(
+            StackSpec::parse("stripe=64k,crypt"),
+            Err(SpecError::Shape(_))
+        ));
+        assert!(matches!(
+            StackSpec::parse("compress=zstd:99"),
+            Err(SpecError::BadParam { .. })
+        ));
+        assert!(matches!(
+            StackSpec::parse("crypt=rot13"),
+            Err(SpecError::BadParam { .. })
+        ));
+        let full = StackSpec::parse("compress=zstd:3,crypt=aes-256-gcm,stripe=64k").unwrap();
+        assert_eq!(
+            full.to_string(),
+            "compress=zstd:3,crypt=aes-256-gcm,stripe=64k"
+        );
+        assert_eq!(
+            StackSpec::parse("compress,crypt").unwrap().to_string(),
+            "compress=zstd:1,crypt=aes-256-gcm"
+        );
+        assert!(StackSpec::parse("compress=lz4,stripe=64k")
+            .unwrap()
+            .build_with(vec![], None)
+            .is_err());
     }
 
     #[test]
