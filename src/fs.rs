@@ -14,7 +14,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use stackfs_layers::{Buf, Errno, Io, Layer, Op, Waiter};
+use stackfs_layers::{footprint, Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -236,7 +236,12 @@ pub struct Extent {
     pub alloc: u32,
     /// Bytes of file data the unit holds; the rest of the unit reads as zeros.
     pub logical: u32,
-    /// CRC32C of the stored bytes.
+    /// Bytes the filesystem wrote (the data rounded up to 4 KiB).
+    pub len: u32,
+    /// Compression codec (0: raw) and compressed length, from the extent tag.
+    pub codec: u8,
+    pub stored: u32,
+    /// CRC32C of the `len` bytes written (before any layer transformed them).
     pub crc: u32,
     /// Bit i set: 4 KiB block i of the unit holds non-zero bytes. Blocks of
     /// zeros are reported as holes by SEEK_DATA/SEEK_HOLE.
@@ -258,6 +263,9 @@ impl Extent {
             .u64(self.phys)
             .u32(self.alloc)
             .u32(self.logical)
+            .u32(self.len)
+            .u8(self.codec)
+            .u32(self.stored)
             .u32(self.crc)
             .u16(self.map);
         e.0
@@ -272,6 +280,9 @@ impl Extent {
             phys: d.u64().map_err(bad)?,
             alloc: d.u32().map_err(bad)?,
             logical: d.u32().map_err(bad)?,
+            len: d.u32().map_err(bad)?,
+            codec: d.u8().map_err(bad)?,
+            stored: d.u32().map_err(bad)?,
             crc: d.u32().map_err(bad)?,
             map: d.u16().map_err(bad)?,
         })
@@ -359,7 +370,10 @@ pub struct Fs {
     db: Database,
     _stop: StackGuard,
     closed: std::sync::atomic::AtomicBool,
+    /// File data enters the stack here (the top)...
     data: Arc<dyn Layer>,
+    /// ...and metadata here (below compression).
+    meta: Arc<dyn Layer>,
     st: Mutex<State>,
     cache: Mutex<LruCache<(u64, u64), Arc<Vec<u8>>>>,
     read_only: bool,
@@ -380,6 +394,12 @@ impl Default for FsOptions {
     }
 }
 
+/// Bytes of file data, as written and as stored.
+pub struct Space {
+    pub logical: u64,
+    pub stored: u64,
+}
+
 /// Counters the statfs and info commands show.
 pub struct Usage {
     pub total: u64,
@@ -392,8 +412,13 @@ impl Fs {
     pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
         let top = pool.stack.top.clone();
         let meta_len = pool.sb.meta_len;
-        let store = MetaStore::open(top.clone(), meta_len, pool.sb.pool_uuid, opts.read_only)
-            .map_err(|e| e.to_string())?;
+        let store = MetaStore::open(
+            pool.stack.meta.clone(),
+            meta_len,
+            pool.sb.pool_uuid,
+            opts.read_only,
+        )
+        .map_err(|e| e.to_string())?;
         let db = Database::builder()
             .set_cache_size(64 << 20)
             .create_with_backend(store)
@@ -434,6 +459,7 @@ impl Fs {
             _stop: StackGuard(top.clone()),
             closed: std::sync::atomic::AtomicBool::new(false),
             data: top,
+            meta: pool.stack.meta.clone(),
             st: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
@@ -1249,15 +1275,20 @@ impl Fs {
                     continue;
                 }
                 let w = Waiter::new();
-                ios.push((
-                    i,
-                    Io::new(
-                        Op::Read,
-                        x.phys,
-                        Buf::zeroed(x.alloc as usize),
-                        Some(w.end_io()),
-                    ),
-                ));
+                let io = Io::new(
+                    Op::Read,
+                    x.phys,
+                    Buf::zeroed(x.len as usize),
+                    Some(w.end_io()),
+                );
+                // The transform layers need back what they recorded at write time.
+                io.set_tag(ExtentTag {
+                    codec: x.codec,
+                    logical_len: x.len,
+                    stored_len: x.stored,
+                    ..ExtentTag::default()
+                });
+                ios.push((i, io));
                 waits.push(w);
             }
         }
@@ -1478,11 +1509,13 @@ impl Fs {
                 continue;
             }
             let logical = inode.size.saturating_sub(ustart).min(UNIT);
-            let alloc_len = if d.keep {
+            let len = if d.keep {
                 UNIT
             } else {
                 logical.div_ceil(BLOCK) * BLOCK
             };
+            // The most the layers may need; what compression saves is freed below.
+            let alloc_len = footprint(&*self.data, len);
             if !d.keep && d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
                 // An all-zero unit is stored as a hole.
                 placed.push((u, None));
@@ -1497,26 +1530,40 @@ impl Fs {
                 }
                 return Err(err(libc::ENOSPC));
             };
-            let mut b = Buf::zeroed(alloc_len as usize);
+            let mut b = Buf::zeroed(len as usize);
             b.as_mut_slice()[..logical as usize].copy_from_slice(&d.data[..logical as usize]);
             let x = Extent {
                 phys,
                 alloc: alloc_len as u32,
                 logical: logical as u32,
+                len: len as u32,
+                codec: 0,
+                stored: len as u32,
                 crc: crc32c::crc32c(b.as_slice()),
                 map: block_map(&d.data[..logical as usize]),
             };
             let w = Waiter::new();
             ios.push(Io::new(Op::Write, phys, b, Some(w.end_io())));
-            waits.push(w);
+            waits.push((placed.len(), w));
             placed.push((u, Some(x)));
         }
         self.data.submit_batch(ios);
         let mut failed = None;
-        for w in &waits {
-            if let Err(e) = w.wait() {
+        for (i, w) in &waits {
+            let (r, tag) = w.wait_tag();
+            if let Err(e) = r {
                 failed.get_or_insert(e);
+                continue;
             }
+            // Keep what compression recorded; give back the space it saved.
+            let x = placed[*i].1.as_mut().expect("written units have extents");
+            if tag.codec != 0 {
+                x.codec = tag.codec;
+                x.stored = tag.stored_len;
+            }
+            let used = footprint(&*self.meta, x.stored as u64).min(x.alloc as u64);
+            st.alloc.free(x.phys + used, x.alloc as u64 - used);
+            x.alloc = used as u32;
         }
         if let Some(e) = failed {
             log::error!("inode {ino}: data write failed: {e}");
@@ -1945,6 +1992,28 @@ impl Fs {
             free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
             inodes,
         })
+    }
+
+    /// File data as written (logical) and as stored in the pool: scans the extent map.
+    pub fn space(&self) -> R<Space> {
+        let _st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let mut sp = Space {
+            logical: 0,
+            stored: 0,
+        };
+        let t = match rtx.open_table(EXTENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(sp),
+            Err(e) => return Err(db_err(e)),
+        };
+        for row in t.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let x = Extent::decode(v.value())?;
+            sp.logical += x.logical as u64;
+            sp.stored += x.alloc as u64;
+        }
+        Ok(sp)
     }
 
     /// Make everything durable and refuse further syncs; the stack stops

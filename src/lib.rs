@@ -4,6 +4,7 @@ pub mod alloc;
 pub mod codec;
 pub mod fs;
 pub mod fuse;
+pub mod keys;
 pub mod metastore;
 pub mod pool;
 pub mod superblock;

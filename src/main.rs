@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use stackfs::fs::{Fs, FsOptions};
 use stackfs::fuse::FuseFs;
+use stackfs::keys::{Kdf, KeyBlob, Secret};
 use stackfs::pool::{self, parse_source, uuid_str, MkfsOptions};
 use stackfs_layers::{parse_size, StackSpec};
 use std::io::{Read, Write};
@@ -31,9 +32,18 @@ struct Cli {
 enum Cmd {
     /// Create a pool on one or more devices or image files.
     Mkfs {
-        /// Layer stack, top first (e.g. "stripe=64k"). Default: stripe=64k over several devices.
+        /// Layer stack, top first. Default: compress=zstd:1,crypt=aes-256-gcm,
+        /// and stripe=64k over several devices. --layers "" for none.
         #[arg(long)]
         layers: Option<String>,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Argon2id memory for the passphrase (e.g. 256M).
+        #[arg(long, default_value = "256M")]
+        kdf_memory: String,
+        /// Argon2id passes.
+        #[arg(long, default_value_t = 3)]
+        kdf_time: u32,
         /// Stripe chunk size (multiple of 4 KiB), e.g. 64k.
         #[arg(long)]
         chunk: Option<String>,
@@ -57,8 +67,77 @@ enum Cmd {
         source: String,
         mountpoint: PathBuf,
     },
-    /// Show a pool's devices, layers and usage.
-    Info { source: String },
+    /// Show a pool's devices, layers and usage (usage of an encrypted pool
+    /// needs its key: --passphrase-file, --key-file or STACKFS_PASSPHRASE).
+    Info {
+        source: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Change the passphrase or key file: re-wraps the master key in every
+    /// superblock; no data is rewritten.
+    Passwd {
+        source: String,
+        /// The current secret.
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Read the new passphrase from the first line of FILE
+        /// (or STACKFS_NEW_PASSPHRASE, or a prompt).
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        /// Use the bytes of FILE as the new key.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+    },
+}
+
+/// Where the secret comes from; without these, STACKFS_PASSPHRASE, then a prompt.
+#[derive(clap::Args, Default, Clone)]
+struct KeyArgs {
+    /// Read the passphrase from the first line of FILE.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Unlock with the bytes of FILE instead of a passphrase.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+/// The secret from a key file, a passphrase file, the environment, or a prompt
+/// without echo (asked twice when `confirm`).
+fn secret(a: &KeyArgs, env: &str, confirm: bool, what: &str) -> Result<Secret, String> {
+    if let Some(f) = &a.key_file {
+        return Secret::key_file(f);
+    }
+    if let Some(f) = &a.passphrase_file {
+        return Secret::passphrase_file(f);
+    }
+    if let Ok(p) = std::env::var(env) {
+        if !p.is_empty() {
+            return Ok(Secret::Passphrase(zeroize::Zeroizing::new(p.into_bytes())));
+        }
+    }
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(0) } != 1 {
+        return Err(format!("no {what}: give --passphrase-file FILE, --key-file FILE or {env} (no terminal to ask on)"));
+    }
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map(|p| zeroize::Zeroizing::new(p.into_bytes()))
+            .map_err(|e| e.to_string())
+    };
+    let p = ask(&format!("{what}: "))?;
+    if p.is_empty() {
+        return Err(format!("empty {what}"));
+    }
+    if confirm && *ask(&format!("{what} again: "))? != *p {
+        return Err(format!("the two {what}s differ"));
+    }
+    Ok(Secret::Passphrase(p))
+}
+
+fn is_encrypted(paths: &[PathBuf]) -> Result<bool, String> {
+    let (found, _) = pool::inspect(paths).map_err(|e| e.to_string())?;
+    Ok(!found[0].2.keys.is_empty())
 }
 
 fn main() -> ExitCode {
@@ -84,18 +163,43 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Mkfs {
             layers,
+            key,
+            kdf_memory,
+            kdf_time,
             chunk,
             size,
             force,
             devices,
-        } => mkfs(layers, chunk, size, force, devices),
+        } => mkfs(
+            layers,
+            &key,
+            &kdf_memory,
+            kdf_time,
+            chunk,
+            size,
+            force,
+            devices,
+        ),
+        Cmd::Passwd {
+            source,
+            key,
+            new_passphrase_file,
+            new_key_file,
+        } => passwd(
+            &source,
+            &key,
+            KeyArgs {
+                passphrase_file: new_passphrase_file,
+                key_file: new_key_file,
+            },
+        ),
         Cmd::Mount {
             foreground,
             options,
             source,
             mountpoint,
         } => mount(foreground, &options, &source, mountpoint),
-        Cmd::Info { source } => info(&source),
+        Cmd::Info { source, key } => info(&source, &key),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,8 +210,12 @@ fn main() -> ExitCode {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mkfs(
     layers: Option<String>,
+    key: &KeyArgs,
+    kdf_memory: &str,
+    kdf_time: u32,
     chunk: Option<String>,
     size: Option<String>,
     force: bool,
@@ -116,7 +224,11 @@ fn mkfs(
     let size = size
         .map(|s| parse_size(&s).ok_or(format!("--size {s:?} is not a size (e.g. 1G)")))
         .transpose()?;
-    let default = if devices.len() > 1 { "stripe=64k" } else { "" };
+    let default = if devices.len() > 1 {
+        "compress=zstd:1,crypt=aes-256-gcm,stripe=64k"
+    } else {
+        "compress=zstd:1,crypt=aes-256-gcm"
+    };
     let mut spec = StackSpec::parse(layers.as_deref().unwrap_or(default))
         .map_err(|e| format!("--layers: {e}"))?;
     if let Some(c) = chunk {
@@ -138,10 +250,24 @@ fn mkfs(
     let sb = pool::mkfs(
         &devices,
         &MkfsOptions {
+            secret: if spec.has_crypt() {
+                Some(secret(key, "STACKFS_PASSPHRASE", true, "new passphrase")?)
+            } else {
+                None
+            },
+            kdf: Kdf {
+                memory_kib: (parse_size(kdf_memory)
+                    .filter(|m| (64 << 10..=64 << 30).contains(m))
+                    .ok_or(format!(
+                        "--kdf-memory {kdf_memory:?} must be a size from 64K to 64G"
+                    ))?
+                    >> 10) as u32,
+                time: kdf_time.max(1),
+                lanes: 1,
+            },
             spec,
             size,
             force,
-            keys: Vec::new(),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -163,6 +289,7 @@ struct MountOpts {
     writeback: bool,
     kernel: Vec<String>,
     log_file: Option<PathBuf>,
+    key: KeyArgs,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -174,6 +301,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         writeback: true,
         kernel: Vec::new(),
         log_file: None,
+        key: KeyArgs::default(),
     };
     for opt in options
         .iter()
@@ -197,6 +325,8 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
             ("writeback", None) => o.writeback = true,
             ("nowriteback", None) => o.writeback = false,
             ("log_file", Some(v)) => o.log_file = Some(PathBuf::from(v)),
+            ("key_file", Some(v)) => o.key.key_file = Some(PathBuf::from(v)),
+            ("passphrase_file", Some(v)) => o.key.passphrase_file = Some(PathBuf::from(v)),
             (
                 "suid" | "nosuid" | "dev" | "nodev" | "exec" | "noexec" | "atime" | "noatime"
                 | "relatime" | "dirsync" | "sync" | "async",
@@ -217,16 +347,45 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
 
 /// Parent side of daemon start: run ourselves in the foreground, detached,
 /// and wait until it says the mount is ready (or dies).
+/// A secret handed over by the parent: a kind byte, then the secret.
+fn read_handed_secret(fd: i32) -> Result<Secret, String> {
+    // SAFETY: the parent made this pipe end for us; we own it from here.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut raw = zeroize::Zeroizing::new(Vec::new());
+    f.read_to_end(&mut raw)
+        .map_err(|e| format!("reading the secret from the parent: {e}"))?;
+    match raw.split_first() {
+        Some((b'K', rest)) => Ok(Secret::KeyFile(zeroize::Zeroizing::new(rest.to_vec()))),
+        Some((b'P', rest)) => Ok(Secret::Passphrase(zeroize::Zeroizing::new(rest.to_vec()))),
+        _ => Err("no secret from the parent".into()),
+    }
+}
+
+/// A pipe whose ends close on exec; `inherit` lets one end through to a child.
+fn pipe() -> Result<(i32, i32), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn inherit(fd: i32) {
+    // SAFETY: clears FD_CLOEXEC on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+}
+
 fn spawn_daemon(
     options: &[String],
     source: &str,
     mountpoint: &std::path::Path,
+    handed: Option<&Secret>,
 ) -> Result<(), String> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe writes two descriptors into the array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
+    let secret_pipe = handed.map(|_| pipe()).transpose()?;
+    let (ready_r, ready_w) = pipe()?;
+    inherit(ready_w);
+    let fds = [ready_r, ready_w];
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("mount").arg("--foreground");
@@ -236,8 +395,25 @@ fn spawn_daemon(
     cmd.arg(source)
         .arg(mountpoint)
         .env("STACKFS_READY_FD", fds[1].to_string())
+        .env_remove("STACKFS_PASSPHRASE")
         .stdin(std::process::Stdio::null());
+    if let Some((r, _)) = secret_pipe {
+        inherit(r);
+        cmd.env("STACKFS_SECRET_FD", r.to_string());
+    }
     let child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"));
+    if let (Some((r, w)), Some(s)) = (secret_pipe, handed) {
+        // SAFETY: both ends are ours; the child holds its own copy of the read end.
+        let mut w = unsafe {
+            libc::close(r);
+            std::fs::File::from_raw_fd(w)
+        };
+        let (kind, bytes): (u8, &[u8]) = match s {
+            Secret::KeyFile(b) => (b'K', b),
+            Secret::Passphrase(b) => (b'P', b),
+        };
+        let _ = w.write_all(&[kind]).and_then(|_| w.write_all(bytes));
+    }
     // SAFETY: fds[1] is ours; the child has its own copy.
     unsafe { libc::close(fds[1]) };
     let mut child = child?;
@@ -264,16 +440,35 @@ fn mount(
     let ready_fd: Option<i32> = std::env::var("STACKFS_READY_FD")
         .ok()
         .and_then(|v| v.parse().ok());
+    let paths = parse_source(source);
     if !foreground {
-        return spawn_daemon(options, source, &mountpoint);
+        // Ask here, where the terminal is; the daemon gets the secret through a pipe.
+        let handed =
+            if is_encrypted(&paths)? && o.key.key_file.is_none() && o.key.passphrase_file.is_none()
+            {
+                Some(secret(&o.key, "STACKFS_PASSPHRASE", false, "passphrase")?)
+            } else {
+                None
+            };
+        return spawn_daemon(options, source, &mountpoint, handed.as_ref());
     }
     // Before any thread exists (io_uring completion threads start with the
     // pool), so that only the signal thread ever receives SIGTERM.
     block_signals();
     let mountpoint =
         std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let paths = parse_source(source);
-    let pool = pool::open(&paths, o.read_only).map_err(|e| e.to_string())?;
+    let key = if !is_encrypted(&paths)? {
+        None
+    } else if let Some(fd) = std::env::var("STACKFS_SECRET_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        Some(read_handed_secret(fd)?)
+    } else {
+        Some(secret(&o.key, "STACKFS_PASSPHRASE", false, "passphrase")?)
+    };
+    let pool = pool::open(&paths, o.read_only, key.as_ref()).map_err(|e| e.to_string())?;
+    drop(key);
     for w in &pool.warnings {
         log::warn!("{w}");
         eprintln!("stackfs: warning: {w}");
@@ -528,7 +723,7 @@ fn wait_for_signal() {
     unsafe { libc::sigwait(&set, &mut sig) };
 }
 
-fn info(source: &str) -> Result<(), String> {
+fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
     let paths = parse_source(source);
     let (found, warnings) = pool::inspect(&paths).map_err(|e| e.to_string())?;
     for w in &warnings {
@@ -544,6 +739,16 @@ fn info(source: &str) -> Result<(), String> {
             &sb.spec
         }
     );
+    if !sb.keys.is_empty() {
+        let blob = found
+            .iter()
+            .max_by_key(|(_, _, s)| s.generation)
+            .map(|(_, _, s)| KeyBlob::decode(&s.keys));
+        match blob {
+            Some(Ok(b)) => println!("encryption:  aes-256-gcm, unlocked by {}", b.describe()),
+            _ => println!("encryption:  aes-256-gcm, key material unreadable"),
+        }
+    }
     println!("devices:     {}", sb.count);
     for (path, size, d) in &found {
         println!(
@@ -568,7 +773,18 @@ fn info(source: &str) -> Result<(), String> {
         println!("state:       mounted");
         return Ok(());
     }
-    match pool::open(&paths, true)
+    let secret = if sb.keys.is_empty() {
+        None
+    } else {
+        match secret(key, "STACKFS_PASSPHRASE", false, "passphrase") {
+            Ok(s) => Some(s),
+            Err(e) => {
+                println!("usage:       needs the key ({e})");
+                return Ok(());
+            }
+        }
+    };
+    let opened = pool::open(&paths, true, secret.as_ref())
         .map_err(|e| e.to_string())
         .and_then(|p| {
             Fs::open(
@@ -578,8 +794,9 @@ fn info(source: &str) -> Result<(), String> {
                     cache_bytes: 16 << 20,
                 },
             )
-        }) {
-        Ok(fs) => {
+        });
+    match opened.and_then(|fs| fs.space().map_err(|e| e.to_string()).map(|s| (fs, s))) {
+        Ok((fs, space)) => {
             let u = fs.usage().map_err(|e| e.to_string())?;
             println!(
                 "used:        {} MiB of {} MiB data space",
@@ -587,8 +804,52 @@ fn info(source: &str) -> Result<(), String> {
                 u.total >> 20
             );
             println!("inodes:      {}", u.inodes);
+            let ratio = if space.stored > 0 {
+                space.logical as f64 / space.stored as f64
+            } else {
+                1.0
+            };
+            println!(
+                "data:        {} MiB logical in {} MiB stored (ratio {ratio:.2})",
+                space.logical >> 20,
+                space.stored >> 20
+            );
         }
         Err(e) => println!("usage:       unavailable ({e})"),
     }
+    Ok(())
+}
+
+fn passwd(source: &str, old: &KeyArgs, new: KeyArgs) -> Result<(), String> {
+    let paths = parse_source(source);
+    let (found, _) = pool::inspect(&paths).map_err(|e| e.to_string())?;
+    let newest = found
+        .iter()
+        .max_by_key(|(_, _, s)| s.generation)
+        .map(|(_, _, s)| s.clone())
+        .ok_or("no devices")?;
+    if newest.keys.is_empty() {
+        return Err("this pool is not encrypted; it has no passphrase to change".into());
+    }
+    let old_secret = secret(old, "STACKFS_PASSPHRASE", false, "current passphrase")?;
+    let master = pool::unlock(&found, &old_secret).map_err(|e| e.to_string())?;
+    let new_secret = secret(&new, "STACKFS_NEW_PASSPHRASE", true, "new passphrase")?;
+    let kdf = KeyBlob::decode(&newest.keys)
+        .map_err(|e| e.to_string())?
+        .kdf;
+    let blob = KeyBlob::wrap(&master, &new_secret, kdf, &newest.pool_uuid)
+        .map_err(|e| e.to_string())?
+        .encode();
+    let generation = newest.generation + 1;
+    let devices: Vec<(PathBuf, u64)> = found.iter().map(|(p, s, _)| (p.clone(), *s)).collect();
+    pool::update_superblocks(&devices, |sb| {
+        sb.keys = blob.clone();
+        sb.generation = generation;
+    })
+    .map_err(|e| e.to_string())?;
+    println!(
+        "passphrase changed on {} device(s); no data was rewritten",
+        devices.len()
+    );
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct MetaStore {
     top: Arc<dyn Layer>,
     /// Pool space given to the store: [0, region).
     region: u64,
+    /// Bytes of one slot write, so that with the layers' overhead it takes 8 KiB.
+    slot_len: usize,
     pool_uuid: [u8; 16],
     state: Mutex<State>,
     /// Writes (redb's recovery on open) stay in memory and never reach the pool.
@@ -74,9 +76,17 @@ impl MetaStore {
         pool_uuid: [u8; 16],
         read_only: bool,
     ) -> io::Result<MetaStore> {
+        let slot_len = SLOT.saturating_sub(top.overhead()) as usize;
+        if slot_len < SECTOR + 36 {
+            return Err(eio(format!(
+                "the layers add {} bytes per request; a slot cannot hold a sector",
+                top.overhead()
+            )));
+        }
         let m = MetaStore {
             top,
             region,
+            slot_len,
             pool_uuid,
             state: Mutex::new(State {
                 len: 0,
@@ -116,7 +126,7 @@ impl MetaStore {
     }
 
     fn seal(&self, sector: u64, seq: u64, payload: &[u8]) -> Buf {
-        let mut b = Buf::zeroed(SLOT as usize);
+        let mut b = Buf::zeroed(self.slot_len);
         let s = b.as_mut_slice();
         s[..SECTOR].copy_from_slice(payload);
         s[SECTOR..SECTOR + 8].copy_from_slice(&seq.to_le_bytes());
@@ -151,25 +161,37 @@ impl MetaStore {
     fn load(&self, st: &mut State, sectors: &[u64]) -> io::Result<Vec<Option<Box<[u8]>>>> {
         let mut ios = Vec::with_capacity(sectors.len());
         let mut waits = Vec::with_capacity(sectors.len());
+        // Each slot is its own request: below crypt, each is sealed separately.
         for &s in sectors {
-            let w = Waiter::new();
-            ios.push(Io::new(
-                Op::Read,
-                Self::pair_addr(s),
-                Buf::zeroed(PAIR as usize),
-                Some(w.end_io()),
-            ));
-            waits.push(w);
+            for k in 0..2 {
+                let w = Waiter::new();
+                let addr = Self::pair_addr(s) + k * SLOT;
+                ios.push(Io::new(
+                    Op::Read,
+                    addr,
+                    Buf::zeroed(self.slot_len),
+                    Some(w.end_io()),
+                ));
+                waits.push(w);
+            }
         }
         let bufs: Vec<Buf> = ios.iter().map(|io| io.buf().clone()).collect();
         self.top.submit_batch(ios);
+        // A slot that fails to read back (a torn write below crypt fails its
+        // tag with EIO) counts as damaged, like a CRC mismatch.
+        let read_slot = |i: usize, s: u64| -> io::Result<Result<Option<(u64, Vec<u8>)>, ()>> {
+            match waits[i].wait() {
+                Ok(_) => Ok(self
+                    .unseal(s, bufs[i].as_slice())
+                    .map(|o| o.map(|(q, p)| (q, p.to_vec())))),
+                Err(Errno::EIO) => Ok(Err(())),
+                Err(e) => Err(eio(format!("reading sector {s}: {e}"))),
+            }
+        };
         let mut out = Vec::with_capacity(sectors.len());
-        for ((w, b), &s) in waits.iter().zip(&bufs).zip(sectors) {
-            w.wait()
-                .map_err(|e| eio(format!("reading sector {s}: {e}")))?;
-            let raw = b.as_slice();
-            let a = self.unseal(s, &raw[..SLOT as usize]);
-            let c = self.unseal(s, &raw[SLOT as usize..]);
+        for (n, &s) in sectors.iter().enumerate() {
+            let a = read_slot(2 * n, s)?;
+            let c = read_slot(2 * n + 1, s)?;
             let best = match (a, c) {
                 (Err(()), Err(())) => return Err(eio(format!("sector {s}: both copies damaged"))),
                 (x, y) => {
@@ -189,7 +211,7 @@ impl MetaStore {
                         durable: Some(slot),
                         seq,
                     });
-                    out.push(Some(payload.to_vec().into_boxed_slice()));
+                    out.push(Some(payload.into_boxed_slice()));
                 }
                 None => {
                     st.slots.entry(s).or_default();

@@ -2,12 +2,16 @@
 //! their superblocks, ordered by index, and built into the layer stack.
 //! Every check happens before anything is written.
 
+use crate::keys::{self, Kdf, KeyBlob, KeyError, Secret};
 use crate::superblock::{self, SbError, Superblock, DATA_START, MAX_SPEC, SB_SIZE};
+use parking_lot::Mutex;
 use stackfs_layers::spec::Stack;
+use stackfs_layers::{CryptKeys, Errno, NonceSource};
 use stackfs_layers::{Device, StackSpec};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Smallest share of a device the pool will use.
@@ -46,6 +50,10 @@ pub enum PoolError {
     Spec(#[from] stackfs_layers::spec::SpecError),
     #[error("no devices given")]
     NoDevices,
+    #[error("the pool is encrypted: give a passphrase (passphrase file, STACKFS_PASSPHRASE, or the prompt) or its key file")]
+    NeedKey,
+    #[error("{0}")]
+    Key(#[from] KeyError),
     #[error("{0}")]
     Other(String),
 }
@@ -114,8 +122,9 @@ pub struct MkfsOptions {
     pub spec: StackSpec,
     pub size: Option<u64>,
     pub force: bool,
-    /// Key material to store (empty: unencrypted).
-    pub keys: Vec<u8>,
+    /// Unlocks the pool when its stack has a crypt layer.
+    pub secret: Option<Secret>,
+    pub kdf: Kdf,
 }
 
 /// Format the devices as one pool. Refuses a device that holds a pool
@@ -179,6 +188,18 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         / chunk.max(META_ALIGN)
         * chunk.max(META_ALIGN);
     let pool_uuid = *uuid::Uuid::new_v4().as_bytes();
+    let keys = match (&opts.secret, opts.spec.has_crypt()) {
+        (Some(secret), true) => {
+            KeyBlob::wrap(&keys::random_key()?, secret, opts.kdf, &pool_uuid)?.encode()
+        }
+        (None, true) => return Err(PoolError::NeedKey),
+        (Some(_), false) => {
+            return Err(PoolError::Other(
+                "a passphrase or key file was given, but the layer spec has no crypt layer".into(),
+            ))
+        }
+        (None, false) => Vec::new(),
+    };
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -195,7 +216,8 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
             created,
             generation: 0,
             spec: spec_str.clone(),
-            keys: opts.keys.clone(),
+            keys: keys.clone(),
+            nonce_next: 0,
         };
         // Old pool contents must not leak into the new one: punch the region.
         discard_region(&d.file, DATA_START, per_device);
@@ -328,7 +350,11 @@ pub fn inspect(
 
 /// Open a pool for use: check it, repair a damaged primary superblock from its
 /// backup (when writable), and build the stack.
-pub fn open(paths: &[PathBuf], read_only: bool) -> Result<Pool, PoolError> {
+pub fn open(
+    paths: &[PathBuf],
+    read_only: bool,
+    secret: Option<&Secret>,
+) -> Result<Pool, PoolError> {
     let (found, mut warnings) = inspect(paths)?;
     if !read_only {
         for (path, size, sb) in &found {
@@ -353,7 +379,15 @@ pub fn open(paths: &[PathBuf], read_only: bool) -> Result<Pool, PoolError> {
             Device::open(path, DATA_START, s.per_device, read_only).map_err(dev_err(path))?,
         ));
     }
-    let stack = spec.build(devices)?;
+    let crypt_keys = if spec.has_crypt() {
+        let secret = secret.ok_or(PoolError::NeedKey)?;
+        let key = unlock(&found, secret)?;
+        let nonces = PoolNonces::claim(&found, read_only)?;
+        Some(CryptKeys { key, nonces })
+    } else {
+        None
+    };
+    let stack = spec.build_with(devices, crypt_keys.as_ref())?;
     Ok(Pool {
         sb,
         paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
@@ -361,4 +395,122 @@ pub fn open(paths: &[PathBuf], read_only: bool) -> Result<Pool, PoolError> {
         stack,
         warnings,
     })
+}
+
+/// The master key, from the superblock with the newest key material first
+/// (a passwd cut short by a crash leaves devices with either the old or the
+/// new wrapping; both unlock).
+pub fn unlock(
+    found: &[(PathBuf, u64, Superblock)],
+    secret: &Secret,
+) -> Result<keys::Key, PoolError> {
+    let mut sbs: Vec<&Superblock> = found.iter().map(|(_, _, sb)| sb).collect();
+    sbs.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
+    sbs.dedup_by(|a, b| a.keys == b.keys);
+    let mut first_err = None;
+    for sb in sbs {
+        match KeyBlob::decode(&sb.keys).and_then(|b| b.unwrap(secret, &sb.pool_uuid)) {
+            Ok(k) => return Ok(k),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.map(PoolError::Key).unwrap_or(PoolError::NeedKey))
+}
+
+/// Rewrite every device's superblocks with `change` applied to what each
+/// device holds now; each device's backup is made durable before its primary.
+pub fn update_superblocks(
+    devices: &[(PathBuf, u64)],
+    change: impl Fn(&mut Superblock),
+) -> Result<(), PoolError> {
+    for (path, size) in devices {
+        let d = open_dev(path, true)?;
+        let mut sb = superblock::read(&d.file, *size)
+            .map_err(|err| PoolError::NotPool {
+                path: path.clone(),
+                err,
+            })?
+            .sb;
+        change(&mut sb);
+        superblock::write(&d.file, *size, &sb).map_err(dev_err(path))?;
+    }
+    Ok(())
+}
+
+/// Nonces are claimed in blocks of this many values per mount.
+pub const NONCE_BLOCK: u64 = 1 << 32;
+
+/// Crypt nonces of a mounted pool: a counter within a block of values that
+/// the superblocks record as claimed (durably, before the first use), so no
+/// value is ever handed out twice, whatever crashes or remounts happen.
+pub struct PoolNonces {
+    next: AtomicU64,
+    limit: Mutex<u64>,
+    devices: Vec<(PathBuf, u64)>,
+    read_only: bool,
+}
+
+impl PoolNonces {
+    fn claim(
+        found: &[(PathBuf, u64, Superblock)],
+        read_only: bool,
+    ) -> Result<Arc<PoolNonces>, PoolError> {
+        let n = Arc::new(PoolNonces {
+            next: AtomicU64::new(0),
+            limit: Mutex::new(0),
+            devices: found.iter().map(|(p, s, _)| (p.clone(), *s)).collect(),
+            read_only,
+        });
+        if !read_only {
+            let mut limit = n.limit.lock();
+            n.claim_block(&mut limit)?;
+        }
+        Ok(n)
+    }
+
+    fn claim_block(&self, limit: &mut u64) -> Result<(), PoolError> {
+        let (found, _) = inspect(
+            &self
+                .devices
+                .iter()
+                .map(|(p, _)| p.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        let start = found
+            .iter()
+            .map(|(_, _, sb)| sb.nonce_next)
+            .max()
+            .unwrap_or(0);
+        let end = start
+            .checked_add(NONCE_BLOCK)
+            .ok_or_else(|| PoolError::Other("crypt nonces exhausted".into()))?;
+        update_superblocks(&self.devices, |sb| sb.nonce_next = sb.nonce_next.max(end))?;
+        self.next.store(start, Ordering::SeqCst);
+        *limit = end;
+        Ok(())
+    }
+}
+
+impl NonceSource for PoolNonces {
+    fn next(&self) -> Result<u64, Errno> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        loop {
+            let limit = *self.limit.lock();
+            let n = self.next.fetch_add(1, Ordering::SeqCst);
+            if n < limit {
+                return Ok(n);
+            }
+            let mut l = self.limit.lock();
+            if *l == limit {
+                self.claim_block(&mut l).map_err(|e| {
+                    log::error!("claiming crypt nonces: {e}");
+                    Errno::EIO
+                })?;
+            }
+        }
+    }
 }

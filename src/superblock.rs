@@ -26,8 +26,10 @@ pub struct Superblock {
     /// Bytes at the start of pool space that hold the metadata store.
     pub meta_len: u64,
     pub created: u64,
-    /// Bumped whenever the superblocks are rewritten (passwd).
+    /// Bumped when the key material changes (passwd).
     pub generation: u64,
+    /// First crypt nonce no mount has claimed yet (see crypt.rs).
+    pub nonce_next: u64,
     pub spec: String,
     /// Key material (KDF parameters, wrapped master key); empty when unencrypted.
     pub keys: Vec<u8>,
@@ -61,6 +63,7 @@ impl Superblock {
         e.u64(self.meta_len);
         e.u64(self.created);
         e.u64(self.generation);
+        e.u64(self.nonce_next);
         e.blob(self.spec.as_bytes());
         e.blob(&self.keys);
         let mut out = e.0;
@@ -95,6 +98,7 @@ impl Superblock {
             meta_len: d.u64().map_err(m)?,
             created: d.u64().map_err(m)?,
             generation: d.u64().map_err(m)?,
+            nonce_next: d.u64().map_err(m)?,
             spec: String::from_utf8(d.blob().map_err(m)?.to_vec())
                 .map_err(|_| SbError::Malformed("spec is not UTF-8"))?,
             keys: d.blob().map_err(m)?.to_vec(),
@@ -169,6 +173,7 @@ mod tests {
             meta_len: 64 << 20,
             created: 1,
             generation: 0,
+            nonce_next: 0,
             spec: "stripe=64k".into(),
             keys: vec![],
         }
