@@ -11,6 +11,9 @@ demo=${DEMO_DIR:-/tmp/stackfs-demo}
 mkdir -p "$demo/mnt"
 mountpoint -q "$demo/mnt" && umount "$demo/mnt"
 src="$demo/a.img:$demo/b.img:$demo/c.img"
+# The default stack compresses, encrypts and stripes. A real pool would take
+# its passphrase from a prompt or --passphrase-file; the demo uses a fixed one.
+export STACKFS_PASSPHRASE=${STACKFS_PASSPHRASE:-demo passphrase}
 $bin mkfs --force --size 1G "$demo/a.img" "$demo/b.img" "$demo/c.img"
 $bin mount "$src" "$demo/mnt"
 echo "mounted: $(grep " $demo/mnt " /proc/mounts)"

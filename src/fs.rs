@@ -14,7 +14,8 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use stackfs_layers::{footprint, Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
+use stackfs_layers::io::TAG_DETACHED;
+use stackfs_layers::{Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -241,6 +242,9 @@ pub struct Extent {
     /// Compression codec (0: raw) and compressed length, from the extent tag.
     pub codec: u8,
     pub stored: u32,
+    /// The crypt layer's nonce and MAC (zeros without crypt), from the extent tag.
+    pub nonce: [u8; 12],
+    pub mac: [u8; 16],
     /// CRC32C of the `len` bytes written (before any layer transformed them).
     pub crc: u32,
     /// Bit i set: 4 KiB block i of the unit holds non-zero bytes. Blocks of
@@ -257,6 +261,20 @@ fn block_map(data: &[u8]) -> u16 {
 }
 
 impl Extent {
+    /// What the layers need to read this extent back.
+    fn tag(&self) -> ExtentTag {
+        let mut nonce = [0u8; 24];
+        nonce[..12].copy_from_slice(&self.nonce);
+        ExtentTag {
+            codec: self.codec,
+            logical_len: self.len,
+            stored_len: self.stored,
+            nonce,
+            mac: self.mac,
+            flags: TAG_DETACHED,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u8(1)
@@ -266,6 +284,8 @@ impl Extent {
             .u32(self.len)
             .u8(self.codec)
             .u32(self.stored)
+            .bytes(&self.nonce)
+            .bytes(&self.mac)
             .u32(self.crc)
             .u16(self.map);
         e.0
@@ -283,6 +303,8 @@ impl Extent {
             len: d.u32().map_err(bad)?,
             codec: d.u8().map_err(bad)?,
             stored: d.u32().map_err(bad)?,
+            nonce: d.array().map_err(bad)?,
+            mac: d.array().map_err(bad)?,
             crc: d.u32().map_err(bad)?,
             map: d.u16().map_err(bad)?,
         })
@@ -370,10 +392,9 @@ pub struct Fs {
     db: Database,
     _stop: StackGuard,
     closed: std::sync::atomic::AtomicBool,
-    /// File data enters the stack here (the top)...
+    /// File data enters the stack here (the top); metadata enters below
+    /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
-    /// ...and metadata here (below compression).
-    meta: Arc<dyn Layer>,
     st: Mutex<State>,
     cache: Mutex<LruCache<(u64, u64), Arc<Vec<u8>>>>,
     read_only: bool,
@@ -459,7 +480,6 @@ impl Fs {
             _stop: StackGuard(top.clone()),
             closed: std::sync::atomic::AtomicBool::new(false),
             data: top,
-            meta: pool.stack.meta.clone(),
             st: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
@@ -1282,12 +1302,7 @@ impl Fs {
                     Some(w.end_io()),
                 );
                 // The transform layers need back what they recorded at write time.
-                io.set_tag(ExtentTag {
-                    codec: x.codec,
-                    logical_len: x.len,
-                    stored_len: x.stored,
-                    ..ExtentTag::default()
-                });
+                io.set_tag(x.tag());
                 ios.push((i, io));
                 waits.push(w);
             }
@@ -1514,8 +1529,9 @@ impl Fs {
             } else {
                 logical.div_ceil(BLOCK) * BLOCK
             };
-            // The most the layers may need; what compression saves is freed below.
-            let alloc_len = footprint(&*self.data, len);
+            // Crypt keeps nonce and MAC in the extent record (detached), so a
+            // unit needs at most its own length; what compression saves is freed below.
+            let alloc_len = len;
             if !d.keep && d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
                 // An all-zero unit is stored as a hole.
                 placed.push((u, None));
@@ -1539,11 +1555,18 @@ impl Fs {
                 len: len as u32,
                 codec: 0,
                 stored: len as u32,
+                nonce: [0; 12],
+                mac: [0; 16],
                 crc: crc32c::crc32c(b.as_slice()),
                 map: block_map(&d.data[..logical as usize]),
             };
             let w = Waiter::new();
-            ios.push(Io::new(Op::Write, phys, b, Some(w.end_io())));
+            let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
+            io.set_tag(ExtentTag {
+                flags: TAG_DETACHED,
+                ..ExtentTag::default()
+            });
+            ios.push(io);
             waits.push((placed.len(), w));
             placed.push((u, Some(x)));
         }
@@ -1561,7 +1584,12 @@ impl Fs {
                 x.codec = tag.codec;
                 x.stored = tag.stored_len;
             }
-            let used = footprint(&*self.meta, x.stored as u64).min(x.alloc as u64);
+            x.nonce.copy_from_slice(&tag.nonce[..12]);
+            x.mac = tag.mac;
+            let used = (x.stored as u64)
+                .div_ceil(BLOCK)
+                .saturating_mul(BLOCK)
+                .min(x.alloc as u64);
             st.alloc.free(x.phys + used, x.alloc as u64 - used);
             x.alloc = used as u32;
         }

@@ -2,128 +2,13 @@
 //! io_uring on image files. Every mount is undone by a guard, even when a
 //! test fails.
 
+mod support;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_stackfs");
-
-fn stackfs(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run stackfs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stackfs failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails_with(out: Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure mentioning {needle:?}"
-    );
-    assert!(
-        err.contains(needle),
-        "error {err:?} does not mention {needle:?}"
-    );
-    assert!(!err.contains("panicked"), "stackfs panicked: {err}");
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    let m = mnt.to_string_lossy().to_string();
-    fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(&m))
-}
-
-/// A pool of image files in a temporary directory, unmounted on drop.
-struct Pool {
-    dir: tempfile::TempDir,
-    imgs: Vec<PathBuf>,
-    mnt: PathBuf,
-}
-
-impl Pool {
-    fn new(n: usize, size: &str) -> Pool {
-        let dir = tempfile::tempdir().unwrap();
-        let imgs: Vec<PathBuf> = (0..n)
-            .map(|i| dir.path().join(format!("d{i}.img")))
-            .collect();
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&mnt).unwrap();
-        let mut args = vec!["mkfs", "--size", size];
-        let paths: Vec<String> = imgs.iter().map(|p| p.display().to_string()).collect();
-        args.extend(paths.iter().map(|s| s.as_str()));
-        ok(stackfs(&args));
-        Pool { dir, imgs, mnt }
-    }
-
-    fn source(&self) -> String {
-        self.imgs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    fn mount(&self) {
-        ok(stackfs(&[
-            "mount",
-            &self.source(),
-            self.mnt.to_str().unwrap(),
-        ]));
-        assert!(is_mounted(&self.mnt));
-    }
-
-    fn umount(&self) {
-        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
-        assert!(st.success(), "umount failed");
-        self.wait_daemon_gone();
-    }
-
-    fn wait_daemon_gone(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.daemon_pid().is_none() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("daemon still running 20 s after unmount");
-    }
-
-    /// The daemon serving this pool, if it still runs (zombies do not count).
-    fn daemon_pid(&self) -> Option<i32> {
-        let want = format!("mount\0--foreground\0{}\0", self.source());
-        for e in fs::read_dir("/proc").ok()?.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if !cmd.is_empty() && String::from_utf8_lossy(&cmd).contains(&want) {
-                return Some(pid);
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        let _ = &self.dir;
-    }
-}
+use std::path::PathBuf;
+use std::process::Command;
+use support::*;
 
 #[test]
 fn data_survives_remount() {
@@ -337,7 +222,16 @@ fn damaged_primary_superblock_uses_backup() {
 fn full_pool_enospc_and_recovery() {
     let p = Pool::new(1, "48M");
     p.mount();
-    let chunk = vec![0x5au8; 1 << 20];
+    // Random bytes: compression must not let the pool swallow them all.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     let mut written = 0;
     let mut hit = None;
     // With the kernel's writeback cache, ENOSPC shows at fsync/close, as on NFS.

@@ -7,7 +7,7 @@
 
 use crate::buf::Buf;
 use crate::errno::Errno;
-use crate::io::{Io, Op};
+use crate::io::{Io, Op, TAG_DETACHED};
 use crate::layer::Layer;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -59,27 +59,33 @@ impl Compress {
             Codec::Lz4 => (LZ4, Some(lz4_flex::block::compress(data))),
             Codec::Zstd(level) => (ZSTD, zstd_compress(level, data)),
         };
-        let over = self.lower.overhead();
         let mut tag = io.tag();
+        let over = if tag.flags & TAG_DETACHED != 0 {
+            0
+        } else {
+            self.lower.overhead()
+        };
         tag.logical_len = len as u32;
-        let child = match packed {
-            Some(p) if blocks(p.len() as u64 + over) < blocks(len + over) => {
-                tag.codec = id;
-                tag.stored_len = p.len() as u32;
-                io.child(
-                    Op::Write,
-                    io.addr(),
-                    Buf::copy_from(&p),
-                    Some(Box::new(move |_, r| r.map(|_| len))),
-                )
-            }
-            _ => {
-                tag.codec = RAW;
-                tag.stored_len = len as u32;
-                io.child(Op::Write, io.addr(), io.buf().clone(), None)
-            }
+        let packed = packed.filter(|p| blocks(p.len() as u64 + over) < blocks(len + over));
+        (tag.codec, tag.stored_len) = match &packed {
+            Some(p) => (id, p.len() as u32),
+            None => (RAW, len as u32),
         };
         io.set_tag(tag);
+        // What the layers below record (crypt's nonce and MAC) goes back up.
+        let parent = io.clone();
+        let end_io = Box::new(move |child: &Io, r: Result<u64, Errno>| {
+            let below = child.tag();
+            let mut t = parent.tag();
+            (t.nonce, t.mac) = (below.nonce, below.mac);
+            parent.set_tag(t);
+            r.map(|_| len)
+        });
+        let buf = match &packed {
+            Some(p) => Buf::copy_from(p),
+            None => io.buf().clone(),
+        };
+        let child = io.child(Op::Write, io.addr(), buf, Some(end_io));
         self.lower.submit(child);
         io.put();
     }

@@ -1,7 +1,11 @@
 //! `crypt`: authenticated encryption (AES-256-GCM) of every request.
 //!
 //! A write of `len` bytes at address A is stored as
-//! `nonce (12) | ciphertext (len) | tag (16)`, zero-padded to 4 KiB, at A.
+//! `nonce (12) | ciphertext (len) | tag (16)`, zero-padded to 4 KiB, at A
+//! (inline: the metadata store's slots), or, when the request's extent tag
+//! says `TAG_DETACHED`, as the ciphertext alone, with nonce and MAC returned
+//! in the tag for the caller to keep (file data: the extent map holds them,
+//! so an extent takes no extra space and cannot be rolled back on its own).
 //! The associated data is the address and the length, so a block cannot be
 //! moved elsewhere, or cut, without failing its tag. A read with a bad tag
 //! completes with EIO, never with the bytes. A stored block of all zeros is
@@ -14,7 +18,7 @@
 
 use crate::buf::Buf;
 use crate::errno::Errno;
-use crate::io::{Io, Op};
+use crate::io::{Io, Op, TAG_DETACHED};
 use crate::layer::Layer;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::sync::Arc;
@@ -68,6 +72,26 @@ impl Crypt {
         };
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..8].copy_from_slice(&counter.to_le_bytes());
+        let mut tag = io.tag();
+        if tag.flags & TAG_DETACHED != 0 {
+            let mut out = Buf::copy_from(io.buf().as_slice());
+            let mac = self
+                .key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad(io.addr(), len)),
+                    out.as_mut_slice(),
+                )
+                .expect("AES-GCM sealing cannot fail for in-range lengths");
+            tag.nonce = [0; 24];
+            tag.nonce[..NONCE_LEN].copy_from_slice(&nonce);
+            tag.mac.copy_from_slice(mac.as_ref());
+            io.set_tag(tag);
+            let child = io.child(Op::Write, io.addr(), out, None);
+            self.lower.submit(child);
+            io.put();
+            return;
+        }
         let mut out = Buf::zeroed(round4k(len + OVERHEAD) as usize);
         let s = out.as_mut_slice();
         s[..NONCE_LEN].copy_from_slice(&nonce);
@@ -97,6 +121,36 @@ impl Crypt {
         let len = io.len();
         let key = self.key.clone();
         let (addr, dst) = (io.addr(), io.buf().clone());
+        let tag = io.tag();
+        if tag.flags & TAG_DETACHED != 0 {
+            let nonce: [u8; NONCE_LEN] = tag.nonce[..NONCE_LEN].try_into().expect("12 bytes");
+            let end_io = Box::new(move |_: &Io, r: Result<u64, Errno>| {
+                r?;
+                // SAFETY: the read has completed; nobody looks at the buffer before
+                // this request completes, and on failure it is wiped.
+                let out = unsafe { dst.as_mut_slice_unchecked() };
+                match key.open_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad(addr, len)),
+                    ring::aead::Tag::from(tag.mac),
+                    out,
+                    0..,
+                ) {
+                    Ok(_) => Ok(len),
+                    Err(_) => {
+                        out.fill(0);
+                        log::error!(
+                            "crypt: authentication failed for {len} bytes at pool address {addr}"
+                        );
+                        Err(Errno::EIO)
+                    }
+                }
+            });
+            let child = io.child(Op::Read, addr, io.buf().clone(), Some(end_io));
+            self.lower.submit(child);
+            io.put();
+            return;
+        }
         let raw = Buf::zeroed(round4k(len + OVERHEAD) as usize);
         let end_io = Box::new(move |child: &Io, r: Result<u64, Errno>| {
             r?;

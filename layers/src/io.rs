@@ -42,7 +42,12 @@ pub struct ExtentTag {
     pub nonce: [u8; 24],
     /// Authentication tag of the crypt layer.
     pub mac: [u8; 16],
+    /// `TAG_DETACHED`: crypt keeps nonce and MAC here (the caller stores them)
+    /// instead of next to the ciphertext, so an extent takes no extra space.
+    pub flags: u8,
 }
+
+pub const TAG_DETACHED: u8 = 1;
 
 /// Bytes transferred, or the errno that ended the request.
 pub type IoResult = Result<u64, Errno>;

@@ -1,0 +1,146 @@
+//! Helpers shared by the mounted tests: the stackfs binary, pools of image
+//! files that unmount themselves on drop.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stackfs");
+
+/// The passphrase of every test pool (the default stack is encrypted).
+pub const PASS: &str = "test passphrase";
+
+pub fn stackfs(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("STACKFS_PASSPHRASE", PASS)
+        .output()
+        .expect("run stackfs")
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stackfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn fails_with(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure mentioning {needle:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "stackfs panicked: {err}");
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let m = mnt.to_string_lossy().to_string();
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&m))
+}
+
+/// A pool of image files in a temporary directory, unmounted on drop.
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub imgs: Vec<PathBuf>,
+    pub mnt: PathBuf,
+}
+
+impl Pool {
+    pub fn new(n: usize, size: &str) -> Pool {
+        Pool::with(n, size, &[])
+    }
+
+    /// A pool made with extra mkfs arguments (e.g. `--layers`, `--key-file`).
+    pub fn with(n: usize, size: &str, extra: &[&str]) -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let imgs: Vec<PathBuf> = (0..n)
+            .map(|i| dir.path().join(format!("d{i}.img")))
+            .collect();
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mut args = vec![
+            "mkfs",
+            "--size",
+            size,
+            "--kdf-memory",
+            "8M",
+            "--kdf-time",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let paths: Vec<String> = imgs.iter().map(|p| p.display().to_string()).collect();
+        args.extend(paths.iter().map(|s| s.as_str()));
+        ok(stackfs(&args));
+        Pool { dir, imgs, mnt }
+    }
+
+    pub fn source(&self) -> String {
+        self.imgs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    pub fn mount(&self) {
+        ok(stackfs(&[
+            "mount",
+            &self.source(),
+            self.mnt.to_str().unwrap(),
+        ]));
+        assert!(is_mounted(&self.mnt));
+    }
+
+    pub fn umount(&self) {
+        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
+        assert!(st.success(), "umount failed");
+        self.wait_daemon_gone();
+    }
+
+    pub fn wait_daemon_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.daemon_pid().is_none() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon still running 20 s after unmount");
+    }
+
+    /// The daemon serving this pool, if it still runs (zombies do not count).
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let want = format!("mount\0--foreground\0{}\0", self.source());
+        for e in fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if !cmd.is_empty() && String::from_utf8_lossy(&cmd).contains(&want) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = &self.dir;
+    }
+}
