@@ -14,7 +14,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use stackfs_layers::io::TAG_DETACHED;
+use stackfs_layers::io::{TAG_DETACHED, TAG_RAW};
 use stackfs_layers::{Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -1562,8 +1562,14 @@ impl Fs {
             };
             let w = Waiter::new();
             let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
+            // Preallocated units claim their full space: no compression.
+            let flags = if d.keep {
+                TAG_DETACHED | TAG_RAW
+            } else {
+                TAG_DETACHED
+            };
             io.set_tag(ExtentTag {
-                flags: TAG_DETACHED,
+                flags,
                 ..ExtentTag::default()
             });
             ios.push(io);

@@ -7,7 +7,7 @@
 
 use crate::buf::Buf;
 use crate::errno::Errno;
-use crate::io::{Io, Op, TAG_DETACHED};
+use crate::io::{Io, Op, TAG_DETACHED, TAG_RAW};
 use crate::layer::Layer;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -66,7 +66,9 @@ impl Compress {
             self.lower.overhead()
         };
         tag.logical_len = len as u32;
-        let packed = packed.filter(|p| blocks(p.len() as u64 + over) < blocks(len + over));
+        let packed = packed.filter(|p| {
+            tag.flags & TAG_RAW == 0 && blocks(p.len() as u64 + over) < blocks(len + over)
+        });
         (tag.codec, tag.stored_len) = match &packed {
             Some(p) => (id, p.len() as u32),
             None => (RAW, len as u32),

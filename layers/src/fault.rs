@@ -6,7 +6,9 @@
 //!
 //! Rules are changed at run time through `FaultControl`, either by calls or by
 //! one-line text commands (see `FaultControl::command`), so a mounted
-//! filesystem can be steered from a test.
+//! filesystem can be steered from a test. All fault layers of a stack share
+//! one control: a power cut stops every device at the same instant, and a
+//! rule may name one device (`dev=N`).
 
 use crate::errno::Errno;
 use crate::io::{Io, Op};
@@ -34,6 +36,8 @@ pub struct FaultRule {
     pub range: Option<(u64, u64)>,
     /// Act on every nth matching request (1: all).
     pub every: u64,
+    /// Only on the fault layer above device N (pool order); None: all.
+    pub dev: Option<usize>,
     pub action: FaultAction,
 }
 
@@ -43,11 +47,15 @@ impl FaultRule {
             op,
             range: None,
             every: 1,
+            dev: None,
             action,
         }
     }
 
-    fn matches(&self, io: &Io) -> bool {
+    fn matches(&self, io: &Io, dev: Option<usize>) -> bool {
+        if self.dev.is_some_and(|d| Some(d) != dev) {
+            return false;
+        }
         self.op.is_none_or(|op| op == io.op())
             && self
                 .range
@@ -63,6 +71,8 @@ pub struct FaultControl {
     /// Writes still allowed before the power is cut; negative: no cut planned.
     writes_left: AtomicI64,
     pub dropped_writes: AtomicU64,
+    /// Writes let through to the devices.
+    pub written: AtomicU64,
     pub injected: AtomicU64,
     hung: Mutex<Vec<(Io, Arc<AtomicBool>)>>,
 }
@@ -106,6 +116,18 @@ impl FaultControl {
         self.hung.lock().len()
     }
 
+    /// One line for people and tests: power state and counters.
+    pub fn status(&self) -> String {
+        format!(
+            "power={} writes={} dropped={} injected={} hung={}",
+            if self.is_power_cut() { "cut" } else { "on" },
+            self.written.load(Ordering::SeqCst),
+            self.dropped_writes.load(Ordering::SeqCst),
+            self.injected.load(Ordering::SeqCst),
+            self.hung_count()
+        )
+    }
+
     /// Apply a text command:
     /// `error [OP] [range=START-END] [every=N] [errno=NAME|NUM]`,
     /// `delay [OP] ... ms=N`, `hang [OP] ...`, `tear BYTES [OP] ...`,
@@ -145,6 +167,7 @@ impl FaultControl {
                 "flush" => rule.op = Some(Op::Flush),
                 "discard" => rule.op = Some(Op::Discard),
                 "any" => rule.op = None,
+                "dev" => rule.dev = Some(v.parse().map_err(|_| format!("bad dev= value {v:?}"))?),
                 "every" => {
                     rule.every = v
                         .parse()
@@ -184,10 +207,10 @@ impl FaultControl {
     }
 
     /// The action for this request, if any rule fires.
-    fn action_for(&self, io: &Io) -> Option<FaultAction> {
+    fn action_for(&self, io: &Io, dev: Option<usize>) -> Option<FaultAction> {
         let mut rules = self.rules.lock();
         for (rule, seen) in rules.iter_mut() {
-            if rule.matches(io) {
+            if rule.matches(io, dev) {
                 *seen += 1;
                 if *seen % rule.every == 0 {
                     self.injected.fetch_add(1, Ordering::Relaxed);
@@ -284,12 +307,14 @@ struct DelayQueue {
 pub struct Fault {
     lower: Arc<dyn Layer>,
     ctl: Arc<FaultControl>,
+    /// The device below (pool order), when this layer sits under the stripe.
+    device: Option<usize>,
     delays: Arc<DelayQueue>,
     timer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Fault {
-    pub fn new(lower: Arc<dyn Layer>, ctl: Arc<FaultControl>) -> Arc<Fault> {
+    pub fn new(lower: Arc<dyn Layer>, ctl: Arc<FaultControl>, device: Option<usize>) -> Arc<Fault> {
         let delays = Arc::new(DelayQueue {
             heap: Mutex::new((BinaryHeap::new(), 0, false)),
             wake: Condvar::new(),
@@ -297,6 +322,7 @@ impl Fault {
         let f = Arc::new(Fault {
             lower,
             ctl,
+            device,
             delays: delays.clone(),
             timer: Mutex::new(None),
         });
@@ -335,7 +361,10 @@ impl Fault {
             io.finish(Ok(0));
             return;
         }
-        match self.ctl.action_for(&io) {
+        if io.op() == Op::Write {
+            self.ctl.written.fetch_add(1, Ordering::SeqCst);
+        }
+        match self.ctl.action_for(&io, self.device) {
             None => pass.push(io),
             Some(FaultAction::Error(e)) => {
                 io.finish(Err(e));

@@ -48,6 +48,9 @@ pub struct ExtentTag {
 }
 
 pub const TAG_DETACHED: u8 = 1;
+/// `TAG_RAW`: store the bytes uncompressed (space the caller wants claimed,
+/// such as preallocated zeros).
+pub const TAG_RAW: u8 = 2;
 
 /// Bytes transferred, or the errno that ended the request.
 pub type IoResult = Result<u64, Errno>;

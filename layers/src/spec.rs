@@ -216,12 +216,16 @@ impl StackSpec {
             )));
         }
         let split = stripe_at.unwrap_or(self.layers.len());
-        let mut faults = Vec::new();
+        // One control for every fault layer: a power cut is pool-wide.
+        let fault = self
+            .layers
+            .contains(&LayerSpec::Fault)
+            .then(FaultControl::new);
         let mut lowers: Vec<Arc<dyn Layer>> = Vec::new();
-        for dev in devices {
+        for (i, dev) in devices.into_iter().enumerate() {
             let mut l: Arc<dyn Layer> = Counted::wrap(dev);
             for spec in self.layers[split..].iter().rev() {
-                l = self.make_filter(spec, l, &mut faults);
+                l = self.make_filter(spec, l, &fault, Some(i));
             }
             lowers.push(l);
         }
@@ -243,28 +247,25 @@ impl StackSpec {
                     let k = keys.expect("checked above");
                     Counted::wrap(Arc::new(Crypt::new(top, &k.key, k.nonces.clone())))
                 }
-                _ => self.make_filter(spec, top, &mut faults),
+                _ => self.make_filter(spec, top, &fault, None),
             };
         }
         let meta = meta.unwrap_or_else(|| top.clone());
-        Ok(Stack { top, meta, faults })
+        Ok(Stack { top, meta, fault })
     }
 
     fn make_filter(
         &self,
         spec: &LayerSpec,
         lower: Arc<dyn Layer>,
-        faults: &mut Vec<Arc<FaultControl>>,
+        fault: &Option<Arc<FaultControl>>,
+        device: Option<usize>,
     ) -> Arc<dyn Layer> {
-        match spec {
-            LayerSpec::Fault => {
-                let ctl = FaultControl::new();
-                faults.push(ctl.clone());
-                Counted::wrap(Fault::new(lower, ctl))
-            }
+        match (spec, fault) {
+            (LayerSpec::Fault, Some(ctl)) => Counted::wrap(Fault::new(lower, ctl.clone(), device)),
             // Only filters are instantiated per device; the others are placed by
             // `build_with` (and the parser keeps them above stripe).
-            LayerSpec::Stripe { .. } | LayerSpec::Compress(_) | LayerSpec::Crypt => lower,
+            _ => lower,
         }
     }
 }
@@ -283,11 +284,11 @@ pub struct CryptKeys {
 }
 
 /// A built stack: its top layer (file data), the layer metadata enters
-/// (below compression), and the switches of its fault layers.
+/// (below compression), and the switch shared by its fault layers.
 pub struct Stack {
     pub top: Arc<dyn Layer>,
     pub meta: Arc<dyn Layer>,
-    pub faults: Vec<Arc<FaultControl>>,
+    pub fault: Option<Arc<FaultControl>>,
 }
 
 /// Every node of the stack, top first, with its depth.

@@ -113,7 +113,7 @@ fn cancel_reaches_hung_children() {
         .unwrap()
         .build(open_all(&paths, DEV_SIZE))
         .unwrap();
-    for f in &stack.faults {
+    for f in &stack.fault {
         f.add_rule(FaultRule::new(Some(Op::Write), FaultAction::Hang));
     }
     let pool = BufPool::new(64 << 20);
@@ -133,7 +133,7 @@ fn cancel_reaches_hung_children() {
         waiters.push(w);
         stack.top.submit(io);
     }
-    let hung: usize = stack.faults.iter().map(|f| f.hung_count()).sum();
+    let hung = stack.fault.as_ref().unwrap().hung_count();
     assert_eq!(
         hung,
         8 * 16,
@@ -153,15 +153,12 @@ fn cancel_reaches_hung_children() {
         started.elapsed()
     );
     assert_eq!(completions.load(Ordering::SeqCst), 8);
-    assert_eq!(
-        stack.faults.iter().map(|f| f.hung_count()).sum::<usize>(),
-        0
-    );
+    assert_eq!(stack.fault.as_ref().unwrap().hung_count(), 0);
     drop(tops);
     drop(waiters);
     assert_eq!(pool.in_use(), 0, "every buffer returned to the pool");
     // The devices still work afterwards.
-    for f in &stack.faults {
+    for f in &stack.fault {
         f.clear();
     }
     assert_eq!(
@@ -181,7 +178,7 @@ fn cancel_races_completion_and_counts_once() {
         .unwrap()
         .build(open_all(&paths, DEV_SIZE))
         .unwrap();
-    for f in &stack.faults {
+    for f in &stack.fault {
         f.command("delay any ms=1 every=2").unwrap();
     }
     let ends = Arc::new(AtomicUsize::new(0));
@@ -223,21 +220,18 @@ fn child_error_fails_parent_and_cancels_siblings() {
         .build(open_all(&paths, DEV_SIZE))
         .unwrap();
     // Device 1 fails writes; devices 0 and 2 hang them, so only cancellation can end them.
-    stack.faults[1].command("error write errno=EIO").unwrap();
-    stack.faults[0].command("hang write").unwrap();
-    stack.faults[2].command("hang write").unwrap();
+    let f = stack.fault.clone().unwrap();
+    f.command("error write errno=EIO dev=1").unwrap();
+    f.command("hang write dev=0").unwrap();
+    f.command("hang write dev=2").unwrap();
     let started = Instant::now();
     assert_eq!(
         submit_wait(&*stack.top, Op::Write, 0, fill(7, 1 << 20)),
         Err(Errno::EIO)
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(
-        stack.faults[0].hung_count() + stack.faults[2].hung_count(),
-        0,
-        "siblings were cancelled"
-    );
-    for f in &stack.faults {
+    assert_eq!(f.hung_count(), 0, "siblings were cancelled");
+    for f in &stack.fault {
         f.clear();
     }
     let b = fill(8, 1 << 20);
@@ -265,7 +259,7 @@ fn power_cut_and_torn_write() {
         .build(open_all(&paths, DEV_SIZE))
         .unwrap();
     let top = stack.top.clone();
-    let ctl = &stack.faults[0];
+    let ctl = stack.fault.as_ref().unwrap();
     ctl.cut_after_writes(2);
     for i in 0..4u64 {
         assert_eq!(
