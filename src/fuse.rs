@@ -1,6 +1,6 @@
 //! The FUSE front end: a thin adapter from fuser's callbacks to `Fs`.
 
-use crate::fs::{Caller, Fs, Inode, Kind, SetAttr, Ts};
+use crate::fs::{Caller, Fs, Inode, Kind, SetAttr, Ts, ROOT};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 /// How long the kernel may trust attributes and names: we are the only writer.
 const TTL: Duration = Duration::from_secs(1);
+const FAULT_XATTR: &[u8] = b"stackfs.fault";
 
 pub struct FuseFs {
     pub fs: Arc<Fs>,
@@ -97,6 +98,26 @@ impl FuseFs {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// Tests steer a stack's fault layers through the root directory's
+    /// `stackfs.fault` xattr (root only; pools without a fault layer refuse).
+    fn fault_command(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
+        if req.uid() != 0 {
+            return Err(stackfs_layers::Errno(libc::EPERM));
+        }
+        let f = self
+            .fs
+            .pool
+            .stack
+            .fault
+            .as_ref()
+            .ok_or(stackfs_layers::Errno(libc::ENOTSUP))?;
+        let cmd = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
+        f.command(cmd).map_err(|e| {
+            log::warn!("fault command {cmd:?}: {e}");
+            stackfs_layers::Errno::EINVAL
+        })
     }
 
     fn empty(reply: ReplyEmpty, r: Result<(), stackfs_layers::Errno>) {
@@ -488,7 +509,7 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -496,6 +517,9 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if ino.0 == ROOT && name.as_bytes() == FAULT_XATTR {
+            return Self::empty(reply, self.fault_command(req, value));
+        }
         Self::empty(
             reply,
             self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
@@ -503,7 +527,11 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
+        let r = match (ino.0, self.fs.pool.stack.fault.as_ref()) {
+            (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
+            _ => self.fs.getxattr(ino.0, name.as_bytes()),
+        };
+        match r {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
             Ok(_) => reply.error(Errno::ERANGE),

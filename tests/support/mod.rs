@@ -95,12 +95,20 @@ impl Pool {
     }
 
     pub fn mount(&self) {
+        let log = format!("log_file={}", self.log().display());
         ok(stackfs(&[
             "mount",
+            "-o",
+            &log,
             &self.source(),
             self.mnt.to_str().unwrap(),
         ]));
         assert!(is_mounted(&self.mnt));
+    }
+
+    /// The daemons' log (RUST_LOG applies); shown when a test fails.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
     }
 
     pub fn umount(&self) {
@@ -122,13 +130,14 @@ impl Pool {
 
     /// The daemon serving this pool, if it still runs (zombies do not count).
     pub fn daemon_pid(&self) -> Option<i32> {
-        let want = format!("mount\0--foreground\0{}\0", self.source());
+        let source = self.source();
         for e in fs::read_dir("/proc").ok()?.flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
             let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if !cmd.is_empty() && String::from_utf8_lossy(&cmd).contains(&want) {
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            if args.contains(&&b"--foreground"[..]) && args.contains(&source.as_bytes()) {
                 return Some(pid);
             }
         }
@@ -141,6 +150,14 @@ impl Drop for Pool {
         if is_mounted(&self.mnt) {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
-        let _ = &self.dir;
+        if std::thread::panicking() {
+            let log = fs::read_to_string(self.log()).unwrap_or_default();
+            let _ = fs::write(std::env::temp_dir().join("stackfs-failed-test.log"), &log);
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- daemon log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
