@@ -47,6 +47,22 @@ impl Allocator {
         Ok(a)
     }
 
+    /// Like `from_used`, but overlapping or out-of-region ranges are merged
+    /// and clipped instead of refused (fsck opens damaged pools with it).
+    pub fn from_union(start: u64, end: u64, mut used: Vec<(u64, u64)>) -> Allocator {
+        used.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, l) in used {
+            let (s, e) = (s.clamp(start, end), s.saturating_add(l).clamp(start, end));
+            match merged.last_mut() {
+                Some((ms, ml)) if s <= *ms + *ml => *ml = (*ml).max(e - *ms),
+                _ if e > s => merged.push((s, e - s)),
+                _ => {}
+            }
+        }
+        Allocator::from_used(start, end, merged).expect("merged ranges do not overlap")
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.free_bytes
     }

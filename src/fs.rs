@@ -30,13 +30,13 @@ pub const NAME_MAX: usize = 255;
 const DIRTY_LIMIT: u64 = 256 << 20;
 const XATTR_SIZE_MAX: usize = 64 << 10;
 
-const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
-const DIRENTS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("dirents");
-const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cookies");
-const EXTENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("extents");
-const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
-const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks");
-const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+pub(crate) const DIRENTS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("dirents");
+pub(crate) const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cookies");
+pub(crate) const EXTENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("extents");
+pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
+pub(crate) const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks");
+pub(crate) const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 pub type R<T> = Result<T, Errno>;
@@ -156,7 +156,7 @@ pub struct Inode {
 }
 
 impl Inode {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u8(1)
             .u8(self.kind.code())
@@ -175,7 +175,7 @@ impl Inode {
         e.0
     }
 
-    fn decode(ino: u64, raw: &[u8]) -> R<Inode> {
+    pub(crate) fn decode(ino: u64, raw: &[u8]) -> R<Inode> {
         let bad = |_| {
             log::error!("inode {ino}: record is malformed");
             Errno::EIO
@@ -275,7 +275,7 @@ impl Extent {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u8(1)
             .u64(self.phys)
@@ -311,13 +311,13 @@ impl Extent {
     }
 }
 
-fn dirent_val(ino: u64, kind: Kind, cookie: u64) -> Vec<u8> {
+pub(crate) fn dirent_val(ino: u64, kind: Kind, cookie: u64) -> Vec<u8> {
     let mut e = Enc::default();
     e.u64(ino).u8(kind.code()).u64(cookie);
     e.0
 }
 
-fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
+pub(crate) fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
     let mut d = Dec::new(raw);
     let ino = d.u64().map_err(|_| Errno::EIO)?;
     let kind = d.u8().ok().and_then(Kind::from_code).ok_or(Errno::EIO)?;
@@ -389,7 +389,7 @@ impl Drop for StackGuard {
 }
 
 pub struct Fs {
-    db: Database,
+    pub(crate) db: Database,
     _stop: StackGuard,
     closed: std::sync::atomic::AtomicBool,
     /// File data enters the stack here (the top); metadata enters below
@@ -404,6 +404,8 @@ pub struct Fs {
 pub struct FsOptions {
     pub read_only: bool,
     pub cache_bytes: u64,
+    /// Open even an inconsistent extent map (fsck).
+    pub lenient: bool,
 }
 
 impl Default for FsOptions {
@@ -411,6 +413,7 @@ impl Default for FsOptions {
         FsOptions {
             read_only: false,
             cache_bytes: 256 << 20,
+            lenient: false,
         }
     }
 }
@@ -472,8 +475,16 @@ impl Fs {
                     .unwrap_or(next_gen);
             }
         }
-        let alloc = Allocator::from_used(meta_len, capacity, used)
-            .map_err(|e| format!("extent map is inconsistent: {e} (run stackfs fsck)"))?;
+        let alloc = match Allocator::from_used(meta_len, capacity, used.clone()) {
+            Ok(a) => a,
+            // fsck must open what it is asked to repair: take the union.
+            Err(_) if opts.lenient => Allocator::from_union(meta_len, capacity, used),
+            Err(e) => {
+                return Err(format!(
+                    "extent map is inconsistent: {e} (run stackfs fsck)"
+                ))
+            }
+        };
         let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
         let fs = Fs {
             db,
@@ -569,7 +580,7 @@ impl Fs {
         self.commit(&mut st, tx, true)
     }
 
-    fn begin(&self) -> R<WriteTransaction> {
+    pub(crate) fn begin(&self) -> R<WriteTransaction> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -1283,7 +1294,7 @@ impl Fs {
     }
 
     /// Read committed units from the pool in one batch; verify each.
-    fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Arc<Vec<u8>>>> {
+    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Arc<Vec<u8>>>> {
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
         let mut waits = Vec::new();

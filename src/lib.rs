@@ -3,6 +3,7 @@
 pub mod alloc;
 pub mod codec;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
 pub mod keys;
 pub mod metastore;

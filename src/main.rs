@@ -74,6 +74,28 @@ enum Cmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Check a pool (not mounted): superblocks, metadata, extents, entries,
+    /// link counts. Exit 0 clean, 1 corrected, 4 errors left, 8 could not check.
+    Fsck {
+        source: String,
+        /// Fix what is safe to fix (leaked extents, dangling entries, link
+        /// counts, unreachable files to /lost+found, superblock copies).
+        #[arg(long)]
+        repair: bool,
+        /// Also read back every extent and check its MAC and checksum.
+        #[arg(long)]
+        verify_data: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Damage a pool's metadata on purpose (for testing fsck).
+    #[command(hide = true)]
+    DebugDamage {
+        source: String,
+        what: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
     /// Change the passphrase or key file: re-wraps the master key in every
     /// superblock; no data is rewritten.
     Passwd {
@@ -160,7 +182,19 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    if let Cmd::Fsck {
+        source,
+        repair,
+        verify_data,
+        key,
+    } = &cli.cmd
+    {
+        return ExitCode::from(fsck(source, *repair, *verify_data, key));
+    }
     let r = match cli.cmd {
+        Cmd::Fsck { .. } => unreachable!("handled above"),
+        Cmd::DebugDamage { source, what, key } => open_fs(&source, &key, false)
+            .and_then(|fs| stackfs::fsck::inject(&fs, &what).map(|_| println!("damaged: {what}"))),
         Cmd::Mkfs {
             layers,
             key,
@@ -478,6 +512,7 @@ fn mount(
         FsOptions {
             read_only: o.read_only,
             cache_bytes: o.cache_bytes,
+            lenient: false,
         },
     )?);
     let fusefs = FuseFs {
@@ -792,6 +827,7 @@ fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
                 FsOptions {
                     read_only: true,
                     cache_bytes: 16 << 20,
+                    lenient: true,
                 },
             )
         });
@@ -818,6 +854,86 @@ fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
         Err(e) => println!("usage:       unavailable ({e})"),
     }
     Ok(())
+}
+
+fn is_mounted(source: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').next() == Some(source))
+}
+
+/// Open a pool's filesystem outside a mount (fsck, tools).
+fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
+    if is_mounted(source) {
+        return Err(format!("{source} is mounted; unmount it first"));
+    }
+    let paths = parse_source(source);
+    let secret = if is_encrypted(&paths)? {
+        Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
+    } else {
+        None
+    };
+    let pool = pool::open(&paths, read_only, secret.as_ref()).map_err(|e| e.to_string())?;
+    for w in &pool.warnings {
+        eprintln!("stackfs: warning: {w}");
+    }
+    Fs::open(
+        pool,
+        FsOptions {
+            read_only,
+            cache_bytes: 16 << 20,
+            lenient: true,
+        },
+    )
+}
+
+fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
+    use stackfs::fsck;
+    let fs = match open_fs(source, key, !repair) {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("stackfs fsck: {e}");
+            // A metadata store that cannot be opened is damage, not a usage error.
+            return if e.contains("metadata") {
+                fsck::UNCORRECTED
+            } else {
+                fsck::OPERATIONAL
+            };
+        }
+    };
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} extents")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("checking");
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = match fsck::check(&fs, verify_data, repair, &progress) {
+        Ok(r) => r,
+        Err(e) => {
+            bar.finish_and_clear();
+            eprintln!("stackfs fsck: {e}");
+            return fsck::OPERATIONAL;
+        }
+    };
+    bar.finish_and_clear();
+    for p in &report.problems {
+        println!("{p}");
+    }
+    let code = report.exit_code();
+    println!(
+        "{source}: {} inodes, {} extents; {} problem(s), {} repaired",
+        report.inodes,
+        report.extents,
+        report.problems.len(),
+        report.repaired
+    );
+    code
 }
 
 fn passwd(source: &str, old: &KeyArgs, new: KeyArgs) -> Result<(), String> {

@@ -277,6 +277,13 @@ fn power_cut_at_200_points() {
         p.mount();
         check(&p.mnt, &j, cut);
         p.umount();
+        let f = stackfs(&["fsck", &p.source()]);
+        assert_eq!(
+            f.status.code(),
+            Some(0),
+            "cut {cut}: fsck: {}",
+            String::from_utf8_lossy(&f.stdout)
+        );
     }
     eprintln!("{points} power-cut points over {total} writes; {cuts_with_loss} cut before the end");
     assert!(

@@ -270,4 +270,48 @@ fn full_pool_enospc_and_recovery() {
     p.mount();
     assert!(fs::read(p.mnt.join("g4")).unwrap() == chunk);
     p.umount();
+    let f = stackfs(&["fsck", &p.source()]);
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "fsck after ENOSPC: {}",
+        String::from_utf8_lossy(&f.stdout)
+    );
+}
+
+/// fsck finds injected damage (exit 4), repairs it (exit 1), then is clean
+/// (exit 0); it refuses a mounted pool (exit 8).
+#[test]
+fn fsck_finds_repairs_and_refuses_mounted() {
+    let p = Pool::new(2, "128M");
+    p.mount();
+    fs::create_dir(p.mnt.join("d")).unwrap();
+    fs::write(p.mnt.join("d/f"), b"data").unwrap();
+    fs::hard_link(p.mnt.join("d/f"), p.mnt.join("g")).unwrap();
+    let code = stackfs(&["fsck", &p.source()]).status.code();
+    assert_eq!(code, Some(8), "fsck must refuse a mounted pool");
+    p.umount();
+    assert_eq!(stackfs(&["fsck", &p.source()]).status.code(), Some(0));
+    ok(stackfs(&["debug-damage", &p.source(), "leaked-extent"]));
+    ok(stackfs(&["debug-damage", &p.source(), "wrong-nlink"]));
+    let out = stackfs(&["fsck", &p.source()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("leaked space") && text.contains("link count"),
+        "{text}"
+    );
+    assert_eq!(
+        stackfs(&["fsck", "--repair", &p.source()]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        stackfs(&["fsck", "--verify-data", &p.source()])
+            .status
+            .code(),
+        Some(0)
+    );
+    p.mount();
+    assert_eq!(fs::read(p.mnt.join("g")).unwrap(), b"data");
+    p.umount();
 }
