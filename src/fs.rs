@@ -662,6 +662,19 @@ impl Fs {
             return Err(err(libc::ENAMETOOLONG));
         }
         let st = self.st.lock();
+        // The kernel asks for "." and ".." when it decodes an exported file
+        // handle (NFS, open_by_handle_at).
+        // ("." of any inode is itself: handles of files are decoded that way).
+        if name == b"." {
+            return self.load_inode(&st, parent);
+        }
+        if name == b".." {
+            let dir = self.load_inode(&st, parent)?;
+            if dir.kind != Kind::Dir {
+                return Err(err(libc::ENOTDIR));
+            }
+            return self.load_inode(&st, dir.parent);
+        }
         let rtx = self.db.begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;

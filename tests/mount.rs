@@ -315,3 +315,38 @@ fn fsck_finds_repairs_and_refuses_mounted() {
     assert_eq!(fs::read(p.mnt.join("g")).unwrap(), b"data");
     p.umount();
 }
+
+/// File handles (name_to_handle_at) stay valid across a remount: inode
+/// numbers and generations are stable, so NFS re-exports see no stale handles.
+#[test]
+fn file_handles_survive_remount() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let p = Pool::new(1, "64M");
+    p.mount();
+    fs::create_dir(p.mnt.join("dir")).unwrap();
+    fs::write(p.mnt.join("dir/f"), b"handle me").unwrap();
+    let path = CString::new(p.mnt.join("dir/f").as_os_str().as_bytes()).unwrap();
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+    let mut fh = vec![0u8; 8 + 128];
+    fh[..4].copy_from_slice(&128u32.to_ne_bytes());
+    let mut mount_id = 0i32;
+    // SAFETY: the buffer holds a file_handle of 128 bytes; all pointers are valid.
+    let r = unsafe { libc::syscall(libc::SYS_name_to_handle_at, libc::AT_FDCWD, path.as_ptr(), fh.as_mut_ptr(), &mut mount_id, 0) };
+    assert_eq!(r, 0, "name_to_handle_at: {}", std::io::Error::last_os_error());
+    p.umount();
+    p.mount();
+    let mnt = fs::File::open(&p.mnt).unwrap();
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    // SAFETY: as above; the handle came from the previous mount of the same pool.
+    let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mnt.as_raw_fd(), fh.as_mut_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0, "open_by_handle_at after remount: {}", std::io::Error::last_os_error());
+    // SAFETY: the syscall returned a new descriptor that we now own.
+    let f = unsafe { fs::File::from_raw_fd(fd as i32) };
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut &f, &mut s).unwrap();
+    assert_eq!(s, "handle me");
+    drop(f);
+    drop(mnt);
+    p.umount();
+}
