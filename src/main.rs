@@ -324,6 +324,7 @@ struct MountOpts {
     kernel: Vec<String>,
     log_file: Option<PathBuf>,
     key: KeyArgs,
+    remount: bool,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -336,6 +337,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         kernel: Vec::new(),
         log_file: None,
         key: KeyArgs::default(),
+        remount: false,
     };
     for opt in options
         .iter()
@@ -352,6 +354,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
             ("rw", None) => o.read_only = false,
             ("allow_other", None) => o.allow_other = true,
             ("default_permissions", None) => {}
+            ("remount", None) => o.remount = true,
             ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
             ("cache_size", Some(v)) => {
                 o.cache_bytes = parse_size(v).ok_or(format!("cache_size={v} is not a size"))?
@@ -373,6 +376,9 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
                 None,
             ) => {}
             (k, _) if k.starts_with("x-") || k == "comment" || k == "subtype" => {}
+            // The kernel's own FUSE options, which mount(8) passes back from
+            // /proc/mounts on a remount.
+            ("user_id" | "group_id" | "rootmode" | "fd" | "blksize" | "max_read", Some(_)) => {}
             _ => return Err(format!("unknown mount option {opt:?}")),
         }
     }
@@ -474,6 +480,9 @@ fn mount(
     let ready_fd: Option<i32> = std::env::var("STACKFS_READY_FD")
         .ok()
         .and_then(|v| v.parse().ok());
+    if o.remount {
+        return remount(&mountpoint, &o);
+    }
     let paths = parse_source(source);
     if !foreground {
         // Ask here, where the terminal is; the daemon gets the secret through a pipe.
@@ -667,6 +676,54 @@ fn mount_fuse(
         let _ = unmount(mountpoint);
         format!("FUSE handshake at {}: {e}", mountpoint.display())
     })
+}
+
+/// `-o remount[,ro|rw]`: change the running mount's flags in place; no second
+/// daemon. Going read-only first makes everything durable (fsync of the root
+/// reaches the daemon as fsyncdir, which commits all).
+fn remount(mountpoint: &std::path::Path, o: &MountOpts) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mnt =
+        std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let ours = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() > 2 && f[1] == mnt.to_string_lossy() && f[2] == "fuse.stackfs"
+    });
+    if !ours {
+        return Err(format!(
+            "{} is not a mounted stackfs pool; nothing to remount",
+            mnt.display()
+        ));
+    }
+    if o.read_only {
+        std::fs::File::open(&mnt)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("flushing before remount: {e}"))?;
+    }
+    let mut flags = libc::MS_REMOUNT;
+    if o.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let target = std::ffi::CString::new(mnt.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated path; the other pointers may be null for a remount.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "remounting {}: {}",
+            mnt.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Detach the mount (as `umount -l`): the session ends once the kernel lets go.

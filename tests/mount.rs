@@ -332,15 +332,40 @@ fn file_handles_survive_remount() {
     fh[..4].copy_from_slice(&128u32.to_ne_bytes());
     let mut mount_id = 0i32;
     // SAFETY: the buffer holds a file_handle of 128 bytes; all pointers are valid.
-    let r = unsafe { libc::syscall(libc::SYS_name_to_handle_at, libc::AT_FDCWD, path.as_ptr(), fh.as_mut_ptr(), &mut mount_id, 0) };
-    assert_eq!(r, 0, "name_to_handle_at: {}", std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            fh.as_mut_ptr(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at: {}",
+        std::io::Error::last_os_error()
+    );
     p.umount();
     p.mount();
     let mnt = fs::File::open(&p.mnt).unwrap();
     use std::os::unix::io::{AsRawFd, FromRawFd};
     // SAFETY: as above; the handle came from the previous mount of the same pool.
-    let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mnt.as_raw_fd(), fh.as_mut_ptr(), libc::O_RDONLY) };
-    assert!(fd >= 0, "open_by_handle_at after remount: {}", std::io::Error::last_os_error());
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mnt.as_raw_fd(),
+            fh.as_mut_ptr(),
+            libc::O_RDONLY,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "open_by_handle_at after remount: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: the syscall returned a new descriptor that we now own.
     let f = unsafe { fs::File::from_raw_fd(fd as i32) };
     let mut s = String::new();
@@ -349,4 +374,96 @@ fn file_handles_survive_remount() {
     drop(f);
     drop(mnt);
     p.umount();
+}
+
+/// The administrator's path: `make install`, an fstab line, `mount -T`,
+/// `umount`, remount read-only and back, for both the `stackfs` type (our
+/// helper) and `fuse.stackfs` (through mount.fuse3). It installs into
+/// /usr/local/bin and /sbin, so it runs in CI (CI=true) or when
+/// STACKFS_TEST_INSTALL=1; elsewhere it says so and stops.
+#[test]
+fn fstab_mount_umount_remount() {
+    if std::env::var("CI").is_err() && std::env::var("STACKFS_TEST_INSTALL").is_err() {
+        eprintln!("fstab test needs CI=true or STACKFS_TEST_INSTALL=1 (it installs stackfs system-wide); not run");
+        return;
+    }
+    let bin = std::path::Path::new(BIN).canonicalize().unwrap();
+    let make = |target: &str| {
+        let st = Command::new("make")
+            .args([
+                "-C",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/mount-scripts"),
+                target,
+            ])
+            .arg(format!("BIN={}", bin.display()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "make {target}");
+    };
+    struct Uninstall<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Uninstall<F> {
+        fn drop(&mut self) {
+            (self.0)("uninstall");
+        }
+    }
+    make("install");
+    let _guard = Uninstall(make);
+    let p = Pool::new(2, "64M");
+    let pass = p.dir.path().join("pass");
+    fs::write(&pass, format!("{PASS}\n")).unwrap();
+    for fstype in ["stackfs", "fuse.stackfs"] {
+        let fstab = p.dir.path().join("fstab");
+        fs::write(
+            &fstab,
+            format!("{} {} {fstype} passphrase_file={},nofail,_netdev,x-systemd.device-timeout=10s 0 0\n", p.source(), p.mnt.display(), pass.display()),
+        )
+        .unwrap();
+        let mount = |extra: &[&str]| {
+            let out = Command::new("mount")
+                .arg("-T")
+                .arg(&fstab)
+                .args(extra)
+                .arg(&p.mnt)
+                .env_remove("STACKFS_PASSPHRASE")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{fstype}: mount {extra:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        mount(&[]);
+        let line = fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(p.mnt.to_str().unwrap()))
+            .unwrap()
+            .to_string();
+        assert!(
+            line.starts_with(&format!("{} ", p.source())),
+            "{fstype}: /proc/mounts shows {line}"
+        );
+        assert!(line.contains(" fuse.stackfs "), "{line}");
+        fs::write(p.mnt.join(fstype), b"through fstab").unwrap();
+        mount(&["-o", "remount,ro"]);
+        assert_eq!(
+            fs::write(p.mnt.join("no"), b"x")
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EROFS)
+        );
+        mount(&["-o", "remount,rw"]);
+        fs::write(p.mnt.join("yes"), b"x").unwrap();
+        // Unmount by source, as fstests does.
+        assert!(Command::new("umount")
+            .arg(p.source())
+            .status()
+            .unwrap()
+            .success());
+        p.wait_daemon_gone();
+        mount(&[]);
+        assert_eq!(fs::read(p.mnt.join(fstype)).unwrap(), b"through fstab");
+        p.umount();
+    }
 }
