@@ -325,6 +325,8 @@ struct MountOpts {
     log_file: Option<PathBuf>,
     key: KeyArgs,
     remount: bool,
+    /// Device request timeout; None: wait forever.
+    timeout: Option<Duration>,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -338,6 +340,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         log_file: None,
         key: KeyArgs::default(),
         remount: false,
+        timeout: Some(pool::DEFAULT_TIMEOUT),
     };
     for opt in options
         .iter()
@@ -355,6 +358,14 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
             ("allow_other", None) => o.allow_other = true,
             ("default_permissions", None) => {}
             ("remount", None) => o.remount = true,
+            ("timeout", Some(v)) => {
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s >= 0.0 && *s < 1e7)
+                    .ok_or(format!("timeout={v} is not a number of seconds"))?;
+                o.timeout = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+            }
             ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
             ("cache_size", Some(v)) => {
                 o.cache_bytes = parse_size(v).ok_or(format!("cache_size={v} is not a size"))?
@@ -510,7 +521,8 @@ fn mount(
     } else {
         Some(secret(&o.key, "STACKFS_PASSPHRASE", false, "passphrase")?)
     };
-    let pool = pool::open(&paths, o.read_only, key.as_ref()).map_err(|e| e.to_string())?;
+    let pool =
+        pool::open(&paths, o.read_only, key.as_ref(), o.timeout).map_err(|e| e.to_string())?;
     drop(key);
     for w in &pool.warnings {
         log::warn!("{w}");
@@ -876,7 +888,7 @@ fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
             }
         }
     };
-    let opened = pool::open(&paths, true, secret.as_ref())
+    let opened = pool::open(&paths, true, secret.as_ref(), Some(pool::DEFAULT_TIMEOUT))
         .map_err(|e| e.to_string())
         .and_then(|p| {
             Fs::open(
@@ -931,7 +943,13 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
     } else {
         None
     };
-    let pool = pool::open(&paths, read_only, secret.as_ref()).map_err(|e| e.to_string())?;
+    let pool = pool::open(
+        &paths,
+        read_only,
+        secret.as_ref(),
+        Some(pool::DEFAULT_TIMEOUT),
+    )
+    .map_err(|e| e.to_string())?;
     for w in &pool.warnings {
         eprintln!("stackfs: warning: {w}");
     }

@@ -350,10 +350,15 @@ pub fn inspect(
 
 /// Open a pool for use: check it, repair a damaged primary superblock from its
 /// backup (when writable), and build the stack.
+/// How long a device request may take before it is cancelled and fails
+/// with EIO, unless the mount says otherwise (`timeout=SECONDS`).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn open(
     paths: &[PathBuf],
     read_only: bool,
     secret: Option<&Secret>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<Pool, PoolError> {
     let (found, mut warnings) = inspect(paths)?;
     if !read_only {
@@ -387,7 +392,7 @@ pub fn open(
     } else {
         None
     };
-    let stack = spec.build_with(devices, crypt_keys.as_ref())?;
+    let stack = spec.build_with(devices, crypt_keys.as_ref(), timeout)?;
     Ok(Pool {
         sb,
         paths: found.iter().map(|(p, _, _)| p.clone()).collect(),

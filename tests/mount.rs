@@ -467,3 +467,63 @@ fn fstab_mount_umount_remount() {
         p.umount();
     }
 }
+
+/// A device that stops answering: reads fail with EIO within the mount's
+/// timeout, the daemon keeps serving, and umount still works.
+#[test]
+fn hung_device_times_out_and_umount_works() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::time::{Duration, Instant};
+    let p = Pool::with(
+        2,
+        "64M",
+        &[
+            "--layers",
+            "compress=lz4,crypt=aes-256-gcm,stripe=64k,fault",
+        ],
+    );
+    p.mount();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
+        .collect();
+    fs::write(p.mnt.join("f"), &data).unwrap();
+    p.umount();
+    let log = format!("timeout=2,log_file={}", p.log().display());
+    ok(stackfs(&[
+        "mount",
+        "-o",
+        &log,
+        &p.source(),
+        p.mnt.to_str().unwrap(),
+    ]));
+    let root = CString::new(p.mnt.as_os_str().as_bytes()).unwrap();
+    let cmd = b"hang any";
+    // SAFETY: valid C strings and buffer for the duration of the call.
+    let r = unsafe {
+        libc::setxattr(
+            root.as_ptr(),
+            c"stackfs.fault".as_ptr(),
+            cmd.as_ptr().cast(),
+            cmd.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let started = Instant::now();
+    let e = fs::read(p.mnt.join("f")).unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "EIO after {took:?}"
+    );
+    assert!(p.daemon_pid().is_some(), "the daemon keeps running");
+    let started = Instant::now();
+    p.umount();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The device answers again: everything is there.
+    p.mount();
+    assert!(fs::read(p.mnt.join("f")).unwrap() == data);
+    p.umount();
+}

@@ -18,6 +18,7 @@ pub mod layer;
 pub mod mem;
 pub mod spec;
 pub mod stripe;
+pub mod watchdog;
 
 pub use buf::{Buf, BufPool, PAGE};
 pub use crypt::NonceSource;

@@ -189,13 +189,16 @@ impl StackSpec {
     /// Build the stack over opened devices (in pool order). Every layer is
     /// wrapped in the framework's counters. A crypt layer needs `keys`.
     pub fn build(&self, devices: Vec<Arc<Device>>) -> Result<Stack, SpecError> {
-        self.build_with(devices, None)
+        self.build_with(devices, None, None)
     }
 
+    /// With a `timeout`, a watchdog above the devices turns requests that
+    /// take longer into EIO (after cancelling them below).
     pub fn build_with(
         &self,
         devices: Vec<Arc<Device>>,
         keys: Option<&CryptKeys>,
+        timeout: Option<std::time::Duration>,
     ) -> Result<Stack, SpecError> {
         if self.has_crypt() && keys.is_none() {
             return Err(SpecError::Shape(
@@ -235,6 +238,9 @@ impl StackSpec {
             }
             _ => lowers.pop().expect("one device"),
         };
+        if let Some(t) = timeout {
+            top = Counted::wrap(crate::watchdog::Watchdog::new(top, t));
+        }
         let mut meta = None;
         for spec in self.layers[..split].iter().rev() {
             top = match spec {
@@ -380,7 +386,7 @@ mod tests {
         );
         assert!(StackSpec::parse("compress=lz4,stripe=64k")
             .unwrap()
-            .build_with(vec![], None)
+            .build_with(vec![], None, None)
             .is_err());
     }
 

@@ -36,7 +36,7 @@ fn stack(spec: &str, n: usize) -> (tempfile::TempDir, Vec<PathBuf>, Stack, Arc<C
     };
     let s = StackSpec::parse(spec)
         .unwrap()
-        .build_with(devs, Some(&keys))
+        .build_with(devs, Some(&keys), None)
         .unwrap();
     (dir, paths, s, nonces)
 }
