@@ -16,6 +16,30 @@ use std::time::{Duration, SystemTime};
 /// How long the kernel may trust attributes and names: we are the only writer.
 const TTL: Duration = Duration::from_secs(1);
 const FAULT_XATTR: &[u8] = b"stackfs.fault";
+const STATS_XATTR: &[u8] = b"stackfs.stats";
+
+/// Every layer of the stack with its counters, as JSON (`stackfs info` of a
+/// mounted pool reads it from the root's `stackfs.stats` xattr).
+pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = stackfs_layers::spec::walk(top)
+        .into_iter()
+        .map(|(depth, l)| {
+            let s = l.stats().map(|s| s.snapshot()).unwrap_or_default();
+            serde_json::json!({
+                "depth": depth,
+                "layer": l.name(),
+                "requests": s.requests,
+                "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes,
+                "errors": s.errors,
+                "in_flight": s.in_flight,
+                "latency_p50_us": s.latency_quantile_us(0.5),
+                "latency_p99_us": s.latency_quantile_us(0.99),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(nodes)
+}
 
 pub struct FuseFs {
     pub fs: Arc<Fs>,
@@ -529,6 +553,9 @@ impl Filesystem for FuseFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = match (ino.0, self.fs.pool.stack.fault.as_ref()) {
             (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
+            (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)
+                .to_string()
+                .into_bytes()),
             _ => self.fs.getxattr(ino.0, name.as_bytes()),
         };
         match r {

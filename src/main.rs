@@ -68,9 +68,13 @@ enum Cmd {
         mountpoint: PathBuf,
     },
     /// Show a pool's devices, layers and usage (usage of an encrypted pool
-    /// needs its key: --passphrase-file, --key-file or STACKFS_PASSPHRASE).
+    /// needs its key: --passphrase-file, --key-file or STACKFS_PASSPHRASE);
+    /// for a mounted pool, the live counters of every layer.
     Info {
         source: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -233,7 +237,7 @@ fn main() -> ExitCode {
             source,
             mountpoint,
         } => mount(foreground, &options, &source, mountpoint),
-        Cmd::Info { source, key } => info(&source, &key),
+        Cmd::Info { source, key, json } => info(&source, &key, json),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -827,14 +831,110 @@ fn wait_for_signal() {
     unsafe { libc::sigwait(&set, &mut sig) };
 }
 
-fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
+fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
+    use serde_json::json;
     let paths = parse_source(source);
     let (found, warnings) = pool::inspect(&paths).map_err(|e| e.to_string())?;
     for w in &warnings {
         eprintln!("stackfs: warning: {w}");
     }
     let sb = &found[0].2;
-    println!("pool:        {}", uuid_str(&sb.pool_uuid));
+    let encryption = (!sb.keys.is_empty()).then(|| {
+        let newest = found
+            .iter()
+            .max_by_key(|(_, _, s)| s.generation)
+            .map(|(_, _, s)| KeyBlob::decode(&s.keys));
+        match newest {
+            Some(Ok(b)) => format!("aes-256-gcm, unlocked by {}", b.describe()),
+            _ => "aes-256-gcm, key material unreadable".into(),
+        }
+    });
+    let devices: Vec<_> = found
+        .iter()
+        .map(|(p, size, d)| json!({"index": d.index, "path": p.display().to_string(), "size": size, "uuid": uuid_str(&d.device_uuid)}))
+        .collect();
+    let mut out = json!({
+        "pool": uuid_str(&sb.pool_uuid),
+        "layers": sb.spec,
+        "encryption": encryption,
+        "devices": devices,
+        "capacity": sb.per_device * sb.count as u64,
+        "metadata_region": sb.meta_len,
+    });
+    let mountpoint = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split(' ').next() == Some(source))
+        .and_then(|l| l.split(' ').nth(1).map(|m| m.replace("\\040", " ")));
+    if let Some(m) = &mountpoint {
+        out["mounted_at"] = json!(m);
+        // Live counters from the daemon, and space as statfs sees it.
+        let c = std::ffi::CString::new(m.as_str()).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: valid C strings; the buffer outlives the call.
+        let n = unsafe {
+            libc::getxattr(
+                c.as_ptr(),
+                c"stackfs.stats".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n > 0 {
+            out["layer_counters"] =
+                serde_json::from_slice(&buf[..n as usize]).unwrap_or(serde_json::Value::Null);
+        }
+        // SAFETY: statvfs fills the struct we pass.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            out["data_space"] = json!(st.f_blocks * st.f_frsize);
+            out["free"] = json!(st.f_bavail * st.f_frsize);
+            out["inodes"] = json!(st.f_files - st.f_ffree);
+        }
+    } else {
+        let secret = match sb.keys.is_empty() {
+            true => Ok(None),
+            false => secret(key, "STACKFS_PASSPHRASE", false, "passphrase").map(Some),
+        };
+        let opened = secret.and_then(|s| {
+            pool::open(&paths, true, s.as_ref(), Some(pool::DEFAULT_TIMEOUT))
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    Fs::open(
+                        p,
+                        FsOptions {
+                            read_only: true,
+                            cache_bytes: 16 << 20,
+                            lenient: true,
+                        },
+                    )
+                })
+        });
+        match opened.and_then(|fs| {
+            Ok((
+                fs.usage().map_err(|e| e.to_string())?,
+                fs.space().map_err(|e| e.to_string())?,
+            ))
+        }) {
+            Ok((u, space)) => {
+                out["data_space"] = json!(u.total);
+                out["free"] = json!(u.free);
+                out["inodes"] = json!(u.inodes);
+                out["logical_bytes"] = json!(space.logical);
+                out["stored_bytes"] = json!(space.stored);
+            }
+            Err(e) => out["usage_unavailable"] = json!(e),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) >> 20;
+    println!("pool:        {}", out["pool"].as_str().unwrap_or(""));
     println!(
         "layers:      {}",
         if sb.spec.is_empty() {
@@ -843,15 +943,8 @@ fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
             &sb.spec
         }
     );
-    if !sb.keys.is_empty() {
-        let blob = found
-            .iter()
-            .max_by_key(|(_, _, s)| s.generation)
-            .map(|(_, _, s)| KeyBlob::decode(&s.keys));
-        match blob {
-            Some(Ok(b)) => println!("encryption:  aes-256-gcm, unlocked by {}", b.describe()),
-            _ => println!("encryption:  aes-256-gcm, key material unreadable"),
-        }
+    if let Some(e) = &encryption {
+        println!("encryption:  {e}");
     }
     println!("devices:     {}", sb.count);
     for (path, size, d) in &found {
@@ -863,64 +956,48 @@ fn info(source: &str, key: &KeyArgs) -> Result<(), String> {
             uuid_str(&d.device_uuid)
         );
     }
-    let capacity = sb.per_device * sb.count as u64;
     println!(
         "capacity:    {} MiB (metadata region {} MiB)",
-        capacity >> 20,
-        sb.meta_len >> 20
+        mib(&out["capacity"]),
+        mib(&out["metadata_region"])
     );
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').next() == Some(source));
-    if mounted {
-        println!("state:       mounted");
-        return Ok(());
+    if let Some(m) = &mountpoint {
+        println!("state:       mounted at {m}");
     }
-    let secret = if sb.keys.is_empty() {
-        None
+    if let Some(e) = out["usage_unavailable"].as_str() {
+        println!("usage:       unavailable ({e})");
     } else {
-        match secret(key, "STACKFS_PASSPHRASE", false, "passphrase") {
-            Ok(s) => Some(s),
-            Err(e) => {
-                println!("usage:       needs the key ({e})");
-                return Ok(());
-            }
-        }
-    };
-    let opened = pool::open(&paths, true, secret.as_ref(), Some(pool::DEFAULT_TIMEOUT))
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            Fs::open(
-                p,
-                FsOptions {
-                    read_only: true,
-                    cache_bytes: 16 << 20,
-                    lenient: true,
-                },
-            )
-        });
-    match opened.and_then(|fs| fs.space().map_err(|e| e.to_string()).map(|s| (fs, s))) {
-        Ok((fs, space)) => {
-            let u = fs.usage().map_err(|e| e.to_string())?;
+        let (total, free) = (mib(&out["data_space"]), mib(&out["free"]));
+        println!(
+            "used:        {} MiB of {total} MiB data space",
+            total.saturating_sub(free)
+        );
+        println!("inodes:      {}", out["inodes"].as_u64().unwrap_or(0));
+    }
+    if let (Some(l), Some(st)) = (out["logical_bytes"].as_u64(), out["stored_bytes"].as_u64()) {
+        let ratio = if st > 0 { l as f64 / st as f64 } else { 1.0 };
+        println!(
+            "data:        {} MiB logical in {} MiB stored (ratio {ratio:.2})",
+            l >> 20,
+            st >> 20
+        );
+    }
+    if let Some(nodes) = out["layer_counters"].as_array() {
+        println!("layer counters:");
+        for n in nodes {
             println!(
-                "used:        {} MiB of {} MiB data space",
-                (u.total - u.free) >> 20,
-                u.total >> 20
-            );
-            println!("inodes:      {}", u.inodes);
-            let ratio = if space.stored > 0 {
-                space.logical as f64 / space.stored as f64
-            } else {
-                1.0
-            };
-            println!(
-                "data:        {} MiB logical in {} MiB stored (ratio {ratio:.2})",
-                space.logical >> 20,
-                space.stored >> 20
+                "  {:indent$}{:<24} {:>9} req {:>8} MiB read {:>8} MiB written {:>4} err  p50 {}µs p99 {}µs",
+                "",
+                n["layer"].as_str().unwrap_or(""),
+                n["requests"],
+                mib(&n["read_bytes"]),
+                mib(&n["write_bytes"]),
+                n["errors"],
+                n["latency_p50_us"],
+                n["latency_p99_us"],
+                indent = 2 * n["depth"].as_u64().unwrap_or(0) as usize
             );
         }
-        Err(e) => println!("usage:       unavailable ({e})"),
     }
     Ok(())
 }

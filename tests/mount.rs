@@ -527,3 +527,43 @@ fn hung_device_times_out_and_umount_works() {
     assert!(fs::read(p.mnt.join("f")).unwrap() == data);
     p.umount();
 }
+
+/// `info --json`: usage and the compression ratio from the pool at rest; live
+/// per-layer counters from a mounted pool.
+#[test]
+fn info_json_shows_usage_and_live_counters() {
+    let p = Pool::new(3, "128M");
+    p.mount();
+    fs::write(
+        p.mnt.join("text"),
+        b"all work and no play makes a dull filesystem\n".repeat(20_000),
+    )
+    .unwrap();
+    let live: serde_json::Value =
+        serde_json::from_str(&ok(stackfs(&["info", "--json", &p.source()]))).unwrap();
+    let layers = live["layer_counters"]
+        .as_array()
+        .expect("counters of a mounted pool");
+    let names: Vec<&str> = layers.iter().filter_map(|l| l["layer"].as_str()).collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("compress"))
+            && names.iter().any(|n| n.starts_with("device:")),
+        "{names:?}"
+    );
+    assert!(layers.iter().all(|l| l["errors"] == 0));
+    assert!(layers
+        .iter()
+        .any(|l| l["write_bytes"].as_u64().unwrap_or(0) > 0));
+    p.umount();
+    let rest: serde_json::Value =
+        serde_json::from_str(&ok(stackfs(&["info", "--json", &p.source()]))).unwrap();
+    let (logical, stored) = (
+        rest["logical_bytes"].as_u64().unwrap(),
+        rest["stored_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        logical >= 900_000 && stored * 10 < logical,
+        "logical {logical}, stored {stored}"
+    );
+    assert_eq!(rest["devices"].as_array().unwrap().len(), 3);
+}
