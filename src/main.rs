@@ -306,6 +306,7 @@ fn mkfs(
             spec,
             size,
             force,
+            progress: mkfs_progress(devices.len()),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -1000,6 +1001,33 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A progress bar per device on a terminal (clearing old contents of large
+/// devices takes a while); nothing otherwise.
+fn mkfs_progress(n: usize) -> Box<dyn Fn(usize, u64, u64)> {
+    let multi = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template(
+        "device {prefix}: clearing [{bar:40}] {bytes}/{total_bytes}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let bars: Vec<indicatif::ProgressBar> = (0..n)
+        .map(|i| {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            b.set_style(style.clone());
+            b.set_prefix(i.to_string());
+            b
+        })
+        .collect();
+    Box::new(move |i, done, total| {
+        if let Some(b) = bars.get(i) {
+            b.set_length(total);
+            b.set_position(done);
+            if done >= total {
+                b.finish();
+            }
+        }
+    })
 }
 
 fn is_mounted(source: &str) -> bool {

@@ -125,6 +125,8 @@ pub struct MkfsOptions {
     /// Unlocks the pool when its stack has a crypt layer.
     pub secret: Option<Secret>,
     pub kdf: Kdf,
+    /// (device index, bytes cleared, bytes to clear), for a progress bar.
+    pub progress: Box<dyn Fn(usize, u64, u64)>,
 }
 
 /// Format the devices as one pool. Refuses a device that holds a pool
@@ -220,30 +222,77 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
             nonce_next: 0,
         };
         // Old pool contents must not leak into the new one: punch the region.
-        discard_region(&d.file, DATA_START, per_device);
+        let meta_share = (meta_len.div_ceil(devs.len() as u64)).div_ceil(chunk) * chunk + chunk;
+        clear_region(
+            &d.file,
+            DATA_START,
+            per_device,
+            meta_share.min(per_device),
+            &|done| (opts.progress)(i, done, per_device),
+        )
+        .map_err(dev_err(&d.path))?;
         superblock::write(&d.file, d.size, &sb).map_err(dev_err(&d.path))?;
         first.get_or_insert(sb);
     }
     Ok(first.expect("at least one device"))
 }
 
-fn discard_region(file: &File, off: u64, len: u64) {
+/// Forget a device's old contents before the new pool uses it: punch the
+/// whole region out (image files) or discard it (block devices), then make
+/// sure the metadata share reads as zeros (old metadata slots, sealed with
+/// another pool's key, would otherwise read as damage). Reports progress in bytes.
+fn clear_region(
+    file: &File,
+    off: u64,
+    len: u64,
+    meta_share: u64,
+    progress: &dyn Fn(u64),
+) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
-    // SAFETY: plain syscall on an fd we own; failure only means the bytes stay.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as i64,
-            len as i64,
-        )
-    };
-    if r != 0 {
-        // Block devices and filesystems without punch: zero the metadata
-        // region's start at least, which is what a new pool would misread.
-        let zeros = vec![0u8; 1 << 20];
-        let _ = std::os::unix::fs::FileExt::write_all_at(file, &zeros, off);
+    const STEP: u64 = 1 << 30;
+    let is_blockdev =
+        std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
+    let mut zeroed = false;
+    let mut done = 0;
+    while done < len {
+        let n = STEP.min(len - done);
+        let at = off + done;
+        // SAFETY: plain syscalls on an fd we own, with plain integer arguments.
+        let r = unsafe {
+            if is_blockdev {
+                const BLKDISCARD: libc::c_ulong = 0x1277;
+                let range = [at, n];
+                libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr())
+            } else {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    at as i64,
+                    n as i64,
+                )
+            }
+        };
+        if r != 0 {
+            break;
+        }
+        zeroed = !is_blockdev;
+        done += n;
+        progress(done);
     }
+    if !zeroed {
+        // Discard unsupported, or a block device (discarded blocks need not read as zeros).
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < meta_share {
+            let n = (zeros.len() as u64).min(meta_share - at) as usize;
+            std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], off + at)?;
+            at += n as u64;
+            progress(at.min(len));
+        }
+        file.sync_data()?;
+    }
+    progress(len);
+    Ok(())
 }
 
 pub struct Pool {
