@@ -156,6 +156,29 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// An empty directory owned by root (the root itself, lost+found).
+    pub(crate) fn new_dir(ino: u64, perm: u16, parent: u64) -> Inode {
+        let now = Ts::now();
+        Inode {
+            ino,
+            kind: Kind::Dir,
+            perm,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            stored: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            generation: 0,
+            parent,
+            next_cookie: 3,
+        }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u8(1)
@@ -523,25 +546,7 @@ impl Fs {
             if t.get(ROOT).map_err(db_err)?.is_some() {
                 return Ok(());
             }
-            let now = Ts::now();
-            let root = Inode {
-                ino: ROOT,
-                kind: Kind::Dir,
-                perm: 0o755,
-                uid: 0,
-                gid: 0,
-                nlink: 2,
-                size: 0,
-                stored: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                crtime: now,
-                rdev: 0,
-                generation: 0,
-                parent: ROOT,
-                next_cookie: 3,
-            };
+            let root = Inode::new_dir(ROOT, 0o755, ROOT);
             t.insert(ROOT, root.encode().as_slice()).map_err(db_err)?;
             tx.open_table(DIRENTS).map_err(db_err)?;
             tx.open_table(COOKIES).map_err(db_err)?;

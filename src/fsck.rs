@@ -424,25 +424,7 @@ fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, String> {
                                     .map(|(k, _)| k.value())
                                     .unwrap_or(ROOT),
                             ) + 1;
-                            let now = crate::fs::Ts::now();
-                            let dir = Inode {
-                                ino: lf,
-                                kind: Kind::Dir,
-                                perm: 0o700,
-                                uid: 0,
-                                gid: 0,
-                                nlink: 2,
-                                size: 0,
-                                stored: 0,
-                                atime: now,
-                                mtime: now,
-                                ctime: now,
-                                crtime: now,
-                                rdev: 0,
-                                generation: 0,
-                                parent: ROOT,
-                                next_cookie: 3,
-                            };
+                            let dir = Inode::new_dir(lf, 0o700, ROOT);
                             inodes
                                 .insert(lf, dir.encode().as_slice())
                                 .map_err(|x| e(&x))?;

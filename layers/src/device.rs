@@ -300,11 +300,9 @@ impl Layer for Device {
         }
         self.ring.stop.store(true, Ordering::Release);
         let nop = opcode::Nop::new().build().user_data(WAKE);
-        // A chain that drops the last handle from the completion thread must
-        // not wait for itself.
-        if self.ring.push_all(&[nop]).is_ok() && handle.thread().id() != std::thread::current().id()
-        {
-            let _ = handle.join();
+        // Without the wake-up the completion thread would never return.
+        if self.ring.push_all(&[nop]).is_ok() {
+            crate::layer::join_unless_current(Some(handle));
         }
     }
 }

@@ -504,11 +504,7 @@ impl Layer for Fault {
         }
         self.delays.heap.lock().2 = true;
         self.delays.wake.notify_all();
-        if let Some(t) = self.timer.lock().take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
+        crate::layer::join_unless_current(self.timer.lock().take());
         self.lower.shutdown();
     }
 }

@@ -216,6 +216,16 @@ pub fn submit_wait_tag(
     w.wait_tag()
 }
 
+/// Join a layer's background thread on shutdown, unless shutdown runs on that
+/// very thread (a completion chain dropping the last handle).
+pub fn join_unless_current(handle: Option<std::thread::JoinHandle<()>>) {
+    if let Some(t) = handle {
+        if t.thread().id() != std::thread::current().id() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Space below a layer for a request of `len` bytes: with the layers'
 /// overhead, padded to whole 4 KiB blocks.
 pub fn footprint(layer: &dyn Layer, len: u64) -> u64 {

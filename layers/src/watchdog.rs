@@ -142,11 +142,7 @@ impl Layer for Watchdog {
     fn shutdown(&self) {
         *self.shared.stop.lock() = true;
         self.shared.wake.notify_all();
-        if let Some(t) = self.thread.lock().take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
+        crate::layer::join_unless_current(self.thread.lock().take());
         self.lower.shutdown();
     }
 }
