@@ -29,4 +29,4 @@ cmp "$demo/random" "$demo/mnt/random" && echo "64 MiB of random data read back i
 diff -r /usr/include/linux "$demo/mnt/include" && echo "/usr/include/linux copied intact ($(find "$demo/mnt/include" -type f | wc -l) files)"
 $bin info "$src" || true
 umount "$demo/mnt"
-echo "demo pool left in $demo (mount it again with: $bin mount $src $demo/mnt)"
+echo "demo pool left in $demo (mount it again with: $bin mount $src $demo/mnt; passphrase: $STACKFS_PASSPHRASE)"
