@@ -8,7 +8,7 @@
 use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED, TAG_RAW};
-use crate::layer::Layer;
+use crate::layer::{transform, Layer};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -137,15 +137,7 @@ impl Layer for Compress {
         self.lower.capacity()
     }
     fn submit(&self, io: Io) {
-        if io.is_cancelled() {
-            io.finish(Err(Errno::ECANCELED));
-            return;
-        }
-        match io.op() {
-            Op::Write => self.write(io),
-            Op::Read => self.read(io),
-            Op::Flush | Op::Discard => self.lower.submit(io),
-        }
+        transform(io, &*self.lower, |io| self.write(io), |io| self.read(io));
     }
     fn overhead(&self) -> u64 {
         self.lower.overhead()

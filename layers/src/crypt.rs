@@ -19,7 +19,7 @@
 use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED};
-use crate::layer::Layer;
+use crate::layer::{transform, Layer};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::sync::Arc;
 
@@ -199,15 +199,7 @@ impl Layer for Crypt {
         self.lower.capacity()
     }
     fn submit(&self, io: Io) {
-        if io.is_cancelled() {
-            io.finish(Err(Errno::ECANCELED));
-            return;
-        }
-        match io.op() {
-            Op::Write => self.write(io),
-            Op::Read => self.read(io),
-            Op::Flush | Op::Discard => self.lower.submit(io),
-        }
+        transform(io, &*self.lower, |io| self.write(io), |io| self.read(io));
     }
     fn overhead(&self) -> u64 {
         OVERHEAD + self.lower.overhead()

@@ -216,6 +216,21 @@ pub fn submit_wait_tag(
     w.wait_tag()
 }
 
+/// How a transforming layer (compress, crypt) takes a request: a cancelled
+/// one never starts, writes and reads go to the layer's own code, flushes
+/// and discards pass through unchanged.
+pub fn transform(io: Io, lower: &dyn Layer, write: impl FnOnce(Io), read: impl FnOnce(Io)) {
+    if io.is_cancelled() {
+        io.finish(Err(Errno::ECANCELED));
+        return;
+    }
+    match io.op() {
+        Op::Write => write(io),
+        Op::Read => read(io),
+        Op::Flush | Op::Discard => lower.submit(io),
+    }
+}
+
 /// Join a layer's background thread on shutdown, unless shutdown runs on that
 /// very thread (a completion chain dropping the last handle).
 pub fn join_unless_current(handle: Option<std::thread::JoinHandle<()>>) {
