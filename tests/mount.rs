@@ -567,3 +567,36 @@ fn info_json_shows_usage_and_live_counters() {
     );
     assert_eq!(rest["devices"].as_array().unwrap().len(), 3);
 }
+
+/// The mount's readahead is raised past the kernel's 128 KiB for FUSE
+/// (default 4 MiB, `-o readahead=KB`).
+#[test]
+fn readahead_is_raised() {
+    let p = Pool::new(1, "64M");
+    let bdi_ra = |p: &Pool| {
+        let mnt = p.mnt.to_string_lossy().to_string();
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let dev = info
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.len() > 4 && f[4] == mnt)
+            .map(|f| f[2].to_string())
+            .unwrap();
+        fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    p.mount();
+    assert_eq!(bdi_ra(&p), "4096");
+    p.umount();
+    ok(stackfs(&[
+        "mount",
+        "-o",
+        "readahead=512",
+        &p.source(),
+        p.mnt.to_str().unwrap(),
+    ]));
+    assert_eq!(bdi_ra(&p), "512");
+    p.umount();
+}
