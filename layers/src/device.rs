@@ -29,11 +29,25 @@ const RING_ENTRIES: u32 = 512;
 /// Sector size that O_DIRECT requests keep.
 const DIRECT_ALIGN: usize = 4096;
 
+/// The iovec array of a vectored request: it must stay put until the kernel
+/// has finished the request, so it lives in the in-flight table with it.
+struct IoVecs(#[allow(dead_code)] Box<[libc::iovec]>);
+
+// SAFETY: the iovecs point into buffers owned by the request they travel
+// with; the array itself is only read by the kernel.
+unsafe impl Send for IoVecs {}
+
+/// A request the kernel holds, with what must outlive it there.
+struct InFlight {
+    io: Io,
+    _iov: Option<IoVecs>,
+}
+
 struct Ring {
     uring: IoUring,
     /// Serialises pushes to the submission queue.
     sq: Mutex<()>,
-    inflight: Mutex<HashMap<u64, Io>>,
+    inflight: Mutex<HashMap<u64, InFlight>>,
     next_id: AtomicU64,
     stop: AtomicBool,
 }
@@ -166,7 +180,7 @@ impl Device {
 
     /// Build the ring entry for one request, or finish it at once (range
     /// errors, block-device discards, cancelled before start).
-    fn entry(&self, io: &Io, id: u64) -> Option<squeue::Entry> {
+    fn entry(&self, io: &Io, id: u64) -> Option<(squeue::Entry, Option<IoVecs>)> {
         if io.is_cancelled() {
             io.finish(Err(Errno::ECANCELED));
             return None;
@@ -181,6 +195,29 @@ impl Device {
         }
         let off = self.base + io.addr();
         let entry = match io.op() {
+            Op::Read | Op::Write if io.is_vectored() => {
+                let fd = self.fd_for(io, off);
+                let iov: Box<[libc::iovec]> = io
+                    .segments()
+                    .iter()
+                    .map(|b| libc::iovec {
+                        iov_base: b.as_ptr().cast(),
+                        iov_len: b.len(),
+                    })
+                    .collect();
+                let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
+                let e = if io.op() == Op::Read {
+                    opcode::Readv::new(types::Fd(fd), ptr, n)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Writev::new(types::Fd(fd), ptr, n)
+                        .offset(off)
+                        .build()
+                };
+                // The boxed array does not move when the box does.
+                return Some((e.user_data(id), Some(IoVecs(iov))));
+            }
             Op::Read | Op::Write => {
                 let fd = self.fd_for(io, off);
                 let (ptr, len) = (io.buf().as_ptr(), io.len() as u32);
@@ -206,12 +243,14 @@ impl Device {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
-        Some(entry.user_data(id))
+        Some((entry.user_data(id), None))
     }
 
     fn fd_for(&self, io: &Io, off: u64) -> i32 {
         if let Some(d) = &self.direct {
-            if io.buf().is_aligned(DIRECT_ALIGN) && off % DIRECT_ALIGN as u64 == 0 {
+            if io.segments().iter().all(|b| b.is_aligned(DIRECT_ALIGN))
+                && off % DIRECT_ALIGN as u64 == 0
+            {
                 return d.as_raw_fd();
             }
             if !self.warned_buffered.swap(true, Ordering::Relaxed) {
@@ -247,6 +286,10 @@ impl Layer for Device {
         self.capacity
     }
 
+    fn vectored(&self) -> bool {
+        true
+    }
+
     fn submit(&self, io: Io) {
         self.submit_batch(vec![io]);
     }
@@ -256,27 +299,37 @@ impl Layer for Device {
         let mut started = Vec::with_capacity(ios.len());
         for io in ios {
             let id = self.ring.next_id.fetch_add(1, Ordering::Relaxed);
-            if let Some(e) = self.entry(&io, id) {
+            if let Some((e, iov)) = self.entry(&io, id) {
                 entries.push(e);
-                started.push((id, io));
+                started.push((id, io, iov));
             }
         }
         if started.is_empty() {
             return;
         }
-        {
+        let started: Vec<(u64, Io)> = {
             let mut inflight = self.ring.inflight.lock();
-            for (id, io) in &started {
-                inflight.insert(*id, io.clone());
-            }
-        }
+            started
+                .into_iter()
+                .map(|(id, io, iov)| {
+                    inflight.insert(
+                        id,
+                        InFlight {
+                            io: io.clone(),
+                            _iov: iov,
+                        },
+                    );
+                    (id, io)
+                })
+                .collect()
+        };
         if let Err(err) = self.ring.push_all(&entries) {
             // The ring refused them: none was started; fail each one.
             log::error!("{}: io_uring submit failed: {err}", self.path.display());
             let mut inflight = self.ring.inflight.lock();
             let failed: Vec<Io> = started
                 .iter()
-                .filter_map(|(id, _)| inflight.remove(id))
+                .filter_map(|(id, _)| inflight.remove(id).map(|f| f.io))
                 .collect();
             drop(inflight);
             for io in failed {
@@ -328,6 +381,7 @@ fn reap(ring: Arc<Ring>) {
             let cq = unsafe { ring.uring.completion_shared() };
             done.extend(cq.map(|c| (c.user_data(), c.result())));
         }
+        // Each entry keeps its iovecs alive until the chain has run.
         let mut finished = Vec::with_capacity(done.len());
         {
             let mut inflight = ring.inflight.lock();
@@ -340,8 +394,8 @@ fn reap(ring: Arc<Ring>) {
                 }
             }
         }
-        for (io, res) in finished {
-            io.finish(result_of(&io, res));
+        for (f, res) in finished {
+            f.io.finish(result_of(&f.io, res));
         }
         if ring.stop.load(Ordering::Acquire) && ring.inflight.lock().is_empty() {
             return;
@@ -358,8 +412,13 @@ fn result_of(io: &Io, res: i32) -> Result<u64, Errno> {
     let n = res as u64;
     match io.op() {
         Op::Read if n < io.len() => {
-            // SAFETY: the read is complete; this request still owns its buffer.
-            unsafe { io.buf().as_mut_slice_unchecked()[n as usize..].fill(0) };
+            let mut at = 0u64;
+            for seg in io.segments() {
+                let start = n.saturating_sub(at).min(seg.len() as u64) as usize;
+                // SAFETY: the read is complete; this request still owns its buffers.
+                unsafe { seg.as_mut_slice_unchecked()[start..].fill(0) };
+                at += seg.len() as u64;
+            }
             Ok(io.len())
         }
         Op::Write if n < io.len() => {

@@ -71,6 +71,8 @@ struct IoInner {
     /// Bytes covered: the buffer's length, or the range of a discard.
     len: u64,
     buf: Buf,
+    /// A vectored request's buffers in order (`buf` is the first); empty otherwise.
+    segs: Vec<Buf>,
     tag: Mutex<ExtentTag>,
     parent: Option<Io>,
     children: Mutex<Vec<Weak<IoInner>>>,
@@ -101,7 +103,16 @@ impl Io {
     /// A top-level request; `end_io` receives its final result.
     pub fn new(op: Op, addr: u64, buf: Buf, end_io: Option<EndIo>) -> Io {
         let len = buf.len() as u64;
-        Io::build(op, addr, len, buf, None, end_io, ExtentTag::default())
+        Io::build(
+            op,
+            addr,
+            len,
+            buf,
+            Vec::new(),
+            None,
+            end_io,
+            ExtentTag::default(),
+        )
     }
 
     /// A discard of `len` bytes (no buffer).
@@ -111,17 +122,20 @@ impl Io {
             addr,
             len,
             Buf::zeroed(0),
+            Vec::new(),
             None,
             end_io,
             ExtentTag::default(),
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         op: Op,
         addr: u64,
         len: u64,
         buf: Buf,
+        segs: Vec<Buf>,
         parent: Option<Io>,
         end_io: Option<EndIo>,
         tag: ExtentTag,
@@ -132,6 +146,7 @@ impl Io {
             addr,
             len,
             buf,
+            segs,
             tag: Mutex::new(tag),
             parent,
             children: Mutex::new(Vec::new()),
@@ -158,10 +173,36 @@ impl Io {
         self.child_len(Op::Discard, addr, len, Buf::zeroed(0), end_io)
     }
 
+    /// A child read or write over several buffers that are contiguous in the
+    /// address space but not in memory (readv/writev below). Only layers whose
+    /// `Layer::vectored` is true receive such requests.
+    pub fn child_vectored(&self, op: Op, addr: u64, mut segs: Vec<Buf>) -> Io {
+        debug_assert!(matches!(op, Op::Read | Op::Write));
+        if segs.len() == 1 {
+            let buf = segs.pop().expect("one segment");
+            return self.child(op, addr, buf, None);
+        }
+        let len = segs.iter().map(|b| b.len() as u64).sum();
+        let first = segs.first().cloned().unwrap_or_else(|| Buf::zeroed(0));
+        self.add_child(op, addr, len, first, segs, None)
+    }
+
     fn child_len(&self, op: Op, addr: u64, len: u64, buf: Buf, end_io: Option<EndIo>) -> Io {
+        self.add_child(op, addr, len, buf, Vec::new(), end_io)
+    }
+
+    fn add_child(
+        &self,
+        op: Op,
+        addr: u64,
+        len: u64,
+        buf: Buf,
+        segs: Vec<Buf>,
+        end_io: Option<EndIo>,
+    ) -> Io {
         self.0.remaining.fetch_add(1, Ordering::AcqRel);
         let tag = *self.0.tag.lock();
-        let c = Io::build(op, addr, len, buf, Some(self.clone()), end_io, tag);
+        let c = Io::build(op, addr, len, buf, segs, Some(self.clone()), end_io, tag);
         self.0.children.lock().push(Arc::downgrade(&c.0));
         c
     }
@@ -172,8 +213,20 @@ impl Io {
     pub fn addr(&self) -> u64 {
         self.0.addr
     }
+    /// The request's buffer; for a vectored request, its first segment only.
     pub fn buf(&self) -> &Buf {
         &self.0.buf
+    }
+    /// Every buffer of the request in address order: one, or a vectored request's segments.
+    pub fn segments(&self) -> &[Buf] {
+        if self.0.segs.is_empty() {
+            std::slice::from_ref(&self.0.buf)
+        } else {
+            &self.0.segs
+        }
+    }
+    pub fn is_vectored(&self) -> bool {
+        !self.0.segs.is_empty()
     }
     /// Bytes covered by the request (a discard's range has no buffer).
     pub fn len(&self) -> u64 {

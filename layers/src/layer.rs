@@ -35,6 +35,11 @@ pub trait Layer: Send + Sync {
     fn overhead(&self) -> u64 {
         0
     }
+    /// Whether the layer accepts vectored reads and writes (`Io::child_vectored`):
+    /// several buffers for one contiguous range, done as one request below.
+    fn vectored(&self) -> bool {
+        false
+    }
     /// The layers directly below, for walking the stack.
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         Vec::new()
@@ -182,6 +187,9 @@ impl Layer for Counted {
     }
     fn overhead(&self) -> u64 {
         self.inner.overhead()
+    }
+    fn vectored(&self) -> bool {
+        self.inner.vectored()
     }
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         self.inner.lowers()

@@ -97,6 +97,10 @@ impl Layer for Mem {
         self.capacity
     }
 
+    fn vectored(&self) -> bool {
+        true
+    }
+
     fn submit(&self, io: Io) {
         if io.is_cancelled() {
             io.finish(Err(Errno::ECANCELED));
@@ -108,12 +112,20 @@ impl Layer for Mem {
         }
         let res = match io.op() {
             Op::Read => {
-                // SAFETY: a read's buffer belongs to this request until it completes.
-                self.read(io.addr(), unsafe { io.buf().as_mut_slice_unchecked() });
+                let mut addr = io.addr();
+                for seg in io.segments() {
+                    // SAFETY: a read's buffers belong to this request until it completes.
+                    self.read(addr, unsafe { seg.as_mut_slice_unchecked() });
+                    addr += seg.len() as u64;
+                }
                 Ok(io.len())
             }
             Op::Write => {
-                self.write(io.addr(), io.buf().as_slice());
+                let mut addr = io.addr();
+                for seg in io.segments() {
+                    self.write(addr, seg.as_slice());
+                    addr += seg.len() as u64;
+                }
                 Ok(io.len())
             }
             Op::Discard => {

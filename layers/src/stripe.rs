@@ -2,6 +2,7 @@
 //! only remaps: a request is carved at chunk boundaries into children that are
 //! clones over the parent's buffer, and each lower gets its children as one batch.
 
+use crate::buf::Buf;
 use crate::io::{Io, Op};
 use crate::layer::{check_range, Layer};
 use crate::spec::SpecError;
@@ -11,6 +12,19 @@ pub struct Stripe {
     chunk: u64,
     lowers: Vec<Arc<dyn Layer>>,
     per_lower: u64,
+    /// Whether every lower takes vectored requests: then the chunks of one
+    /// request that land next to each other on a lower go down as one.
+    vectored: bool,
+}
+
+/// Most buffers in one vectored request (the kernel's IOV_MAX).
+const MAX_SEGS: usize = 1024;
+
+/// The piece of one request bound for one lower, grown while chunks stay contiguous.
+struct Run {
+    addr: u64,
+    len: u64,
+    segs: Vec<Buf>,
 }
 
 impl Stripe {
@@ -29,14 +43,19 @@ impl Stripe {
         }
         let min = lowers.iter().map(|l| l.capacity()).min().unwrap_or(0);
         let per_lower = min / chunk * chunk;
+        let vectored = lowers.iter().all(|l| l.vectored());
         Ok(Stripe {
             chunk,
             lowers,
             per_lower,
+            vectored,
         })
     }
 
-    /// Where byte `addr` of the stripe lives: (lower index, address there).
+    /// Split `io` at chunk boundaries into children for each lower. With
+    /// vectored lowers, the chunks that follow each other on one lower (chunk
+    /// k and k+N of an N-way stripe) become one child over several buffers, so
+    /// a 1 MiB request reaches each device as one request, not as 64 KiB pieces.
     fn carve(&self, io: &Io, batches: &mut [Vec<Io>]) {
         if io.op() == Op::Flush {
             for b in batches.iter_mut() {
@@ -44,26 +63,49 @@ impl Stripe {
             }
             return;
         }
+        let mut runs: Vec<Option<Run>> = (0..self.lowers.len()).map(|_| None).collect();
         let mut done = 0u64;
         while done < io.len() {
             let addr = io.addr() + done;
             let seg = (self.chunk - addr % self.chunk).min(io.len() - done);
             let (dev, dev_addr) = self.map(addr);
-            let child = if io.op() == Op::Discard {
-                io.child_discard(dev_addr, seg, None)
-            } else {
-                io.child(
-                    io.op(),
-                    dev_addr,
-                    io.buf().slice(done as usize, seg as usize),
-                    None,
-                )
-            };
-            batches[dev].push(child);
+            let buf = (io.op() != Op::Discard).then(|| io.buf().slice(done as usize, seg as usize));
             done += seg;
+            let slot = &mut runs[dev];
+            if let Some(run) = slot.as_mut() {
+                if (self.vectored || io.op() == Op::Discard)
+                    && run.addr + run.len == dev_addr
+                    && run.segs.len() < MAX_SEGS
+                {
+                    run.len += seg;
+                    run.segs.extend(buf);
+                    continue;
+                }
+                let run = slot.take().expect("checked");
+                batches[dev].push(Self::child_of(io, run));
+            }
+            *slot = Some(Run {
+                addr: dev_addr,
+                len: seg,
+                segs: buf.into_iter().collect(),
+            });
+        }
+        for (dev, run) in runs.into_iter().enumerate() {
+            if let Some(run) = run {
+                batches[dev].push(Self::child_of(io, run));
+            }
         }
     }
 
+    fn child_of(io: &Io, run: Run) -> Io {
+        if io.op() == Op::Discard {
+            io.child_discard(run.addr, run.len, None)
+        } else {
+            io.child_vectored(io.op(), run.addr, run.segs)
+        }
+    }
+
+    /// Where byte `addr` of the stripe lives: (lower index, address there).
     pub fn map(&self, addr: u64) -> (usize, u64) {
         let n = self.lowers.len() as u64;
         let chunk_no = addr / self.chunk;
