@@ -9,6 +9,7 @@ use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED, TAG_RAW};
 use crate::layer::{transform, Layer};
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -33,13 +34,14 @@ thread_local! {
     static ZSTD_CTX: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
 
-fn zstd_compress(level: i32, data: &[u8]) -> Option<Vec<u8>> {
+/// Compress `data` into `out`; None when it does not fit.
+fn zstd_compress(level: i32, data: &[u8], out: &mut [u8]) -> Option<usize> {
     ZSTD_CTX.with(|c| {
         let mut c = c.borrow_mut();
         if c.as_ref().is_none_or(|(l, _)| *l != level) {
             *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
         }
-        c.as_mut()?.1.compress(data).ok()
+        c.as_mut()?.1.compress_to_buffer(data, out).ok()
     })
 }
 
@@ -52,13 +54,39 @@ impl Compress {
         Compress { lower, codec }
     }
 
-    fn write(&self, io: Io) {
-        let len = io.len();
-        let data = io.buf().as_slice();
-        let (id, packed) = match self.codec {
-            Codec::Lz4 => (LZ4, Some(lz4_flex::block::compress(data))),
-            Codec::Zstd(level) => (ZSTD, zstd_compress(level, data)),
+    /// The compressed form of `data`, straight into a buffer for the layer
+    /// below, when it is at most `room` bytes (so that it saves a block).
+    fn pack(&self, data: &[u8], room: u64) -> Option<(u8, Buf)> {
+        if room == 0 {
+            return None;
+        }
+        let (id, n, mut out) = match self.codec {
+            Codec::Lz4 => {
+                // lz4 wants room for the worst case, whatever it then uses.
+                let mut out = Buf::zeroed(lz4_flex::block::get_maximum_output_size(data.len()));
+                let n = lz4_flex::block::compress_into(data, out.as_mut_slice()).ok();
+                (LZ4, n, out)
+            }
+            Codec::Zstd(level) => {
+                let mut out = Buf::zeroed(room as usize);
+                let n = zstd_compress(level, data, out.as_mut_slice());
+                (ZSTD, n, out)
+            }
         };
+        let n = n.filter(|n| *n as u64 <= room)?;
+        out.set_len(n);
+        Some((id, out))
+    }
+
+    fn write(&self, io: Io) {
+        let child = self.write_child(io);
+        self.lower.submit(child);
+    }
+
+    /// Compress a write and make the child that carries it below (the
+    /// parent's own reference is dropped: the child completes it).
+    fn write_child(&self, io: Io) -> Io {
+        let len = io.len();
         let mut tag = io.tag();
         let over = if tag.flags & TAG_DETACHED != 0 {
             0
@@ -66,11 +94,13 @@ impl Compress {
             self.lower.overhead()
         };
         tag.logical_len = len as u32;
-        let packed = packed.filter(|p| {
-            tag.flags & TAG_RAW == 0 && blocks(p.len() as u64 + over) < blocks(len + over)
-        });
+        // Kept only when it saves at least one 4 KiB block below.
+        let room = (blocks(len + over).saturating_sub(1) * 4096).saturating_sub(over);
+        let packed = (tag.flags & TAG_RAW == 0)
+            .then(|| self.pack(io.buf().as_slice(), room))
+            .flatten();
         (tag.codec, tag.stored_len) = match &packed {
-            Some(p) => (id, p.len() as u32),
+            Some((id, p)) => (*id, p.len() as u32),
             None => (RAW, len as u32),
         };
         io.set_tag(tag);
@@ -83,13 +113,13 @@ impl Compress {
             parent.set_tag(t);
             r.map(|_| len)
         });
-        let buf = match &packed {
-            Some(p) => Buf::copy_from(p),
+        let buf = match packed {
+            Some((_, p)) => p,
             None => io.buf().clone(),
         };
         let child = io.child(Op::Write, io.addr(), buf, Some(end_io));
-        self.lower.submit(child);
         io.put();
+        child
     }
 
     fn read(&self, io: Io) {
@@ -138,6 +168,27 @@ impl Layer for Compress {
     }
     fn submit(&self, io: Io) {
         transform(io, &*self.lower, |io| self.write(io), |io| self.read(io));
+    }
+    /// Writes of a batch are compressed on every core (zstd is the dominant
+    /// cost of a write), then go below as one batch.
+    fn submit_batch(&self, ios: Vec<Io>) {
+        let (writes, others): (Vec<Io>, Vec<Io>) = ios
+            .into_iter()
+            .partition(|io| io.op() == Op::Write && !io.is_cancelled());
+        for io in others {
+            self.submit(io);
+        }
+        let children: Vec<Io> = if writes.len() > 1 {
+            writes
+                .into_par_iter()
+                .map(|io| self.write_child(io))
+                .collect()
+        } else {
+            writes.into_iter().map(|io| self.write_child(io)).collect()
+        };
+        if !children.is_empty() {
+            self.lower.submit_batch(children);
+        }
     }
     fn overhead(&self) -> u64 {
         self.lower.overhead()
