@@ -14,6 +14,7 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
+use stackfs_layers::io::IoResult;
 use stackfs_layers::io::{TAG_DETACHED, TAG_RAW};
 use stackfs_layers::{Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, HashMap};
@@ -376,9 +377,22 @@ pub struct SetAttr {
 }
 
 struct DirtyUnit {
-    data: Box<[u8]>,
+    /// The whole unit, page-aligned: written below as it is (no copy).
+    data: Buf,
     /// Store even if all zeros (space preallocated by fallocate).
     keep: bool,
+}
+
+impl DirtyUnit {
+    /// The unit's bytes to change. Normally the buffer is ours alone; if a
+    /// finished write's request still holds it for a moment (a failed flush
+    /// put the unit back), change a copy rather than what it may still read.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        if !self.data.is_unique() {
+            self.data = Buf::copy_from(self.data.as_slice());
+        }
+        self.data.as_mut_slice()
+    }
 }
 
 #[derive(Default)]
@@ -393,12 +407,73 @@ struct State {
     alloc: Allocator,
     /// Space freed by commits not yet durable: reusable after the next durable one.
     pending_free: Vec<(u64, u64)>,
+    /// Space freed by a durable commit while reads that may still be reading
+    /// it were in flight: (the commit's free generation, address, length).
+    deferred_free: Vec<(u64, u64, u64)>,
+    /// Generation of frees: a read in flight with a ticket at or below a
+    /// deferred free's generation may still be reading that space.
+    free_gen: u64,
     files: HashMap<u64, FileState>,
     dirty_bytes: u64,
     next_ino: u64,
     next_gen: u64,
     /// Something was committed without durability since the last durable commit.
     undurable: bool,
+}
+
+/// The part of the read path that completions reach from the device threads,
+/// without the filesystem lock.
+struct ReadSide {
+    /// Decoded units as read from the pool (their stored length; bytes past
+    /// it read as zeros).
+    cache: Mutex<LruCache<(u64, u64), Buf>>,
+    /// Bumped (under the cache lock) whenever a unit leaves the cache because
+    /// its data changed: a read that started before must not put its older
+    /// copy back.
+    cache_gen: std::sync::atomic::AtomicU64,
+    /// Reads in flight by free-generation ticket (how many hold each).
+    readers: Mutex<BTreeMap<u64, usize>>,
+}
+
+impl ReadSide {
+    fn uncache(&self, ino: u64, unit: u64) {
+        let mut c = self.cache.lock();
+        self.cache_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.pop(&(ino, unit));
+    }
+
+    fn generation(&self) -> u64 {
+        let _c = self.cache.lock();
+        self.cache_gen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cache a unit read from the pool, unless its data changed since `gen`.
+    fn put(&self, key: (u64, u64), data: Buf, gen: u64) {
+        let mut c = self.cache.lock();
+        if self.cache_gen.load(std::sync::atomic::Ordering::Relaxed) == gen {
+            c.put(key, data);
+        }
+    }
+
+    fn enter(&self, ticket: u64) {
+        *self.readers.lock().entry(ticket).or_default() += 1;
+    }
+
+    fn leave(&self, ticket: u64) {
+        let mut r = self.readers.lock();
+        if let Some(n) = r.get_mut(&ticket) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&ticket);
+            }
+        }
+    }
+
+    /// The lowest ticket of a read in flight.
+    fn oldest(&self) -> Option<u64> {
+        self.readers.lock().keys().next().copied()
+    }
 }
 
 /// Stops the stack's threads when the filesystem is dropped, after the
@@ -419,7 +494,8 @@ pub struct Fs {
     /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
     st: Mutex<State>,
-    cache: Mutex<LruCache<(u64, u64), Arc<Vec<u8>>>>,
+    /// What reads share with their completions, which run without `st`.
+    rd: Arc<ReadSide>,
     read_only: bool,
     pub pool: Pool,
 }
@@ -517,15 +593,21 @@ impl Fs {
             st: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
+                deferred_free: Vec::new(),
+                free_gen: 0,
                 files: HashMap::new(),
                 dirty_bytes: 0,
                 next_ino,
                 next_gen,
                 undurable: false,
             }),
-            cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(cache_units).expect("non-zero"),
-            )),
+            rd: Arc::new(ReadSide {
+                cache: Mutex::new(LruCache::new(
+                    NonZeroUsize::new(cache_units).expect("non-zero"),
+                )),
+                cache_gen: std::sync::atomic::AtomicU64::new(0),
+                readers: Mutex::new(BTreeMap::new()),
+            }),
             read_only: opts.read_only,
             pool,
         };
@@ -609,14 +691,43 @@ impl Fs {
         }
         tx.commit().map_err(db_err)?;
         if durable {
-            for (s, l) in st.pending_free.drain(..) {
-                st.alloc.free(s, l);
-            }
+            // Reads that looked up their extents before this commit may still
+            // be reading the freed space: it waits for them (see ARCHITECTURE).
+            let g = st.free_gen;
+            st.free_gen += 1;
+            let freed: Vec<(u64, u64)> = st.pending_free.drain(..).collect();
+            st.deferred_free
+                .extend(freed.into_iter().map(|(s, l)| (g, s, l)));
+            self.release_deferred(st);
             st.undurable = false;
         } else {
+            self.release_deferred(st);
             st.undurable = true;
         }
         Ok(())
+    }
+
+    /// Make reusable the freed space that no read in flight can still be reading.
+    fn release_deferred(&self, st: &mut State) {
+        let oldest = self.rd.oldest().unwrap_or(u64::MAX);
+        let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred_free)
+            .into_iter()
+            .partition(|(g, _, _)| *g < oldest);
+        st.deferred_free = keep;
+        for (_, s, l) in free {
+            st.alloc.free(s, l);
+        }
+    }
+
+    /// Wait (briefly: reads finish in milliseconds) until no read in flight
+    /// holds freed space back, for a writer that would otherwise see ENOSPC.
+    fn drain_deferred(&self, st: &mut State) {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        self.release_deferred(st);
+        while !st.deferred_free.is_empty() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+            self.release_deferred(st);
+        }
     }
 
     fn flush_device(&self) -> R<()> {
@@ -976,7 +1087,7 @@ impl Fs {
             t.remove((ino, unit)).map_err(db_err)?;
             st.pending_free.push((x.phys, x.alloc as u64));
             freed += x.alloc as u64;
-            self.cache.lock().pop(&(ino, unit));
+            self.rd.uncache(ino, unit);
         }
         Ok(freed)
     }
@@ -1311,13 +1422,15 @@ impl Fs {
         Ok(out)
     }
 
-    /// Read committed units from the pool in one batch; verify each.
-    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Arc<Vec<u8>>>> {
+    /// Read committed units from the pool in one batch and wait; verify each.
+    /// For callers holding the filesystem lock (partial overwrites, fsck).
+    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Buf>> {
+        let gen = self.rd.generation();
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
         let mut waits = Vec::new();
         {
-            let mut cache = self.cache.lock();
+            let mut cache = self.rd.cache.lock();
             for (i, (u, x)) in units.iter().enumerate() {
                 if let Some(d) = cache.get(&(ino, *u)) {
                     out[i] = Some(d.clone());
@@ -1332,32 +1445,21 @@ impl Fs {
                 );
                 // The transform layers need back what they recorded at write time.
                 io.set_tag(x.tag());
-                ios.push((i, io));
-                waits.push(w);
+                waits.push((i, w, io.buf().clone()));
+                ios.push(io);
             }
         }
-        let bufs: Vec<(usize, Buf)> = ios.iter().map(|(i, io)| (*i, io.buf().clone())).collect();
-        self.data
-            .submit_batch(ios.into_iter().map(|(_, io)| io).collect());
+        self.data.submit_batch(ios);
         let mut first_err = None;
-        for (w, (i, b)) in waits.iter().zip(bufs) {
+        for (i, w, b) in waits {
             let (u, x) = units[i];
-            match w.wait() {
-                Err(e) => {
-                    log::error!("inode {ino} offset {}: read failed: {e}", u * UNIT);
-                    first_err.get_or_insert(Errno::EIO);
-                }
-                Ok(_) if crc32c::crc32c(b.as_slice()) != x.crc => {
-                    log::error!("inode {ino} offset {}: checksum mismatch at pool address {}; data is corrupt", u * UNIT, x.phys);
-                    first_err.get_or_insert(Errno::EIO);
-                }
-                Ok(_) => {
-                    let mut d = vec![0u8; UNIT as usize];
-                    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
-                    d[..n].copy_from_slice(&b.as_slice()[..n]);
-                    let d = Arc::new(d);
-                    self.cache.lock().put((ino, u), d.clone());
+            match verify_unit(ino, u, &x, w.wait(), &b) {
+                Ok(d) => {
+                    self.rd.put((ino, u), d.clone(), gen);
                     out[i] = Some(d);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
             }
         }
@@ -1367,40 +1469,136 @@ impl Fs {
         Ok(out.into_iter().map(|o| o.expect("filled")).collect())
     }
 
-    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
-        let st = self.st.lock();
-        let inode = self.load_inode(&st, ino)?;
-        if off >= inode.size {
-            return Ok(Vec::new());
+    /// Read `size` bytes at `off` and hand the result to `done`. What is dirty
+    /// or cached is copied at once under the lock; units that must come from
+    /// the pool are read without it, and `done` then runs in the completion
+    /// chain of the last of them (the device thread that reaped it), so the
+    /// FUSE reply is sent from there and no thread waits for the I/O.
+    pub fn read_async(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        done: impl FnOnce(R<Vec<u8>>) + Send + 'static,
+    ) {
+        let plan = {
+            let st = self.st.lock();
+            self.plan_read(&st, ino, off, size)
+        };
+        let (mut out, fetch, ticket, gen) = match plan {
+            Err(e) => return done(Err(e)),
+            Ok(p) => p,
+        };
+        if fetch.is_empty() {
+            return done(Ok(out));
+        }
+        let rd = self.rd.clone();
+        let shared = Arc::new(Mutex::new(std::mem::take(&mut out)));
+        let result = shared.clone();
+        let group = Io::new(
+            Op::Read,
+            0,
+            Buf::zeroed(0),
+            Some(Box::new(move |_, r| {
+                rd.leave(ticket);
+                let data = std::mem::take(&mut *result.lock());
+                done(r.map(|_| data));
+                r
+            })),
+        );
+        let mut ios = Vec::with_capacity(fetch.len());
+        for (u, x) in fetch {
+            let (rd, out) = (self.rd.clone(), shared.clone());
+            let io = group.child(
+                Op::Read,
+                x.phys,
+                Buf::zeroed(x.len as usize),
+                Some(Box::new(move |io, r| {
+                    let d = verify_unit(ino, u, &x, r, io.buf())?;
+                    let ustart = u * UNIT;
+                    let from = off.max(ustart);
+                    let mut out = out.lock();
+                    let to = (off + out.len() as u64).min(ustart + UNIT);
+                    copy_clipped(
+                        &mut out[(from - off) as usize..(to - off) as usize],
+                        d.as_slice(),
+                        (from - ustart) as usize,
+                    );
+                    drop(out);
+                    rd.put((ino, u), d, gen);
+                    Ok(x.len as u64)
+                })),
+            );
+            io.set_tag(x.tag());
+            ios.push(io);
+        }
+        self.data.submit_batch(ios);
+        group.put();
+    }
+
+    /// Under the lock: the reply buffer with every dirty or cached byte in
+    /// place, the units still to read from the pool, and the read's ticket
+    /// (registered: it holds back the reuse of space freed from now on) and
+    /// cache generation.
+    #[allow(clippy::type_complexity)]
+    fn plan_read(
+        &self,
+        st: &State,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> R<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
+        let inode = self.load_inode(st, ino)?;
+        if off >= inode.size || size == 0 {
+            return Ok((Vec::new(), Vec::new(), 0, 0));
         }
         let end = (off + size as u64).min(inode.size);
         let mut out = vec![0u8; (end - off) as usize];
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
         let file = st.files.get(&ino);
-        let mut need = self.extents(ino, first, last)?;
-        need.retain(|(u, _)| !file.is_some_and(|f| f.units.contains_key(u)));
-        let loaded = self.read_units(ino, &need)?;
-        let mut by_unit: HashMap<u64, &[u8]> = need
-            .iter()
-            .map(|(u, _)| *u)
-            .zip(loaded.iter().map(|d| d.as_slice()))
-            .collect();
-        if let Some(f) = file {
-            for u in first..=last {
-                if let Some(d) = f.units.get(&u) {
-                    by_unit.insert(u, &d.data);
-                }
-            }
-        }
-        for u in first..=last {
-            let Some(src) = by_unit.get(&u) else { continue };
+        let mut fetch = Vec::new();
+        let place = |u: u64, src: &[u8], out: &mut [u8]| {
             let ustart = u * UNIT;
             let from = off.max(ustart);
             let to = end.min(ustart + UNIT);
-            out[(from - off) as usize..(to - off) as usize]
-                .copy_from_slice(&src[(from - ustart) as usize..(to - ustart) as usize]);
+            copy_clipped(
+                &mut out[(from - off) as usize..(to - off) as usize],
+                src,
+                (from - ustart) as usize,
+            );
+        };
+        let committed = self.extents(ino, first, last)?;
+        let mut cache = self.rd.cache.lock();
+        for (u, x) in committed {
+            if file.is_some_and(|f| f.units.contains_key(&u)) {
+                continue;
+            }
+            match cache.get(&(ino, u)) {
+                Some(d) => place(u, d.as_slice(), &mut out),
+                None => fetch.push((u, x)),
+            }
         }
-        Ok(out)
+        let gen = self.rd.cache_gen.load(std::sync::atomic::Ordering::Relaxed);
+        drop(cache);
+        if let Some(f) = file {
+            for (u, d) in f.units.range(first..=last) {
+                place(*u, d.data.as_slice(), &mut out);
+            }
+        }
+        let ticket = st.free_gen;
+        if !fetch.is_empty() {
+            self.rd.enter(ticket);
+        }
+        Ok((out, fetch, ticket, gen))
+    }
+
+    /// Read and wait (copy_file_range).
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.read_async(ino, off, size, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(Errno::EIO))
     }
 
     /// The unit's current contents, for a partial overwrite.
@@ -1408,16 +1606,11 @@ impl Fs {
         if st.files.get(&ino).is_some_and(|f| f.units.contains_key(&u)) {
             return Ok(());
         }
-        let data = match self.extent(ino, u)? {
-            Some(x) => self
-                .read_units(ino, &[(u, x)])?
-                .pop()
-                .expect("one")
-                .as_ref()
-                .clone()
-                .into_boxed_slice(),
-            None => vec![0u8; UNIT as usize].into_boxed_slice(),
-        };
+        let mut data = Buf::zeroed(UNIT as usize);
+        if let Some(x) = self.extent(ino, u)? {
+            let old = self.read_units(ino, &[(u, x)])?.pop().expect("one");
+            copy_clipped(data.as_mut_slice(), old.as_slice(), 0);
+        }
         st.files
             .entry(ino)
             .or_default()
@@ -1458,6 +1651,7 @@ impl Fs {
         if self.room(&st) < new_units * UNIT {
             // Frees wait for a durable commit; make one before giving up.
             self.flush_all(&mut st, true)?;
+            self.drain_deferred(&mut st);
             if self.room(&st) < new_units * UNIT {
                 return Err(err(libc::ENOSPC));
             }
@@ -1474,7 +1668,7 @@ impl Fs {
                     f.units.insert(
                         u,
                         DirtyUnit {
-                            data: vec![0u8; UNIT as usize].into_boxed_slice(),
+                            data: Buf::zeroed(UNIT as usize),
                             keep: false,
                         },
                     );
@@ -1485,8 +1679,9 @@ impl Fs {
             }
             let f = st.files.get_mut(&ino).expect("file state");
             let d = f.units.get_mut(&u).expect("unit");
-            d.data[(from - ustart) as usize..(to - ustart) as usize]
+            d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize]
                 .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            stackfs_layers::buf::count_copy((to - from) as usize);
         }
         let now = Ts::now();
         inode.size = inode.size.max(end);
@@ -1561,7 +1756,8 @@ impl Fs {
             // Crypt keeps nonce and MAC in the extent record (detached), so a
             // unit needs at most its own length; what compression saves is freed below.
             let alloc_len = len;
-            if !d.keep && d.data[..logical as usize].iter().all(|b| *b == 0) && logical == UNIT {
+            let bytes = &d.data.as_slice()[..logical as usize];
+            if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
                 // An all-zero unit is stored as a hole.
                 placed.push((u, None));
                 continue;
@@ -1575,8 +1771,9 @@ impl Fs {
                 }
                 return Err(err(libc::ENOSPC));
             };
-            let mut b = Buf::zeroed(len as usize);
-            b.as_mut_slice()[..logical as usize].copy_from_slice(&d.data[..logical as usize]);
+            // The unit's own buffer goes down: past `logical` it holds zeros
+            // (truncate and writes past the end keep it so).
+            let b = d.data.slice(0, len as usize);
             let x = Extent {
                 phys,
                 alloc: alloc_len as u32,
@@ -1587,7 +1784,7 @@ impl Fs {
                 nonce: [0; 12],
                 mac: [0; 16],
                 crc: crc32c::crc32c(b.as_slice()),
-                map: block_map(&d.data[..logical as usize]),
+                map: block_map(bytes),
             };
             let w = Waiter::new();
             let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
@@ -1638,7 +1835,10 @@ impl Fs {
         let tx = self.begin()?;
         {
             let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
-            let mut cache = self.cache.lock();
+            let mut cache = self.rd.cache.lock();
+            self.rd
+                .cache_gen
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for (u, x) in &placed {
                 let old = match x {
                     Some(x) => t
@@ -1749,7 +1949,7 @@ impl Fs {
                     .units
                     .get_mut(&u)
                     .expect("unit");
-                d.data[(size % UNIT) as usize..].fill(0);
+                d.bytes_mut()[(size % UNIT) as usize..].fill(0);
             }
             let f = st.files.get_mut(&ino).expect("file");
             let gone: Vec<u64> = f.units.range(keep..).map(|(u, _)| *u).collect();
@@ -1806,7 +2006,7 @@ impl Fs {
                     st.pending_free.push((x.phys, x.alloc as u64));
                     stored -= (x.alloc as u64).min(stored);
                 }
-                self.cache.lock().pop(&(ino, u));
+                self.rd.uncache(ino, u);
             } else if ustart < inode.size {
                 self.unit_for_write(st, ino, u)?;
                 let d = st
@@ -1816,7 +2016,7 @@ impl Fs {
                     .units
                     .get_mut(&u)
                     .expect("unit");
-                d.data[(from - ustart) as usize..(to - ustart) as usize].fill(0);
+                d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize].fill(0);
             }
         }
         let f = st.files.get_mut(&ino).expect("file");
@@ -1872,6 +2072,7 @@ impl Fs {
                 .collect();
             if self.room(&st) < short.len() as u64 * UNIT {
                 self.flush_all(&mut st, true)?;
+                self.drain_deferred(&mut st);
                 if self.room(&st) < short.len() as u64 * UNIT {
                     return Err(err(libc::ENOSPC));
                 }
@@ -1909,7 +2110,7 @@ impl Fs {
             .collect();
         if let Some(f) = st.files.get(&ino) {
             for (u, d) in f.units.range(first..=last) {
-                maps.insert(*u, block_map(&d.data));
+                maps.insert(*u, block_map(d.data.as_slice()));
             }
         }
         let per_unit = UNIT / BLOCK;
@@ -2049,7 +2250,8 @@ impl Fs {
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
             Err(e) => return Err(db_err(e)),
         };
-        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum();
+        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum::<u64>()
+            + st.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
         Ok(Usage {
             total: st.alloc.total_bytes(),
             free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
@@ -2161,4 +2363,33 @@ fn acl_mode(v: &[u8]) -> Option<(u16, bool)> {
     }
     let g = mask.or(group)?;
     Some(((user? << 6) | (g << 3) | other?, minimal))
+}
+
+/// Copy `src[from..]` into `out`, as far as `src` reaches; the rest of `out`
+/// stays as it is (zeros: a unit's bytes past its stored length read as zeros).
+fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
+    let n = src.len().saturating_sub(from).min(out.len());
+    out[..n].copy_from_slice(&src[from..from + n]);
+    stackfs_layers::buf::count_copy(n);
+}
+
+/// Check a unit read from the pool; its bytes up to the logical length.
+fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> R<Buf> {
+    if let Err(e) = r {
+        // A cancelled sibling of a failed read has nothing new to say.
+        if e != Errno::ECANCELED {
+            log::error!("inode {ino} offset {}: read failed: {e}", u * UNIT);
+        }
+        return Err(Errno::EIO);
+    }
+    if crc32c::crc32c(b.as_slice()) != x.crc {
+        log::error!(
+            "inode {ino} offset {}: checksum mismatch at pool address {}; data is corrupt",
+            u * UNIT,
+            x.phys
+        );
+        return Err(Errno::EIO);
+    }
+    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
+    Ok(b.slice(0, n))
 }

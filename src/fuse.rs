@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime};
 const TTL: Duration = Duration::from_secs(1);
 const FAULT_XATTR: &[u8] = b"stackfs.fault";
 const STATS_XATTR: &[u8] = b"stackfs.stats";
+/// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
+const COPIED_XATTR: &[u8] = b"stackfs.copied";
 
 /// Every layer of the stack with its counters, as JSON (`stackfs info` of a
 /// mounted pool reads it from the root's `stackfs.stats` xattr).
@@ -385,7 +387,9 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        Self::data(reply, self.fs.read(ino.0, offset, size))
+        // The reply is sent from the read's completion chain.
+        self.fs
+            .read_async(ino.0, offset, size, move |r| Self::data(reply, r));
     }
 
     fn write(
@@ -556,6 +560,9 @@ impl Filesystem for FuseFs {
             (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)
                 .to_string()
                 .into_bytes()),
+            (ROOT, _) if name.as_bytes() == COPIED_XATTR => {
+                Ok(stackfs_layers::buf::copied_bytes().to_string().into_bytes())
+            }
             _ => self.fs.getxattr(ino.0, name.as_bytes()),
         };
         match r {

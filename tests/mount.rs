@@ -600,3 +600,84 @@ fn readahead_is_raised() {
     assert_eq!(bdi_ra(&p), "512");
     p.umount();
 }
+
+/// Bytes of file data the daemon copied between its own buffers so far.
+fn copied(mnt: &std::path::Path) -> u64 {
+    let path = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: both pointers are valid for the lengths given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"stackfs.copied".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "stackfs.copied: {}", std::io::Error::last_os_error());
+    std::str::from_utf8(&buf[..n as usize])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The data path copies no more than its design needs, per byte of file data:
+/// a write copies once from the FUSE request into the file's unit buffer,
+/// which then goes below as it is (compressed output is encrypted in place;
+/// incompressible data is copied once more, into the ciphertext buffer, because
+/// the unit must survive a failed write); a cold read copies once, from the
+/// decoded unit into the reply.
+#[test]
+fn copies_per_byte_stay_within_the_design() {
+    let p = Pool::new(3, "256M");
+    p.mount();
+    let len = 16usize << 20;
+    let text: Vec<u8> = (0..len)
+        .map(|i| b"stackfs copies little "[i % 22])
+        .collect();
+    let mut random = vec![0u8; len];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for b in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let per_byte = |before: u64, after: u64| (after - before) as f64 / len as f64;
+    let write = |name: &str, data: &[u8]| {
+        let before = copied(&p.mnt);
+        let f = fs::File::create(p.mnt.join(name)).unwrap();
+        f.write_all_at(data, 0).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        per_byte(before, copied(&p.mnt))
+    };
+    let text_w = write("text", &text);
+    let random_w = write("random", &random);
+    eprintln!("copies per byte: text write {text_w:.3}, random write {random_w:.3}");
+    assert!(
+        (1.0..1.05).contains(&text_w),
+        "compressible write: {text_w:.3} copies per byte"
+    );
+    assert!(
+        (2.0..2.05).contains(&random_w),
+        "incompressible write: {random_w:.3} copies per byte"
+    );
+    // Cold reads: a fresh daemon has nothing cached.
+    p.umount();
+    p.mount();
+    for (name, data) in [("text", &text), ("random", &random)] {
+        let before = copied(&p.mnt);
+        assert!(
+            &fs::read(p.mnt.join(name)).unwrap() == data,
+            "{name} differs"
+        );
+        let r = per_byte(before, copied(&p.mnt));
+        eprintln!("copies per byte: {name} cold read {r:.3}");
+        assert!(
+            (1.0..1.05).contains(&r),
+            "{name} cold read: {r:.3} copies per byte"
+        );
+    }
+    p.umount();
+}

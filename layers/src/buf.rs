@@ -9,10 +9,25 @@
 use parking_lot::{Condvar, Mutex};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Alignment of every allocation: enough for O_DIRECT on 4 KiB-sector devices.
 pub const PAGE: usize = 4096;
+
+static COPIED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of file data copied from one buffer into another by stackfs itself
+/// (not by a codec or cipher writing its output, not by the kernel), since
+/// the process started: the figure the copy tests hold down.
+pub fn copied_bytes() -> u64 {
+    COPIED.load(Ordering::Relaxed)
+}
+
+/// Record a copy of `n` bytes of data.
+pub fn count_copy(n: usize) {
+    COPIED.fetch_add(n as u64, Ordering::Relaxed);
+}
 
 /// Page-aligned memory. Dropping it returns its bytes to the pool's budget.
 struct Pages {
@@ -77,10 +92,11 @@ impl Buf {
         }
     }
 
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data` (counted in `copied_bytes`).
     pub fn copy_from(data: &[u8]) -> Buf {
         let mut b = Buf::zeroed(data.len());
         b.as_mut_slice().copy_from_slice(data);
+        count_copy(data.len());
         b
     }
 
@@ -153,6 +169,12 @@ impl Buf {
     /// True when address, length and memory suit O_DIRECT on `align`-byte sectors.
     pub fn is_aligned(&self, align: usize) -> bool {
         (self.as_ptr() as usize) % align == 0 && self.len % align == 0
+    }
+
+    /// True when no other window shares this memory: then nobody else can
+    /// see a change made through `as_mut_slice_unchecked`.
+    pub fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.pages) == 1
     }
 
     /// How many windows share this memory (for leak tests).

@@ -74,13 +74,23 @@ impl Crypt {
         nonce[..8].copy_from_slice(&counter.to_le_bytes());
         let mut tag = io.tag();
         if tag.flags & TAG_DETACHED != 0 {
-            let mut out = Buf::copy_from(io.buf().as_slice());
+            // A buffer that only this request holds (compress's output) is
+            // encrypted where it is; one the caller still holds (its data,
+            // needed again if the write fails) is copied first.
+            let out = if io.buf().is_unique() {
+                io.buf().clone()
+            } else {
+                Buf::copy_from(io.buf().as_slice())
+            };
+            // SAFETY: `out` is either a fresh copy or memory no other window
+            // shares (checked above; the request's own handle is the only one).
+            let plain = unsafe { out.as_mut_slice_unchecked() };
             let mac = self
                 .key
                 .seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),
                     Aad::from(aad(io.addr(), len)),
-                    out.as_mut_slice(),
+                    plain,
                 )
                 .expect("AES-GCM sealing cannot fail for in-range lengths");
             tag.nonce = [0; 24];
