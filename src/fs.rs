@@ -2369,8 +2369,10 @@ fn acl_mode(v: &[u8]) -> Option<(u16, bool)> {
 /// stays as it is (zeros: a unit's bytes past its stored length read as zeros).
 fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
     let n = src.len().saturating_sub(from).min(out.len());
-    out[..n].copy_from_slice(&src[from..from + n]);
-    stackfs_layers::buf::count_copy(n);
+    if n > 0 {
+        out[..n].copy_from_slice(&src[from..from + n]);
+        stackfs_layers::buf::count_copy(n);
+    }
 }
 
 /// Check a unit read from the pool; its bytes up to the logical length.

@@ -23,6 +23,10 @@ pub enum Codec {
 pub const RAW: u8 = 0;
 pub const LZ4: u8 = 1;
 pub const ZSTD: u8 = 2;
+/// Set in a codec number when the stored bytes were padded with zeros to a
+/// whole 4 KiB block (so that they go to the device with O_DIRECT); the
+/// compressed length in the tag is the unpadded one.
+pub const PADDED: u8 = 0x80;
 
 pub struct Compress {
     lower: Arc<dyn Layer>,
@@ -78,6 +82,15 @@ impl Compress {
         Some((id, out))
     }
 
+    /// Bytes to read back for a stored unit: padded ones to the whole block.
+    fn stored_read_len(codec: u8, stored: u32) -> usize {
+        if codec & PADDED != 0 {
+            (stored as usize).div_ceil(4096) * 4096
+        } else {
+            stored as usize
+        }
+    }
+
     fn write(&self, io: Io) {
         let child = self.write_child(io);
         self.lower.submit(child);
@@ -103,6 +116,17 @@ impl Compress {
             Some((id, p)) => (*id, p.len() as u32),
             None => (RAW, len as u32),
         };
+        // Without overhead below (detached crypt, or none), pad the output to
+        // whole blocks: the space is allocated in blocks anyway, and an
+        // aligned request goes to the device with O_DIRECT, not through the
+        // page cache. The buffer's zeroed capacity covers the padding.
+        let packed = packed.map(|(_, mut p)| {
+            if over == 0 && p.capacity() >= p.len().div_ceil(4096) * 4096 {
+                tag.codec |= PADDED;
+                p.set_len(p.len().div_ceil(4096) * 4096);
+            }
+            p
+        });
         io.set_tag(tag);
         // What the layers below record (crypt's nonce and MAC) goes back up.
         let parent = io.clone();
@@ -114,7 +138,7 @@ impl Compress {
             r.map(|_| len)
         });
         let buf = match packed {
-            Some((_, p)) => p,
+            Some(p) => p,
             None => io.buf().clone(),
         };
         let child = io.child(Op::Write, io.addr(), buf, Some(end_io));
@@ -129,12 +153,13 @@ impl Compress {
             return;
         }
         let (len, dst, codec, addr) = (io.len(), io.buf().clone(), tag.codec, io.addr());
+        let stored = tag.stored_len as usize;
         let end_io = Box::new(move |child: &Io, r: Result<u64, Errno>| {
             r?;
             // SAFETY: the parent's read buffer is not looked at before it completes.
             let out = unsafe { dst.as_mut_slice_unchecked() };
-            let src = child.buf().as_slice();
-            let n = match codec {
+            let src = &child.buf().as_slice()[..stored.min(child.buf().len())];
+            let n = match codec & !PADDED {
                 LZ4 => lz4_flex::block::decompress_into(src, out).ok(),
                 ZSTD => zstd::bulk::decompress_to_buffer(src, out).ok(),
                 _ => None,
@@ -148,7 +173,7 @@ impl Compress {
         let child = io.child(
             Op::Read,
             io.addr(),
-            Buf::zeroed(tag.stored_len as usize),
+            Buf::zeroed(Self::stored_read_len(tag.codec, tag.stored_len)),
             Some(end_io),
         );
         self.lower.submit(child);
