@@ -29,6 +29,8 @@ pub const ROOT: u64 = 1;
 pub const NAME_MAX: usize = 255;
 /// Dirty data kept in memory before writes push it out.
 const DIRTY_LIMIT: u64 = 256 << 20;
+/// Closed files with dirty data that trigger a group flush.
+const CLOSED_BATCH: usize = 64;
 const XATTR_SIZE_MAX: usize = 64 << 10;
 
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
@@ -413,6 +415,8 @@ struct State {
     /// Generation of frees: a read in flight with a ticket at or below a
     /// deferred free's generation may still be reading that space.
     free_gen: u64,
+    /// Files closed with data not yet written since the last group flush.
+    closed_dirty: usize,
     files: HashMap<u64, FileState>,
     dirty_bytes: u64,
     next_ino: u64,
@@ -595,6 +599,7 @@ impl Fs {
                 pending_free: Vec::new(),
                 deferred_free: Vec::new(),
                 free_gen: 0,
+                closed_dirty: 0,
                 files: HashMap::new(),
                 dirty_bytes: 0,
                 next_ino,
@@ -1036,6 +1041,9 @@ impl Fs {
             let n = f.units.len() as u64 * UNIT;
             f.units.clear();
             f.inode = None;
+            if f.open == 0 {
+                st.files.remove(&ino);
+            }
             st.dirty_bytes -= n.min(st.dirty_bytes);
         }
         self.drop_extents(st, tx, ino, 0)?;
@@ -1326,6 +1334,15 @@ impl Fs {
 
     pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
         let mut st = self.st.lock();
+        // Times only (the kernel's writeback cache sends these after writes),
+        // on a file whose changed inode is still in memory: the change joins
+        // it there and is committed with the file's data.
+        if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
+            if let Some(inode) = st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
+                Self::set_times(inode, &a);
+                return Ok(inode.clone());
+            }
+        }
         if let Some(size) = a.size {
             self.truncate(&mut st, ino, size)?;
         }
@@ -1351,6 +1368,13 @@ impl Fs {
                 inode.gid = g;
             }
         }
+        Self::set_times(&mut inode, &a);
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)?;
+        Ok(inode)
+    }
+
+    fn set_times(inode: &mut Inode, a: &SetAttr) {
         if let Some(t) = a.atime {
             inode.atime = t;
         }
@@ -1361,9 +1385,6 @@ impl Fs {
         if a.size.is_some() && a.mtime.is_none() {
             inode.mtime = inode.ctime;
         }
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)?;
-        Ok(inode)
     }
 
     // ----- file data -----
@@ -1382,28 +1403,41 @@ impl Fs {
     }
 
     /// Last close of a handle: write its data out, free it if unlinked.
+    /// The last close of a file. Its dirty data is not written here: closed
+    /// files wait for a group flush (every `CLOSED_BATCH` closes, the commit
+    /// timer, memory pressure, fsync or unmount), so that many small files
+    /// cost one batch of writes and one commit instead of one each.
     pub fn release(&self, ino: u64) -> R<()> {
         let mut st = self.st.lock();
-        let res = self.flush_file(&mut st, ino, false);
         let Some(f) = st.files.get_mut(&ino) else {
-            return res;
+            return Ok(());
         };
         f.open = f.open.saturating_sub(1);
-        if f.open == 0 {
-            let gone = self
-                .load_inode(&st, ino)
-                .map(|i| i.nlink == 0)
-                .unwrap_or(false);
-            if gone {
-                let tx = self.begin()?;
-                self.purge(&mut st, &tx, ino)?;
-                self.commit(&mut st, tx, false)?;
-            }
-            if st.files.get(&ino).is_some_and(|f| f.units.is_empty()) {
+        if f.open > 0 {
+            return Ok(());
+        }
+        let gone = self
+            .load_inode(&st, ino)
+            .map(|i| i.nlink == 0)
+            .unwrap_or(false);
+        if gone {
+            let tx = self.begin()?;
+            self.purge(&mut st, &tx, ino)?;
+            self.commit(&mut st, tx, false)?;
+        }
+        match st.files.get(&ino) {
+            Some(f) if f.units.is_empty() && f.inode.is_none() => {
                 st.files.remove(&ino);
             }
+            Some(_) => {
+                st.closed_dirty += 1;
+                if st.closed_dirty >= CLOSED_BATCH {
+                    self.flush_all(&mut st, false)?;
+                }
+            }
+            None => {}
         }
-        res
+        Ok(())
     }
 
     fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
@@ -1696,34 +1730,54 @@ impl Fs {
 
     /// Write a file's dirty units to fresh space and commit the new extents.
     fn flush_file(&self, st: &mut State, ino: u64, durable: bool) -> R<()> {
-        let Some(f) = st.files.get_mut(&ino) else {
+        self.flush_files(st, &[ino], durable)
+    }
+
+    /// Write the dirty units of several files as one batch (compressed on
+    /// every core, one submission per device) and commit all their new
+    /// extents in one transaction: group commit for many small files.
+    fn flush_files(&self, st: &mut State, inos: &[u64], durable: bool) -> R<()> {
+        let mut batch = Vec::new();
+        for ino in inos {
+            let Some(f) = st.files.get_mut(ino) else {
+                continue;
+            };
+            if let Some(inode) = f.inode.take() {
+                batch.push((inode, std::mem::take(&mut f.units)));
+            }
+        }
+        if batch.is_empty() {
             return if durable && st.undurable {
                 self.commit_now(st, true)
             } else {
                 Ok(())
             };
-        };
-        let units = std::mem::take(&mut f.units);
-        let Some(mut inode) = f.inode.take() else {
-            f.units = units;
-            return if durable && st.undurable {
-                self.commit_now(st, true)
-            } else {
-                Ok(())
-            };
-        };
-        let res = self.write_units(st, &mut inode, &units, durable);
+        }
+        let res = self.write_units(st, &mut batch, durable);
+        let units: u64 = batch.iter().map(|(_, u)| u.len() as u64).sum();
         match res {
             Ok(()) => {
-                st.dirty_bytes -= (units.len() as u64 * UNIT).min(st.dirty_bytes);
+                st.dirty_bytes -= (units * UNIT).min(st.dirty_bytes);
+                // Closed files have nothing left to keep.
+                for (inode, _) in &batch {
+                    if st
+                        .files
+                        .get(&inode.ino)
+                        .is_some_and(|f| f.open == 0 && f.units.is_empty() && f.inode.is_none())
+                    {
+                        st.files.remove(&inode.ino);
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
                 // Keep everything in memory: a later flush may succeed.
-                let f = st.files.entry(ino).or_default();
-                f.inode.get_or_insert(inode);
-                for (u, d) in units {
-                    f.units.entry(u).or_insert(d);
+                for (inode, units) in batch {
+                    let f = st.files.entry(inode.ino).or_default();
+                    f.inode.get_or_insert(inode);
+                    for (u, d) in units {
+                        f.units.entry(u).or_insert(d);
+                    }
                 }
                 Err(e)
             }
@@ -1733,85 +1787,89 @@ impl Fs {
     fn write_units(
         &self,
         st: &mut State,
-        inode: &mut Inode,
-        units: &BTreeMap<u64, DirtyUnit>,
+        batch: &mut [(Inode, BTreeMap<u64, DirtyUnit>)],
         durable: bool,
     ) -> R<()> {
-        let ino = inode.ino;
         let mut ios = Vec::new();
         let mut waits = Vec::new();
-        let mut placed = Vec::new();
-        for (&u, d) in units {
-            let ustart = u * UNIT;
-            // Units past EOF are kept only when fallocate reserved them.
-            if ustart >= inode.size && !d.keep {
-                continue;
+        // Per file of the batch: (unit, its new extent, or None for a hole).
+        let mut placed: Vec<Vec<(u64, Option<Extent>)>> = vec![Vec::new(); batch.len()];
+        let free_placed = |st: &mut State, placed: &[Vec<(u64, Option<Extent>)>]| {
+            for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
+                st.alloc.free(x.phys, x.alloc as u64);
             }
-            let logical = inode.size.saturating_sub(ustart).min(UNIT);
-            let len = if d.keep {
-                UNIT
-            } else {
-                logical.div_ceil(BLOCK) * BLOCK
-            };
-            // Crypt keeps nonce and MAC in the extent record (detached), so a
-            // unit needs at most its own length; what compression saves is freed below.
-            let alloc_len = len;
-            let bytes = &d.data.as_slice()[..logical as usize];
-            if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
-                // An all-zero unit is stored as a hole.
-                placed.push((u, None));
-                continue;
-            }
-            let Some(phys) = st.alloc.alloc(alloc_len) else {
-                for (_, x) in placed
-                    .iter()
-                    .filter_map(|(u, x): &(u64, Option<Extent>)| x.map(|x| (u, x)))
-                {
-                    st.alloc.free(x.phys, x.alloc as u64);
+        };
+        for (fi, (inode, units)) in batch.iter().enumerate() {
+            for (&u, d) in units.iter() {
+                let ustart = u * UNIT;
+                // Units past EOF are kept only when fallocate reserved them.
+                if ustart >= inode.size && !d.keep {
+                    continue;
                 }
-                return Err(err(libc::ENOSPC));
-            };
-            // The unit's own buffer goes down: past `logical` it holds zeros
-            // (truncate and writes past the end keep it so).
-            let b = d.data.slice(0, len as usize);
-            let x = Extent {
-                phys,
-                alloc: alloc_len as u32,
-                logical: logical as u32,
-                len: len as u32,
-                codec: 0,
-                stored: len as u32,
-                nonce: [0; 12],
-                mac: [0; 16],
-                crc: crc32c::crc32c(b.as_slice()),
-                map: block_map(bytes),
-            };
-            let w = Waiter::new();
-            let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
-            // Preallocated units claim their full space: no compression.
-            let flags = if d.keep {
-                TAG_DETACHED | TAG_RAW
-            } else {
-                TAG_DETACHED
-            };
-            io.set_tag(ExtentTag {
-                flags,
-                ..ExtentTag::default()
-            });
-            ios.push(io);
-            waits.push((placed.len(), w));
-            placed.push((u, Some(x)));
+                let logical = inode.size.saturating_sub(ustart).min(UNIT);
+                let len = if d.keep {
+                    UNIT
+                } else {
+                    logical.div_ceil(BLOCK) * BLOCK
+                };
+                // Crypt keeps nonce and MAC in the extent record (detached), so a
+                // unit needs at most its own length; what compression saves is freed below.
+                let alloc_len = len;
+                let bytes = &d.data.as_slice()[..logical as usize];
+                if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
+                    // An all-zero unit is stored as a hole.
+                    placed[fi].push((u, None));
+                    continue;
+                }
+                let Some(phys) = st.alloc.alloc(alloc_len) else {
+                    free_placed(st, &placed);
+                    return Err(err(libc::ENOSPC));
+                };
+                // The unit's own buffer goes down: past `logical` it holds zeros
+                // (truncate and writes past the end keep it so).
+                let b = d.data.slice(0, len as usize);
+                let x = Extent {
+                    phys,
+                    alloc: alloc_len as u32,
+                    logical: logical as u32,
+                    len: len as u32,
+                    codec: 0,
+                    stored: len as u32,
+                    nonce: [0; 12],
+                    mac: [0; 16],
+                    crc: crc32c::crc32c(b.as_slice()),
+                    map: block_map(bytes),
+                };
+                let w = Waiter::new();
+                let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
+                // Preallocated units claim their full space: no compression.
+                let flags = if d.keep {
+                    TAG_DETACHED | TAG_RAW
+                } else {
+                    TAG_DETACHED
+                };
+                io.set_tag(ExtentTag {
+                    flags,
+                    ..ExtentTag::default()
+                });
+                ios.push(io);
+                waits.push((fi, placed[fi].len(), w));
+                placed[fi].push((u, Some(x)));
+            }
         }
         self.data.submit_batch(ios);
         let mut failed = None;
-        for (i, w) in &waits {
+        for (fi, i, w) in &waits {
             let (r, tag) = w.wait_tag();
             if let Err(e) = r {
-                failed.get_or_insert(e);
+                failed.get_or_insert((batch[*fi].0.ino, e));
                 continue;
             }
             // Keep what compression recorded; give back the space it saved.
-            let x = placed[*i].1.as_mut().expect("written units have extents");
+            let x = placed[*fi][*i]
+                .1
+                .as_mut()
+                .expect("written units have extents");
             if tag.codec != 0 {
                 x.codec = tag.codec;
                 x.stored = tag.stored_len;
@@ -1825,55 +1883,56 @@ impl Fs {
             st.alloc.free(x.phys + used, x.alloc as u64 - used);
             x.alloc = used as u32;
         }
-        if let Some(e) = failed {
+        if let Some((ino, e)) = failed {
             log::error!("inode {ino}: data write failed: {e}");
-            for x in placed.iter().filter_map(|(_, x)| *x) {
-                st.alloc.free(x.phys, x.alloc as u64);
-            }
+            free_placed(st, &placed);
             return Err(Errno::EIO);
         }
         let tx = self.begin()?;
-        {
-            let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
-            let mut cache = self.rd.cache.lock();
-            self.rd
-                .cache_gen
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for (u, x) in &placed {
-                let old = match x {
-                    Some(x) => t
-                        .insert((ino, *u), x.encode().as_slice())
-                        .map_err(db_err)?
-                        .map(|v| Extent::decode(v.value())),
-                    None => t
-                        .remove((ino, *u))
-                        .map_err(db_err)?
-                        .map(|v| Extent::decode(v.value())),
-                };
-                if let Some(Ok(old)) = old {
-                    st.pending_free.push((old.phys, old.alloc as u64));
-                    inode.stored -= (old.alloc as u64).min(inode.stored);
+        for ((inode, _), placed) in batch.iter_mut().zip(&placed) {
+            let ino = inode.ino;
+            {
+                let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+                let mut cache = self.rd.cache.lock();
+                self.rd
+                    .cache_gen
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for (u, x) in placed {
+                    let old = match x {
+                        Some(x) => t
+                            .insert((ino, *u), x.encode().as_slice())
+                            .map_err(db_err)?
+                            .map(|v| Extent::decode(v.value())),
+                        None => t
+                            .remove((ino, *u))
+                            .map_err(db_err)?
+                            .map(|v| Extent::decode(v.value())),
+                    };
+                    if let Some(Ok(old)) = old {
+                        st.pending_free.push((old.phys, old.alloc as u64));
+                        inode.stored -= (old.alloc as u64).min(inode.stored);
+                    }
+                    if let Some(x) = x {
+                        inode.stored += x.alloc as u64;
+                    }
+                    cache.pop(&(ino, *u));
                 }
-                if let Some(x) = x {
-                    inode.stored += x.alloc as u64;
-                }
-                cache.pop(&(ino, *u));
             }
-        }
-        // The inode may be gone (unlinked and purged meanwhile): then drop the extents again.
-        let exists = tx
-            .open_table(INODES)
-            .map_err(db_err)?
-            .get(ino)
-            .map_err(db_err)?
-            .is_some();
-        if exists {
-            tx.open_table(INODES)
+            // The inode may be gone (unlinked and purged meanwhile): then drop the extents again.
+            let exists = tx
+                .open_table(INODES)
                 .map_err(db_err)?
-                .insert(ino, inode.encode().as_slice())
-                .map_err(db_err)?;
-        } else {
-            self.drop_extents(st, &tx, ino, 0)?;
+                .get(ino)
+                .map_err(db_err)?
+                .is_some();
+            if exists {
+                tx.open_table(INODES)
+                    .map_err(db_err)?
+                    .insert(ino, inode.encode().as_slice())
+                    .map_err(db_err)?;
+            } else {
+                self.drop_extents(st, &tx, ino, 0)?;
+            }
         }
         self.commit(st, tx, durable)
     }
@@ -1890,16 +1949,21 @@ impl Fs {
             .filter(|(_, f)| f.inode.is_some() || !f.units.is_empty())
             .map(|(i, _)| *i)
             .collect();
-        let mut first = None;
-        for ino in inos {
-            if let Err(e) = self.flush_file(st, ino, false) {
-                first.get_or_insert(e);
+        st.closed_dirty = 0;
+        if self.flush_files(st, &inos, false).is_err() {
+            // One file's failure must not hold the others back: one by one.
+            let mut first = None;
+            for ino in inos {
+                if let Err(e) = self.flush_file(st, ino, false) {
+                    first.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first {
+                return Err(e);
             }
         }
-        if let Some(e) = first {
-            return Err(e);
-        }
-        if durable && (st.undurable || !st.pending_free.is_empty()) {
+        if durable && (st.undurable || !st.pending_free.is_empty() || !st.deferred_free.is_empty())
+        {
             self.commit_now(st, true)?;
         }
         Ok(())

@@ -334,6 +334,8 @@ struct MountOpts {
     timeout: Option<Duration>,
     /// Readahead of the mount's BDI in KiB (the kernel gives FUSE 128).
     readahead_kb: u64,
+    /// FUSE worker threads, each with its own /dev/fuse clone.
+    threads: usize,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -349,6 +351,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         remount: false,
         timeout: Some(pool::DEFAULT_TIMEOUT),
         readahead_kb: 4096,
+        threads: 4,
     };
     for opt in options
         .iter()
@@ -380,6 +383,13 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
                     .filter(|s: &f64| *s >= 0.0 && *s < 1e7)
                     .ok_or(format!("timeout={v} is not a number of seconds"))?;
                 o.timeout = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+            }
+            ("threads", Some(v)) => {
+                o.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or(format!("threads={v} is not a number from 1 to 64"))?
             }
             ("fsname", Some(v)) => o.fsname = Some(v.to_string()),
             ("cache_size", Some(v)) => {
@@ -609,7 +619,7 @@ fn session_config(o: &MountOpts) -> fuser::Config {
     } else {
         fuser::SessionACL::Owner
     };
-    config.n_threads = Some(4);
+    config.n_threads = Some(o.threads);
     config.clone_fd = true;
     config
 }
