@@ -775,7 +775,26 @@ impl Fs {
 
     pub fn getattr(&self, ino: u64) -> R<Inode> {
         let st = self.st.lock();
-        self.load_inode(&st, ino)
+        self.shown_inode(&st, ino)
+    }
+
+    /// The inode as `stat` shows it: space counts the file's data still in
+    /// memory too (what it will take at most once flushed), so that `du`
+    /// and sparse-file heuristics (blocks < size) do not see a written file
+    /// as empty before its group flush.
+    fn shown_inode(&self, st: &State, ino: u64) -> R<Inode> {
+        let mut inode = self.load_inode(st, ino)?;
+        if let Some(f) = st.files.get(&ino) {
+            for (u, d) in &f.units {
+                let bytes = if d.keep {
+                    UNIT
+                } else {
+                    inode.size.saturating_sub(u * UNIT).min(UNIT).div_ceil(BLOCK) * BLOCK
+                };
+                inode.stored += bytes;
+            }
+        }
+        Ok(inode)
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
@@ -809,7 +828,7 @@ impl Fs {
             }));
         };
         let (ino, _, _) = dirent_decode(v.value())?;
-        self.load_inode(&st, ino)
+        self.shown_inode(&st, ino)
     }
 
     fn find(&self, tx: &WriteTransaction, parent: u64, name: &[u8]) -> R<Option<(u64, Kind, u64)>> {
