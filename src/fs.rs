@@ -403,6 +403,8 @@ struct FileState {
     inode: Option<Inode>,
     units: BTreeMap<u64, DirtyUnit>,
     open: u32,
+    /// Counted in `State::closed_dirty` (closed with data not yet written).
+    counted: bool,
 }
 
 struct State {
@@ -789,7 +791,12 @@ impl Fs {
                 let bytes = if d.keep {
                     UNIT
                 } else {
-                    inode.size.saturating_sub(u * UNIT).min(UNIT).div_ceil(BLOCK) * BLOCK
+                    inode
+                        .size
+                        .saturating_sub(u * UNIT)
+                        .min(UNIT)
+                        .div_ceil(BLOCK)
+                        * BLOCK
                 };
                 inode.stored += bytes;
             }
@@ -1448,8 +1455,11 @@ impl Fs {
             Some(f) if f.units.is_empty() && f.inode.is_none() => {
                 st.files.remove(&ino);
             }
-            Some(_) => {
-                st.closed_dirty += 1;
+            Some(f) => {
+                if !f.counted {
+                    st.files.get_mut(&ino).expect("present").counted = true;
+                    st.closed_dirty += 1;
+                }
                 if st.closed_dirty >= CLOSED_BATCH {
                     self.flush_all(&mut st, false)?;
                 }
@@ -1779,12 +1789,11 @@ impl Fs {
                 st.dirty_bytes -= (units * UNIT).min(st.dirty_bytes);
                 // Closed files have nothing left to keep.
                 for (inode, _) in &batch {
-                    if st
-                        .files
-                        .get(&inode.ino)
-                        .is_some_and(|f| f.open == 0 && f.units.is_empty() && f.inode.is_none())
-                    {
-                        st.files.remove(&inode.ino);
+                    if let Some(f) = st.files.get_mut(&inode.ino) {
+                        f.counted = false;
+                        if f.open == 0 && f.units.is_empty() && f.inode.is_none() {
+                            st.files.remove(&inode.ino);
+                        }
                     }
                 }
                 Ok(())

@@ -336,6 +336,8 @@ struct MountOpts {
     readahead_kb: u64,
     /// FUSE worker threads, each with its own /dev/fuse clone.
     threads: usize,
+    /// Interval of the periodic durable commit.
+    commit: Duration,
 }
 
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
@@ -352,6 +354,7 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         timeout: Some(pool::DEFAULT_TIMEOUT),
         readahead_kb: 4096,
         threads: 4,
+        commit: Duration::from_secs(5),
     };
     for opt in options
         .iter()
@@ -383,6 +386,16 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
                     .filter(|s: &f64| *s >= 0.0 && *s < 1e7)
                     .ok_or(format!("timeout={v} is not a number of seconds"))?;
                 o.timeout = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+            }
+            ("commit", Some(v)) => {
+                o.commit = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &u64| (1..=86400).contains(s))
+                    .map(Duration::from_secs)
+                    .ok_or(format!(
+                        "commit={v} is not a number of seconds from 1 to 86400"
+                    ))?
             }
             ("threads", Some(v)) => {
                 o.threads = v
@@ -582,17 +595,19 @@ fn mount(
         })
         .map_err(|e| e.to_string())?;
     let running = Arc::new(AtomicBool::new(true));
+    let commit_ms = o.commit.as_millis() as u64;
     let timer = {
         let (fs, running) = (fs.clone(), running.clone());
         std::thread::Builder::new()
             .name("commit".into())
             .spawn(move || {
-                // Group commit: everything written is durable within ~5 s.
+                // Group commit: everything written is durable within
+                // `commit=` seconds (5 by default).
                 let mut waited = 0;
                 while running.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(200));
                     waited += 200;
-                    if waited >= 5000 {
+                    if waited >= commit_ms {
                         waited = 0;
                         if let Err(e) = fs.sync() {
                             log::error!("periodic commit failed: {e}");
