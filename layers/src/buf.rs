@@ -94,10 +94,28 @@ impl Buf {
 
     /// A buffer holding a copy of `data` (counted in `copied_bytes`).
     pub fn copy_from(data: &[u8]) -> Buf {
-        let mut b = Buf::zeroed(data.len());
-        b.as_mut_slice().copy_from_slice(data);
+        let cap = data.len().max(PAGE).div_ceil(PAGE) * PAGE;
+        let layout = Layout::from_size_align(cap, PAGE).expect("page layout");
+        // SAFETY: the layout has a non-zero size. Every byte is written below
+        // before any slice is made over the memory: `data` fills the window,
+        // zeros the rest of the last page.
+        let pages = unsafe {
+            let raw = std::alloc::alloc(layout);
+            let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+            std::ptr::copy_nonoverlapping(data.as_ptr(), raw, data.len());
+            std::ptr::write_bytes(raw.add(data.len()), 0, cap - data.len());
+            Pages {
+                ptr,
+                cap,
+                pool: None,
+            }
+        };
         count_copy(data.len());
-        b
+        Buf {
+            pages: Arc::new(pages),
+            off: 0,
+            len: data.len(),
+        }
     }
 
     pub fn len(&self) -> usize {

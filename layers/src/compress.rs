@@ -53,6 +53,58 @@ fn blocks(n: u64) -> u64 {
     n.div_ceil(4096)
 }
 
+/// Sampled bytes per unit for the entropy estimate, and the entropy (bits
+/// per byte) above which a unit is stored without trying to compress it.
+const SAMPLE_RUN: usize = 32;
+const SAMPLE_STRIDE: usize = 512;
+const MAX_ENTROPY: f64 = 7.5;
+
+/// A cheap guess, in the manner of btrfs's compression heuristic: the byte
+/// entropy of runs sampled across the unit. Data that is already compressed
+/// or encrypted sits near 8 bits per byte, where zstd would spend its full
+/// time (about 120 µs per 64 KiB) to save nothing or next to nothing;
+/// computing this costs a few microseconds. Small units are always tried.
+fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < 4 * SAMPLE_STRIDE {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    let mut n = 0u32;
+    for (i, stride) in (0..data.len()).step_by(SAMPLE_STRIDE).enumerate() {
+        // Runs at varying offsets within each stride: data with a header at
+        // every 512-byte or 4 KiB boundary must not be sampled only there.
+        let start = stride + (i * 97) % (SAMPLE_STRIDE - SAMPLE_RUN);
+        for &b in &data[start.min(data.len())..(start + SAMPLE_RUN).min(data.len())] {
+            counts[b as usize] += 1;
+            n += 1;
+        }
+    }
+    // H = log2(n) - sum(c * log2(c)) / n, with c * log2(c) from a table.
+    static CLOG: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let table = CLOG.get_or_init(|| {
+        (0..=(64 << 10) / SAMPLE_STRIDE * SAMPLE_RUN)
+            .map(|c| {
+                if c == 0 {
+                    0.0
+                } else {
+                    c as f32 * (c as f32).log2()
+                }
+            })
+            .collect()
+    });
+    let sum: f32 = counts
+        .iter()
+        .map(|&c| {
+            table
+                .get(c as usize)
+                .copied()
+                .unwrap_or_else(|| c as f32 * (c as f32).log2())
+        })
+        .sum();
+    let n = n as f32;
+    (n.log2() - sum / n) as f64 > MAX_ENTROPY
+}
+
 impl Compress {
     pub fn new(lower: Arc<dyn Layer>, codec: Codec) -> Compress {
         Compress { lower, codec }
@@ -61,7 +113,7 @@ impl Compress {
     /// The compressed form of `data`, straight into a buffer for the layer
     /// below, when it is at most `room` bytes (so that it saves a block).
     fn pack(&self, data: &[u8], room: u64) -> Option<(u8, Buf)> {
-        if room == 0 {
+        if room == 0 || looks_incompressible(data) {
             return None;
         }
         let (id, n, mut out) = match self.codec {
@@ -220,5 +272,44 @@ impl Layer for Compress {
     }
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         vec![self.lower.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_incompressible;
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entropy_guess_skips_only_noise() {
+        assert!(looks_incompressible(&random(65536)));
+        let text: Vec<u8> = b"stackfs compresses text like this line; "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        assert!(!looks_incompressible(&text));
+        // Half noise, half zeros: compressible by half, so it is tried.
+        let mut half = random(65536);
+        for chunk in half.chunks_mut(1024) {
+            chunk[..512].fill(0);
+        }
+        assert!(!looks_incompressible(&half));
+        assert!(
+            !looks_incompressible(&random(1000)),
+            "small units are always tried"
+        );
     }
 }
