@@ -37,19 +37,7 @@ fn fault(mnt: &Path, cmd: &str) {
 }
 
 fn fault_status(mnt: &Path) -> String {
-    let p = CString::new(mnt.as_os_str().as_bytes()).unwrap();
-    let mut buf = [0u8; 256];
-    // SAFETY: valid C strings; the buffer outlives the call.
-    let n = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            c"stackfs.fault".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert!(n > 0, "fault status: {}", std::io::Error::last_os_error());
-    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+    String::from_utf8_lossy(&getxattr(mnt, c"stackfs.fault")).into_owned()
 }
 
 fn writes(status: &str) -> u64 {

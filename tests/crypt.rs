@@ -10,18 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use support::*;
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn images(p: &Pool) -> Vec<Vec<u8>> {
     p.imgs.iter().map(|i| fs::read(i).unwrap()).collect()
 }

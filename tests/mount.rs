@@ -603,19 +603,7 @@ fn readahead_is_raised() {
 
 /// Bytes of file data the daemon copied between its own buffers so far.
 fn copied(mnt: &std::path::Path) -> u64 {
-    let path = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
-    let mut buf = [0u8; 64];
-    // SAFETY: both pointers are valid for the lengths given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"stackfs.copied".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert!(n > 0, "stackfs.copied: {}", std::io::Error::last_os_error());
-    std::str::from_utf8(&buf[..n as usize])
+    String::from_utf8(getxattr(mnt, c"stackfs.copied"))
         .unwrap()
         .parse()
         .unwrap()
@@ -635,14 +623,7 @@ fn copies_per_byte_stay_within_the_design() {
     let text: Vec<u8> = (0..len)
         .map(|i| b"stackfs copies little "[i % 22])
         .collect();
-    let mut random = vec![0u8; len];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for b in random.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let random = random(len, 0x9E37_79B9_7F4A_7C15);
     let per_byte = |before: u64, after: u64| (after - before) as f64 / len as f64;
     let write = |name: &str, data: &[u8]| {
         let before = copied(&p.mnt);
@@ -684,19 +665,7 @@ fn copies_per_byte_stay_within_the_design() {
 
 /// Bytes the mounted pool's device layers have written so far.
 fn device_writes(mnt: &std::path::Path) -> u64 {
-    let path = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
-    let mut buf = vec![0u8; 1 << 16];
-    // SAFETY: both pointers are valid for the lengths given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"stackfs.stats".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert!(n > 0, "stackfs.stats: {}", std::io::Error::last_os_error());
-    let v: serde_json::Value = serde_json::from_slice(&buf[..n as usize]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&getxattr(mnt, c"stackfs.stats")).unwrap();
     v.as_array()
         .unwrap()
         .iter()
@@ -715,17 +684,7 @@ fn closed_files_are_flushed_in_groups() {
     let mnt = p.mnt.to_str().unwrap();
     // A long commit interval keeps the timer out of the way.
     ok(stackfs(&["mount", "-o", "commit=600", &p.source(), mnt]));
-    let content = |i: usize| -> Vec<u8> {
-        let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (0..10_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let content = |i: usize| random(10_000, (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let before = device_writes(&p.mnt);
     for i in 0..63 {
         fs::write(p.mnt.join(format!("f{i}")), content(i)).unwrap();

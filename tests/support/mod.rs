@@ -12,6 +12,43 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_stackfs");
 /// The passphrase of every test pool (the default stack is encrypted).
 pub const PASS: &str = "test passphrase";
 
+/// The value of extended attribute `name` (a C string literal) of `path`.
+pub fn getxattr(path: &Path, name: &std::ffi::CStr) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: valid C strings; the buffer outlives the call.
+    let n = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(
+        n >= 0,
+        "getxattr {name:?} of {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf.truncate(n as usize);
+    buf
+}
+
+/// Incompressible bytes (xorshift), the same for the same seed.
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn stackfs(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
