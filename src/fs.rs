@@ -411,6 +411,9 @@ struct State {
     alloc: Allocator,
     /// Space freed by commits not yet durable: reusable after the next durable one.
     pending_free: Vec<(u64, u64)>,
+    /// How much of `pending_free` committed transactions recorded; the rest
+    /// belongs to the transaction being built (dropped if it never commits).
+    pending_mark: usize,
     /// Space freed by a durable commit while reads that may still be reading
     /// it were in flight: (the commit's free generation, address, length).
     deferred_free: Vec<(u64, u64, u64)>,
@@ -599,6 +602,7 @@ impl Fs {
             st: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
+                pending_mark: 0,
                 deferred_free: Vec::new(),
                 free_gen: 0,
                 closed_dirty: 0,
@@ -629,7 +633,7 @@ impl Fs {
 
     fn init_root(&self) -> R<()> {
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         {
             let mut t = tx.open_table(INODES).map_err(db_err)?;
             if t.get(ROOT).map_err(db_err)?.is_some() {
@@ -663,7 +667,7 @@ impl Fs {
         if orphans.is_empty() {
             return Ok(());
         }
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         for ino in &orphans {
             self.purge(&mut st, &tx, *ino)?;
         }
@@ -672,6 +676,14 @@ impl Fs {
             orphans.len()
         );
         self.commit(&mut st, tx, true)
+    }
+
+    /// Begin a transaction under the filesystem lock. Frees recorded by a
+    /// transaction that was abandoned (an error returned before its commit)
+    /// are dropped here: the extents they name are still in the committed map.
+    fn begin_tx(&self, st: &mut State) -> R<WriteTransaction> {
+        st.pending_free.truncate(st.pending_mark);
+        self.begin()
     }
 
     pub(crate) fn begin(&self) -> R<WriteTransaction> {
@@ -696,7 +708,11 @@ impl Fs {
         } else {
             tx.set_durability(Durability::None).map_err(db_err)?;
         }
-        tx.commit().map_err(db_err)?;
+        if let Err(e) = tx.commit() {
+            // Nothing of this transaction happened: neither do its frees.
+            st.pending_free.truncate(st.pending_mark);
+            return Err(db_err(e));
+        }
         if durable {
             // Reads that looked up their extents before this commit may still
             // be reading the freed space: it waits for them (see ARCHITECTURE).
@@ -711,6 +727,7 @@ impl Fs {
             self.release_deferred(st);
             st.undurable = true;
         }
+        st.pending_mark = st.pending_free.len();
         Ok(())
     }
 
@@ -786,8 +803,16 @@ impl Fs {
     /// as empty before its group flush.
     fn shown_inode(&self, st: &State, ino: u64) -> R<Inode> {
         let mut inode = self.load_inode(st, ino)?;
-        if let Some(f) = st.files.get(&ino) {
-            for (u, d) in &f.units {
+        if let Some(f) = st.files.get(&ino).filter(|f| !f.units.is_empty()) {
+            // Units that replace a stored extent take its place, not more.
+            let first = f.units.keys().next().copied().unwrap_or(0);
+            let last = f.units.keys().next_back().copied().unwrap_or(0);
+            let stored: std::collections::HashSet<u64> = self
+                .extents(ino, first, last)?
+                .into_iter()
+                .map(|(u, _)| u)
+                .collect();
+            for (u, d) in f.units.iter().filter(|(u, _)| !stored.contains(u)) {
                 let bytes = if d.keep {
                     UNIT
                 } else {
@@ -911,7 +936,7 @@ impl Fs {
         Self::check_name(name)?;
         let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut dir = self.inode_tx(&st, &tx, parent)?;
         if dir.kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
@@ -1009,7 +1034,7 @@ impl Fs {
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
         Self::check_name(name)?;
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         if inode.kind == Kind::Dir {
             return Err(err(libc::EPERM));
@@ -1128,7 +1153,7 @@ impl Fs {
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
         if kind == Kind::Dir {
             return Err(err(libc::EISDIR));
@@ -1159,7 +1184,7 @@ impl Fs {
             return Err(err(libc::ENOTEMPTY));
         }
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
         if kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
@@ -1211,7 +1236,18 @@ impl Fs {
         }
         Self::check_name(newname)?;
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        // Write-then-rename replaces files safely only if the data lands no
+        // later than the rename (ext4's auto_da_alloc): write both files'
+        // dirty data first, so that no commit that makes the rename durable
+        // can leave the new name with the new size and no data.
+        for (dir, n) in [(parent, name), (newparent, newname)] {
+            if let Some(i) = self.entry_ino(dir, n)? {
+                if st.files.get(&i).is_some_and(|f| f.inode.is_some()) {
+                    self.flush_file(&mut st, i, false)?;
+                }
+            }
+        }
+        let tx = self.begin_tx(&mut *st)?;
         let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
         let target = self.find(&tx, newparent, newname)?;
         let mut pdir = self.inode_tx(&st, &tx, parent)?;
@@ -1366,13 +1402,13 @@ impl Fs {
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
             if let Some(inode) = st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
                 Self::set_times(inode, &a);
-                return Ok(inode.clone());
+                return self.shown_inode(&st, ino);
             }
         }
         if let Some(size) = a.size {
             self.truncate(&mut st, ino, size)?;
         }
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         if let Some(m) = a.mode {
             inode.perm = (m & 0o7777) as u16;
@@ -1447,7 +1483,7 @@ impl Fs {
             .map(|i| i.nlink == 0)
             .unwrap_or(false);
         if gone {
-            let tx = self.begin()?;
+            let tx = self.begin_tx(&mut *st)?;
             self.purge(&mut st, &tx, ino)?;
             self.commit(&mut st, tx, false)?;
         }
@@ -1916,15 +1952,38 @@ impl Fs {
             free_placed(st, &placed);
             return Err(Errno::EIO);
         }
-        let tx = self.begin()?;
-        for ((inode, _), placed) in batch.iter_mut().zip(&placed) {
+        // The new inodes are staged and become the batch's only once the
+        // commit has succeeded; on any error the new extents are freed and
+        // the old ones stay (their frees are dropped with the transaction).
+        let mut staged: Vec<Inode> = batch.iter().map(|(i, _)| i.clone()).collect();
+        let res = self.commit_units(st, &mut staged, &placed, durable);
+        match res {
+            Ok(()) => {
+                for ((inode, _), new) in batch.iter_mut().zip(staged) {
+                    *inode = new;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                free_placed(st, &placed);
+                Err(e)
+            }
+        }
+    }
+
+    /// One transaction for the new extents of a batch of files.
+    fn commit_units(
+        &self,
+        st: &mut State,
+        inodes: &mut [Inode],
+        placed: &[Vec<(u64, Option<Extent>)>],
+        durable: bool,
+    ) -> R<()> {
+        let tx = self.begin_tx(&mut *st)?;
+        for (inode, placed) in inodes.iter_mut().zip(placed) {
             let ino = inode.ino;
             {
                 let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
-                let mut cache = self.rd.cache.lock();
-                self.rd
-                    .cache_gen
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 for (u, x) in placed {
                     let old = match x {
                         Some(x) => t
@@ -1943,7 +2002,6 @@ impl Fs {
                     if let Some(x) = x {
                         inode.stored += x.alloc as u64;
                     }
-                    cache.pop(&(ino, *u));
                 }
             }
             // The inode may be gone (unlinked and purged meanwhile): then drop the extents again.
@@ -1962,11 +2020,20 @@ impl Fs {
                 self.drop_extents(st, &tx, ino, 0)?;
             }
         }
+        // Out of the cache before the new extents are visible, but never
+        // holding the cache lock over redb work: redb may read a metadata
+        // sector through a device thread that is itself waiting for the
+        // cache lock to finish a read.
+        for (inode, placed) in inodes.iter().zip(placed) {
+            for (u, _) in placed {
+                self.rd.uncache(inode.ino, *u);
+            }
+        }
         self.commit(st, tx, durable)
     }
 
     fn commit_now(&self, st: &mut State, durable: bool) -> R<()> {
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         self.commit(st, tx, durable)
     }
 
@@ -1998,8 +2065,22 @@ impl Fs {
     }
 
     /// fsync: this file's data and all metadata so far, durably.
+    /// The inode a directory entry names (committed state).
+    fn entry_ino(&self, dir: u64, name: &[u8]) -> R<Option<u64>> {
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((dir, name)).map_err(db_err)?;
+        v.map(|v| dirent_decode(v.value()).map(|(i, _, _)| i))
+            .transpose()
+    }
+
     pub fn fsync(&self, ino: u64) -> R<()> {
         let mut st = self.st.lock();
+        if st.closed_dirty > 0 {
+            // A durable commit makes every earlier metadata change durable,
+            // names and sizes of closed files included: their data goes with it.
+            self.flush_all(&mut st, true)?;
+        }
         self.flush_file(&mut st, ino, true)?;
         if st.undurable {
             self.commit_now(&mut st, true)?;
@@ -2049,7 +2130,7 @@ impl Fs {
                 f.units.remove(u);
             }
             st.dirty_bytes -= (gone.len() as u64 * UNIT).min(st.dirty_bytes);
-            let tx = self.begin()?;
+            let tx = self.begin_tx(&mut *st)?;
             let freed = self.drop_extents(st, &tx, ino, keep)?;
             inode.stored -= freed.min(inode.stored);
             inode.size = size;
@@ -2071,7 +2152,7 @@ impl Fs {
             return Ok(());
         }
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut stored = inode.stored;
         for u in first..=last {
             let ustart = u * UNIT;
@@ -2249,7 +2330,7 @@ impl Fs {
             return Err(err(libc::E2BIG));
         }
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
@@ -2317,7 +2398,7 @@ impl Fs {
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> R<()> {
         let mut st = self.st.lock();
-        let tx = self.begin()?;
+        let tx = self.begin_tx(&mut *st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         let gone = tx
             .open_table(XATTRS)

@@ -252,9 +252,6 @@ impl Layer for Compress {
         let (writes, others): (Vec<Io>, Vec<Io>) = ios
             .into_iter()
             .partition(|io| io.op() == Op::Write && !io.is_cancelled());
-        for io in others {
-            self.submit(io);
-        }
         let children: Vec<Io> = if writes.len() > 1 {
             writes
                 .into_par_iter()
@@ -265,6 +262,11 @@ impl Layer for Compress {
         };
         if !children.is_empty() {
             self.lower.submit_batch(children);
+        }
+        // Reads, flushes and discards after the writes: a flush in the
+        // batch must not overtake them.
+        for io in others {
+            self.submit(io);
         }
     }
     fn overhead(&self) -> u64 {

@@ -315,7 +315,14 @@ impl Io {
             obs(self, &res);
         }
         if let Some(end_io) = self.0.end_io.lock().take() {
-            res = end_io(self, res);
+            // A panicking hook must not leave its parent waiting forever
+            // (a FUSE reply never sent, a waiter never woken): it fails the
+            // request instead.
+            let hook = std::panic::AssertUnwindSafe(|| end_io(self, res));
+            res = std::panic::catch_unwind(hook).unwrap_or_else(|_| {
+                log::error!("{self:?}: completion hook panicked; failing the request with EIO");
+                Err(Errno::EIO)
+            });
         }
         self.0.children.lock().clear();
         if let Some(parent) = &self.0.parent {
