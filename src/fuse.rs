@@ -336,7 +336,9 @@ impl Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open_file(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            // Every change to a file goes through this mount, so the kernel's
+            // page cache of it stays right across opens.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -370,7 +372,7 @@ impl Filesystem for FuseFs {
                 &attr(&i),
                 Generation(i.generation),
                 FileHandle(0),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(errno(e)),
         }
