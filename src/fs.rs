@@ -2038,12 +2038,15 @@ impl Fs {
     }
 
     fn flush_all(&self, st: &mut State, durable: bool) -> R<()> {
-        let inos: Vec<u64> = st
+        // In inode order: files created one after another are laid out one
+        // after another (and the layout does not depend on hash order).
+        let mut inos: Vec<u64> = st
             .files
             .iter()
             .filter(|(_, f)| f.inode.is_some() || !f.units.is_empty())
             .map(|(i, _)| *i)
             .collect();
+        inos.sort_unstable();
         st.closed_dirty = 0;
         if self.flush_files(st, &inos, false).is_err() {
             // One file's failure must not hold the others back: one by one.
