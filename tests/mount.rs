@@ -223,15 +223,7 @@ fn full_pool_enospc_and_recovery() {
     let p = Pool::new(1, "48M");
     p.mount();
     // Random bytes: compression must not let the pool swallow them all.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let chunk: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let chunk = random(1 << 20, 0x9E37_79B9_7F4A_7C15);
     let mut written = 0;
     let mut hit = None;
     // With the kernel's writeback cache, ENOSPC shows at fsync/close, as on NFS.

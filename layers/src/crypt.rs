@@ -20,7 +20,7 @@ use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED};
 use crate::layer::{transform, Layer};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use std::sync::Arc;
 
 pub const NONCE_LEN: usize = 12;
@@ -61,6 +61,18 @@ impl Crypt {
         }
     }
 
+    /// Encrypt `data` in place (a request's `len` bytes at `addr`, both bound
+    /// in as associated data); the authentication tag.
+    fn seal(&self, nonce: [u8; NONCE_LEN], addr: u64, len: u64, data: &mut [u8]) -> Tag {
+        self.key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(addr, len)),
+                data,
+            )
+            .expect("AES-GCM sealing cannot fail for in-range lengths")
+    }
+
     fn write(&self, io: Io) {
         let len = io.len();
         let counter = match self.nonces.next() {
@@ -85,14 +97,7 @@ impl Crypt {
             // SAFETY: `out` is either a fresh copy or memory no other window
             // shares (checked above; the request's own handle is the only one).
             let plain = unsafe { out.as_mut_slice_unchecked() };
-            let mac = self
-                .key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad(io.addr(), len)),
-                    plain,
-                )
-                .expect("AES-GCM sealing cannot fail for in-range lengths");
+            let mac = self.seal(nonce, io.addr(), len, plain);
             tag.nonce = [0; 24];
             tag.nonce[..NONCE_LEN].copy_from_slice(&nonce);
             tag.mac.copy_from_slice(mac.as_ref());
@@ -107,14 +112,7 @@ impl Crypt {
         s[..NONCE_LEN].copy_from_slice(&nonce);
         let body = &mut s[NONCE_LEN..NONCE_LEN + len as usize];
         body.copy_from_slice(io.buf().as_slice());
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(io.addr(), len)),
-                body,
-            )
-            .expect("AES-GCM sealing cannot fail for in-range lengths");
+        let tag = self.seal(nonce, io.addr(), len, body);
         s[NONCE_LEN + len as usize..NONCE_LEN + len as usize + TAG_LEN]
             .copy_from_slice(tag.as_ref());
         let child = io.child(

@@ -137,3 +137,17 @@ impl Layer for Mem {
         io.finish(res);
     }
 }
+
+/// Deterministic incompressible bytes (xorshift64) for tests and benchmarks:
+/// the same `seed` gives the same bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -30,15 +30,10 @@ fn open_all(paths: &[PathBuf], size: u64) -> Vec<Arc<Device>> {
 }
 
 fn fill(seed: u64, len: usize) -> Buf {
-    let mut b = Buf::zeroed(len);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for byte in b.as_mut_slice() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
-    b
+    Buf::copy_from(&stackfs_layers::mem::noise(
+        len,
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ))
 }
 
 #[derive(Clone, Debug)]

@@ -51,15 +51,7 @@ fn text(len: usize) -> Vec<u8> {
 }
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    stackfs_layers::mem::noise(len, seed)
 }
 
 fn raw_devices(paths: &[PathBuf]) -> Vec<u8> {

@@ -38,15 +38,7 @@ pub fn getxattr(path: &Path, name: &std::ffi::CStr) -> Vec<u8> {
 
 /// Incompressible bytes (xorshift), the same for the same seed.
 pub fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    stackfs_layers::mem::noise(len, seed)
 }
 
 pub fn stackfs(args: &[&str]) -> Output {
