@@ -47,6 +47,10 @@ impl<'a> Dec<'a> {
     pub fn new(buf: &'a [u8]) -> Dec<'a> {
         Dec { buf }
     }
+    /// What has not been decoded yet.
+    pub fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], Short> {
         if self.buf.len() < n {
             return Err(Short);

@@ -268,8 +268,10 @@ pub struct Extent {
     /// Compression codec (0: raw) and compressed length, from the extent tag.
     pub codec: u8,
     pub stored: u32,
-    /// The crypt layer's nonce and MAC (zeros without crypt), from the extent tag.
-    pub nonce: [u8; 12],
+    /// The crypt layer's nonce and key id (12 bytes each) and MAC (zeros
+    /// without crypt), from the extent tag. Records of version 1 (before
+    /// per-mount keys) have no key id: zeros, the master key.
+    pub nonce: [u8; 24],
     pub mac: [u8; 16],
     /// CRC32C of the `len` bytes written (before any layer transformed them).
     pub crc: u32,
@@ -289,13 +291,11 @@ fn block_map(data: &[u8]) -> u16 {
 impl Extent {
     /// What the layers need to read this extent back.
     fn tag(&self) -> ExtentTag {
-        let mut nonce = [0u8; 24];
-        nonce[..12].copy_from_slice(&self.nonce);
         ExtentTag {
             codec: self.codec,
             logical_len: self.len,
             stored_len: self.stored,
-            nonce,
+            nonce: self.nonce,
             mac: self.mac,
             flags: TAG_DETACHED,
         }
@@ -303,7 +303,7 @@ impl Extent {
 
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
-        e.u8(1)
+        e.u8(2)
             .u64(self.phys)
             .u32(self.alloc)
             .u32(self.logical)
@@ -319,7 +319,8 @@ impl Extent {
     pub fn decode(raw: &[u8]) -> R<Extent> {
         let mut d = Dec::new(raw);
         let bad = |_| Errno::EIO;
-        if d.u8().map_err(bad)? != 1 {
+        let version = d.u8().map_err(bad)?;
+        if version != 1 && version != 2 {
             return Err(Errno::EIO);
         }
         Ok(Extent {
@@ -329,7 +330,13 @@ impl Extent {
             len: d.u32().map_err(bad)?,
             codec: d.u8().map_err(bad)?,
             stored: d.u32().map_err(bad)?,
-            nonce: d.array().map_err(bad)?,
+            nonce: if version == 1 {
+                let mut n = [0u8; 24];
+                n[..12].copy_from_slice(&d.array::<12>().map_err(bad)?);
+                n
+            } else {
+                d.array().map_err(bad)?
+            },
             mac: d.array().map_err(bad)?,
             crc: d.u32().map_err(bad)?,
             map: d.u16().map_err(bad)?,
@@ -1899,7 +1906,7 @@ impl Fs {
                     len: len as u32,
                     codec: 0,
                     stored: len as u32,
-                    nonce: [0; 12],
+                    nonce: [0; 24],
                     mac: [0; 16],
                     crc: crc32c::crc32c(b.as_slice()),
                     map: block_map(bytes),
@@ -1938,7 +1945,7 @@ impl Fs {
                 x.codec = tag.codec;
                 x.stored = tag.stored_len;
             }
-            x.nonce.copy_from_slice(&tag.nonce[..12]);
+            x.nonce = tag.nonce;
             x.mac = tag.mac;
             let used = (x.stored as u64)
                 .div_ceil(BLOCK)

@@ -159,9 +159,19 @@ pub fn check_superblocks(fs: &Fs) -> Vec<Problem> {
             let mut raw = vec![0u8; SB_SIZE];
             let why = match f.read_exact_at(&mut raw, off) {
                 Err(e) => Some(e.to_string()),
-                Ok(()) => superblock::Superblock::decode(&raw)
-                    .err()
-                    .map(|e| e.to_string()),
+                Ok(()) => match superblock::Superblock::decode(&raw) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(sb) if fs.pool.sb_key.is_some() && sb.version < 2 => {
+                        Some("format 1, without a MAC".into())
+                    }
+                    Ok(sb) if fs.pool.sb_key.as_ref().is_some_and(|k| !sb.verify(k)) => {
+                        Some("fails authentication (changed outside stackfs?)".into())
+                    }
+                    Ok(sb) if sb.pool_uuid != fs.pool.sb.pool_uuid => {
+                        Some("belongs to another pool".into())
+                    }
+                    Ok(_) => None,
+                },
             };
             if let Some(why) = why {
                 out.push(Problem::SuperblockCopy {
@@ -496,7 +506,8 @@ fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, String> {
             .cloned()
             .zip(fs.pool.sizes.iter().copied())
             .collect();
-        crate::pool::update_superblocks(&devices, |_| {}).map_err(|x| e(&x))?;
+        crate::pool::update_superblocks(&devices, fs.pool.sb_key.as_ref(), |_| {})
+            .map_err(|x| e(&x))?;
         fixed += problems
             .iter()
             .filter(|p| matches!(p, Problem::SuperblockCopy { .. }))
@@ -523,7 +534,7 @@ pub fn inject(fs: &Fs, what: &str) -> Result<(), String> {
                     len: 4096,
                     codec: 0,
                     stored: 4096,
-                    nonce: [0; 12],
+                    nonce: [0; 24],
                     mac: [0; 16],
                     crc: 0,
                     map: 1,

@@ -20,6 +20,13 @@ const STATS_XATTR: &[u8] = b"stackfs.stats";
 /// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
 const COPIED_XATTR: &[u8] = b"stackfs.copied";
 
+/// Who may read and set the control xattrs: root, and the user running the
+/// daemon (a user's own mount).
+fn is_admin(req: &Request) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    req.uid() == 0 || req.uid() == unsafe { libc::geteuid() }
+}
+
 /// Every layer of the stack with its counters, as JSON (`stackfs info` of a
 /// mounted pool reads it from the root's `stackfs.stats` xattr).
 pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
@@ -129,7 +136,7 @@ impl FuseFs {
     /// Tests steer a stack's fault layers through the root directory's
     /// `stackfs.fault` xattr (root only; pools without a fault layer refuse).
     fn fault_command(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
-        if req.uid() != 0 {
+        if !is_admin(req) {
             return Err(stackfs_layers::Errno(libc::EPERM));
         }
         let f = self
@@ -556,7 +563,12 @@ impl Filesystem for FuseFs {
         )
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let control = [FAULT_XATTR, STATS_XATTR, COPIED_XATTR].contains(&name.as_bytes());
+        if ino.0 == ROOT && control && !is_admin(req) {
+            reply.error(Errno::EPERM);
+            return;
+        }
         let r = match (ino.0, self.fs.pool.stack.fault.as_ref()) {
             (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
             (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)

@@ -114,7 +114,32 @@ fn kind_name(k: u8) -> &'static str {
     }
 }
 
+/// The largest Argon2id cost a pool may ask for (what mkfs accepts): a
+/// planted key blob cannot make an unlock take terabytes or hours.
+pub const MAX_KDF_MEMORY_KIB: u32 = 64 << 20;
+pub const MAX_KDF_TIME: u32 = 64;
+pub const MAX_KDF_LANES: u32 = 16;
+
+/// Physical memory in KiB (0 when unknown).
+fn physical_kib() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages > 0 && size > 0 {
+        pages as u64 * size as u64 / 1024
+    } else {
+        0
+    }
+}
+
 fn kek(secret: &[u8], kdf: Kdf, salt: &[u8; 16]) -> Result<LessSafeKey, KeyError> {
+    let phys = physical_kib();
+    if phys > 0 && kdf.memory_kib as u64 > phys / 2 {
+        return Err(KeyError::Kdf(format!(
+            "the key material asks for {} MiB of memory for Argon2id; this machine has {} MiB",
+            kdf.memory_kib >> 10,
+            phys >> 10
+        )));
+    }
     let params = argon2::Params::new(kdf.memory_kib, kdf.time, kdf.lanes, Some(32))
         .map_err(|e| KeyError::Kdf(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -216,13 +241,23 @@ impl KeyBlob {
         if kind != PASSPHRASE && kind != KEY_FILE {
             return Err(KeyError::Malformed);
         }
+        let kdf = Kdf {
+            memory_kib: d.u32().map_err(m)?,
+            time: d.u32().map_err(m)?,
+            lanes: d.u32().map_err(m)?,
+        };
+        // Bounded here, before anything is derived: a planted blob must not
+        // ask for more than mkfs would ever write.
+        if !(1..=MAX_KDF_LANES).contains(&kdf.lanes)
+            || !(1..=MAX_KDF_TIME).contains(&kdf.time)
+            || kdf.memory_kib > MAX_KDF_MEMORY_KIB
+            || kdf.memory_kib < 8 * kdf.lanes
+        {
+            return Err(KeyError::Malformed);
+        }
         Ok(KeyBlob {
             kind,
-            kdf: Kdf {
-                memory_kib: d.u32().map_err(m)?,
-                time: d.u32().map_err(m)?,
-                lanes: d.u32().map_err(m)?,
-            },
+            kdf,
             salt: d.array().map_err(m)?,
             nonce: d.array().map_err(m)?,
             wrapped: d.array().map_err(m)?,
@@ -276,5 +311,12 @@ mod tests {
             Err(KeyError::WrongKind(..))
         ));
         assert!(KeyBlob::decode(&[9, 9, 9]).is_err());
+        // Planted cost parameters are refused before any derivation.
+        let mut raw = blob.encode();
+        raw[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(KeyBlob::decode(&raw), Err(KeyError::Malformed)));
+        let mut raw = blob.encode();
+        raw[6..10].copy_from_slice(&1_000_000u32.to_le_bytes());
+        assert!(matches!(KeyBlob::decode(&raw), Err(KeyError::Malformed)));
     }
 }

@@ -6,6 +6,7 @@ pub mod fs;
 pub mod fsck;
 pub mod fuse;
 pub mod keys;
+pub mod lock;
 pub mod metastore;
 pub mod pool;
 pub mod superblock;

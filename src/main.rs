@@ -67,6 +67,28 @@ enum Cmd {
         source: String,
         mountpoint: PathBuf,
     },
+    /// Unmount a pool and wait until its daemon has written everything and
+    /// let go of the devices (also installed as umount.fuse.stackfs, which
+    /// umount(8) calls with these arguments).
+    Umount {
+        /// Mount point, or the pool's source (DEV1:DEV2...).
+        target: String,
+        /// Detach now (umount -l); the daemon finishes when the last user leaves.
+        #[arg(short = 'l')]
+        lazy: bool,
+        /// Force (umount -f).
+        #[arg(short = 'f')]
+        force: bool,
+        /// Accepted from umount(8): no mtab, read-only fallback, type, namespace.
+        #[arg(short = 'n', hide = true)]
+        no_mtab: bool,
+        #[arg(short = 'r', hide = true)]
+        read_only_fallback: bool,
+        #[arg(short = 't', hide = true)]
+        fstype: Option<String>,
+        #[arg(short = 'N', hide = true)]
+        namespace: Option<String>,
+    },
     /// Show a pool's devices, layers and usage (usage of an encrypted pool
     /// needs its key: --passphrase-file, --key-file or STACKFS_PASSPHRASE);
     /// for a mounted pool, the live counters of every layer.
@@ -138,6 +160,8 @@ fn secret(a: &KeyArgs, env: &str, confirm: bool, what: &str) -> Result<Secret, S
         return Secret::passphrase_file(f);
     }
     if let Ok(p) = std::env::var(env) {
+        // Not left in the environment, where /proc/PID/environ shows it.
+        std::env::remove_var(env);
         if !p.is_empty() {
             return Ok(Secret::Passphrase(zeroize::Zeroizing::new(p.into_bytes())));
         }
@@ -161,15 +185,35 @@ fn secret(a: &KeyArgs, env: &str, confirm: bool, what: &str) -> Result<Secret, S
     Ok(Secret::Passphrase(p))
 }
 
+/// How long mount, fsck and passwd wait for a pool that another process is
+/// releasing (a daemon still writing after `umount -l`, say).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn canonical_source(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn is_encrypted(paths: &[PathBuf]) -> Result<bool, String> {
     let (found, _) = pool::inspect(paths).map_err(|e| e.to_string())?;
     Ok(!found[0].2.keys.is_empty())
 }
 
 fn main() -> ExitCode {
+    // Keys live in this process: no core dumps, no ptrace by other users.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // mount.fuse calls `stackfs SOURCE MOUNTPOINT -o OPTS`: treat it as `mount`.
     let mut args: Vec<String> = std::env::args().collect();
-    let known = ["mkfs", "mount", "info", "help"];
+    let known = ["mkfs", "mount", "umount", "info", "fsck", "passwd", "help"];
     let looks_like_source =
         |a: &str| a.contains(':') || a.contains('/') || std::path::Path::new(a).exists();
     if args.len() > 2
@@ -238,6 +282,12 @@ fn main() -> ExitCode {
             mountpoint,
         } => mount(foreground, &options, &source, mountpoint),
         Cmd::Info { source, key, json } => info(&source, &key, json),
+        Cmd::Umount {
+            target,
+            lazy,
+            force,
+            ..
+        } => umount(&target, lazy, force),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,6 +335,9 @@ fn mkfs(
                 .push(stackfs_layers::LayerSpec::Stripe { chunk: c });
         }
     }
+    // Never format a pool that something holds (a mounted pool, fsck...).
+    let existing: Vec<PathBuf> = devices.iter().filter(|p| p.exists()).cloned().collect();
+    let _owner = stackfs::lock::lock(&existing, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
     let sb = pool::mkfs(
         &devices,
         &MkfsOptions {
@@ -549,6 +602,8 @@ fn mount(
     block_signals();
     let mountpoint =
         std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    // The pool is ours from here until the process exits, whatever unmounts it.
+    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
     let key = if !is_encrypted(&paths)? {
         None
     } else if let Some(fd) = std::env::var("STACKFS_SECRET_FD")
@@ -559,9 +614,13 @@ fn mount(
     } else {
         Some(secret(&o.key, "STACKFS_PASSPHRASE", false, "passphrase")?)
     };
-    let pool =
-        pool::open(&paths, o.read_only, key.as_ref(), o.timeout).map_err(|e| e.to_string())?;
+    let pool = pool::open(&paths, o.read_only, key.as_ref(), o.timeout, Some(owner))
+        .map_err(|e| e.to_string())?;
     drop(key);
+    // The kernel's record of the source names every device by its full
+    // path, so `umount SOURCE` and the lock's holder lookup find it.
+    let source = canonical_source(&paths);
+    let source = source.as_str();
     for w in &pool.warnings {
         log::warn!("{w}");
         eprintln!("stackfs: warning: {w}");
@@ -802,6 +861,72 @@ fn set_readahead(mountpoint: &std::path::Path, kb: u64) {
     }
 }
 
+/// The mount a `umount` target names: a mount point (in any spelling) or a
+/// source. The mount point itself is never stat'ed (its daemon may hang).
+fn find_mount(target: &str) -> Option<stackfs::lock::MountEntry> {
+    let t = std::path::Path::new(target);
+    let abs = std::env::current_dir().map(|d| d.join(t)).unwrap_or(t.to_path_buf());
+    let normal = match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok().map(|d| d.join(name)),
+        _ => None,
+    };
+    let source = canonical_source(&parse_source(target));
+    stackfs::lock::mounts().into_iter().rev().find(|m| {
+        m.mountpoint == abs
+            || Some(&m.mountpoint) == normal.as_ref()
+            || m.source == target
+            || m.source == source
+    })
+}
+
+/// `stackfs umount`: unmount, then wait for the daemon to exit, so that the
+/// pool is durable and free when this returns (a plain FUSE unmount returns
+/// as soon as the kernel lets go, while the daemon may still be writing).
+fn umount(target: &str, lazy: bool, force: bool) -> Result<(), String> {
+    let m = find_mount(target).ok_or(format!("{target}: not mounted"))?;
+    // The daemon is whoever holds the pool's first device.
+    let daemon = parse_source(&m.source)
+        .first()
+        .and_then(|p| stackfs::lock::holder_of(p));
+    let mut flags = 0;
+    if lazy {
+        flags |= libc::MNT_DETACH;
+    }
+    if force {
+        flags |= libc::MNT_FORCE;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(format!("unmounting {}: {e}", m.mountpoint.display()));
+        }
+        // Not root: the setuid helper unmounts a user's own FUSE mount.
+        let mut cmd = std::process::Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        let ok = cmd.arg(&m.mountpoint).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            return Err(format!("unmounting {}: {e}", m.mountpoint.display()));
+        }
+    }
+    let Some(d) = daemon.filter(|_| !lazy) else {
+        return Ok(());
+    };
+    if !stackfs::lock::wait_exit(d.pid, Some(Duration::from_secs(5))) {
+        eprintln!(
+            "stackfs: waiting for the daemon (PID {}) to finish writing {}",
+            d.pid, m.source
+        );
+        stackfs::lock::wait_exit(d.pid, None);
+    }
+    Ok(())
+}
+
 /// Detach the mount (as `umount -l`): the session ends once the kernel lets go.
 fn unmount(mountpoint: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
@@ -894,6 +1019,19 @@ fn wait_for_signal() {
 fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
     use serde_json::json;
     let paths = parse_source(source);
+    if paths.is_empty() {
+        return Err("no devices given".into());
+    }
+    // A shared lock keeps fsck and passwd out while we read; a mounted pool
+    // is read without one (superblocks only, and the daemon's counters).
+    let _shared = match stackfs::lock::mount_of(&paths[0]) {
+        Some(_) => None,
+        None => Some(stackfs::lock::lock(
+            &paths,
+            stackfs::lock::Mode::Shared,
+            LOCK_WAIT,
+        )?),
+    };
     let (found, warnings) = pool::inspect(&paths).map_err(|e| e.to_string())?;
     for w in &warnings {
         eprintln!("stackfs: warning: {w}");
@@ -921,11 +1059,7 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
         "capacity": sb.per_device * sb.count as u64,
         "metadata_region": sb.meta_len,
     });
-    let mountpoint = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.split(' ').next() == Some(source))
-        .and_then(|l| l.split(' ').nth(1).map(|m| m.replace("\\040", " ")));
+    let mountpoint = stackfs::lock::mount_of(&paths[0]).map(|m| m.mountpoint.display().to_string());
     if let Some(m) = &mountpoint {
         out["mounted_at"] = json!(m);
         // Live counters from the daemon, and space as statfs sees it.
@@ -957,7 +1091,7 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
             false => secret(key, "STACKFS_PASSPHRASE", false, "passphrase").map(Some),
         };
         let opened = secret.and_then(|s| {
-            pool::open(&paths, true, s.as_ref(), Some(pool::DEFAULT_TIMEOUT))
+            pool::open(&paths, true, s.as_ref(), Some(pool::DEFAULT_TIMEOUT), None)
                 .map_err(|e| e.to_string())
                 .and_then(|p| {
                     Fs::open(
@@ -1102,6 +1236,7 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
         return Err(format!("{source} is mounted; unmount it first"));
     }
     let paths = parse_source(source);
+    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
     let secret = if is_encrypted(&paths)? {
         Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
     } else {
@@ -1112,6 +1247,7 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
         read_only,
         secret.as_ref(),
         Some(pool::DEFAULT_TIMEOUT),
+        Some(owner),
     )
     .map_err(|e| e.to_string())?;
     for w in &pool.warnings {
@@ -1177,6 +1313,7 @@ fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
 
 fn passwd(source: &str, old: &KeyArgs, new: KeyArgs) -> Result<(), String> {
     let paths = parse_source(source);
+    let _owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
     let (found, _) = pool::inspect(&paths).map_err(|e| e.to_string())?;
     let newest = found
         .iter()
@@ -1187,17 +1324,16 @@ fn passwd(source: &str, old: &KeyArgs, new: KeyArgs) -> Result<(), String> {
         return Err("this pool is not encrypted; it has no passphrase to change".into());
     }
     let old_secret = secret(old, "STACKFS_PASSPHRASE", false, "current passphrase")?;
-    let master = pool::unlock(&found, &old_secret).map_err(|e| e.to_string())?;
+    // The parameters of the blob that unlocked, not of whichever is newest.
+    let (master, unlocked) = pool::unlock(&paths, &old_secret).map_err(|e| e.to_string())?;
     let new_secret = secret(&new, "STACKFS_NEW_PASSPHRASE", true, "new passphrase")?;
-    let kdf = KeyBlob::decode(&newest.keys)
-        .map_err(|e| e.to_string())?
-        .kdf;
-    let blob = KeyBlob::wrap(&master, &new_secret, kdf, &newest.pool_uuid)
+    let blob = KeyBlob::wrap(&master, &new_secret, unlocked.kdf, &newest.pool_uuid)
         .map_err(|e| e.to_string())?
         .encode();
     let generation = newest.generation + 1;
     let devices: Vec<(PathBuf, u64)> = found.iter().map(|(p, s, _)| (p.clone(), *s)).collect();
-    pool::update_superblocks(&devices, |sb| {
+    let sb_key = stackfs::superblock::SbKey::derive(&master);
+    pool::update_superblocks(&devices, Some(&sb_key), |sb| {
         sb.keys = blob.clone();
         sb.generation = generation;
     })

@@ -3,15 +3,14 @@
 //! Every check happens before anything is written.
 
 use crate::keys::{self, Kdf, KeyBlob, KeyError, Secret};
-use crate::superblock::{self, SbError, Superblock, DATA_START, MAX_SPEC, SB_SIZE};
-use parking_lot::Mutex;
+use crate::lock::PoolLock;
+use crate::superblock::{self, SbError, SbKey, Superblock, DATA_START, MAX_SPEC, SB_SIZE};
 use stackfs_layers::spec::Stack;
-use stackfs_layers::{CryptKeys, Errno, NonceSource};
+use stackfs_layers::{CryptKeys, Keyring};
 use stackfs_layers::{Device, StackSpec};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Smallest share of a device the pool will use.
@@ -54,6 +53,10 @@ pub enum PoolError {
     NeedKey,
     #[error("{0}")]
     Key(#[from] KeyError),
+    #[error("{path}: both superblock copies fail authentication (changed outside stackfs?); the pool is not opened")]
+    Tampered { path: PathBuf },
+    #[error("{0}")]
+    Lock(String),
     #[error("{0}")]
     Other(String),
 }
@@ -147,7 +150,12 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
             let Some(size) = opts.size else {
                 return Err(PoolError::NoSuchDevice { path: p.clone() });
             };
-            File::create(p)
+            // The superblock holds the wrapped key: readable by root only.
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
                 .and_then(|f| f.set_len(size))
                 .map_err(dev_err(p))?;
         }
@@ -190,9 +198,13 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         / chunk.max(META_ALIGN)
         * chunk.max(META_ALIGN);
     let pool_uuid = *uuid::Uuid::new_v4().as_bytes();
+    let mut master = None;
     let keys = match (&opts.secret, opts.spec.has_crypt()) {
         (Some(secret), true) => {
-            KeyBlob::wrap(&keys::random_key()?, secret, opts.kdf, &pool_uuid)?.encode()
+            let m = keys::random_key()?;
+            let blob = KeyBlob::wrap(&m, secret, opts.kdf, &pool_uuid)?.encode();
+            master = Some(m);
+            blob
         }
         (None, true) => return Err(PoolError::NeedKey),
         (Some(_), false) => {
@@ -208,7 +220,9 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         .unwrap_or(0);
     let mut first = None;
     for (i, d) in devs.iter().enumerate() {
-        let sb = Superblock {
+        let mut sb = Superblock {
+            version: superblock::FORMAT_VERSION,
+            mac: [0; 32],
             pool_uuid,
             device_uuid: *uuid::Uuid::new_v4().as_bytes(),
             index: i as u32,
@@ -221,6 +235,9 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
             keys: keys.clone(),
             nonce_next: 0,
         };
+        if let Some(m) = &master {
+            sb.seal(&SbKey::derive(m));
+        }
         // Old pool contents must not leak into the new one: punch the region.
         let meta_share = (meta_len.div_ceil(devs.len() as u64)).div_ceil(chunk) * chunk + chunk;
         clear_region(
@@ -298,6 +315,10 @@ fn clear_region(
 pub struct Pool {
     /// Superblock of device 0 (the pool-wide fields are the same on all).
     pub sb: Superblock,
+    /// Authenticates superblocks (encrypted pools).
+    pub sb_key: Option<SbKey>,
+    /// The pool's members, locked for this process (None: `info` of a mounted pool).
+    pub lock: Option<PoolLock>,
     /// Devices in pool order.
     pub paths: Vec<PathBuf>,
     pub sizes: Vec<u64>,
@@ -311,10 +332,14 @@ impl Pool {
     }
 }
 
-/// Read and check every superblock; nothing is written.
-pub fn inspect(
-    paths: &[PathBuf],
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<String>), PoolError> {
+/// What one device holds: the copy in use and the backup.
+struct Member {
+    path: PathBuf,
+    size: u64,
+    found: superblock::Found,
+}
+
+fn read_members(paths: &[PathBuf]) -> Result<Vec<Member>, PoolError> {
     if paths.is_empty() {
         return Err(PoolError::NoDevices);
     }
@@ -323,21 +348,48 @@ pub fn inspect(
         devs.push(open_dev(p, false)?);
     }
     check_distinct(&devs)?;
+    devs.into_iter()
+        .map(|d| {
+            let found = superblock::read(&d.file, d.size).map_err(|err| PoolError::NotPool {
+                path: d.path.clone(),
+                err,
+            })?;
+            Ok(Member {
+                path: d.path,
+                size: d.size,
+                found,
+            })
+        })
+        .collect()
+}
+
+/// Read and check every superblock; nothing is written. On an encrypted
+/// pool nothing here is authenticated yet (that needs the key: `open`).
+pub fn inspect(
+    paths: &[PathBuf],
+) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<String>), PoolError> {
+    let members = read_members(paths)?;
     let mut warnings = Vec::new();
-    let mut found: Vec<(PathBuf, u64, Superblock)> = Vec::new();
-    for d in &devs {
-        let f = superblock::read(&d.file, d.size).map_err(|err| PoolError::NotPool {
-            path: d.path.clone(),
-            err,
-        })?;
-        if let Some(why) = f.used_backup {
+    for m in &members {
+        if let Some(why) = &m.found.used_backup {
             warnings.push(format!(
                 "{}: primary superblock unusable ({why}); using the backup copy",
-                d.path.display()
+                m.path.display()
             ));
         }
-        found.push((d.path.clone(), d.size, f.sb));
     }
+    let found = members
+        .into_iter()
+        .map(|m| (m.path, m.size, m.found.sb))
+        .collect();
+    Ok((check_members(found)?, warnings))
+}
+
+/// The checks every set of superblocks must pass, before anything is
+/// written; the members in pool order.
+fn check_members(
+    mut found: Vec<(PathBuf, u64, Superblock)>,
+) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
     let (first_path, _, first) = found[0].clone();
     for (path, size, sb) in &found {
         if sb.pool_uuid != first.pool_uuid {
@@ -377,6 +429,24 @@ pub fn inspect(
             )));
         }
     }
+    let spec = StackSpec::parse(&first.spec)?;
+    match (spec.has_crypt(), first.keys.is_empty()) {
+        (false, false) => {
+            return Err(PoolError::Other(format!(
+                "{}: the superblock holds key material but its layer spec {:?} has no crypt layer \
+                 (changed outside stackfs?); refusing to store data in clear",
+                first_path.display(),
+                first.spec
+            )))
+        }
+        (true, true) => {
+            return Err(PoolError::Other(format!(
+                "{}: the layer spec has a crypt layer but the superblock holds no key material",
+                first_path.display()
+            )))
+        }
+        _ => {}
+    }
     for want in 0..first.count {
         if !found.iter().any(|(_, _, sb)| sb.index == want) {
             return Err(PoolError::Missing {
@@ -394,34 +464,93 @@ pub fn inspect(
         )));
     }
     found.sort_by_key(|(_, _, sb)| sb.index);
-    Ok((found, warnings))
+    Ok(found)
 }
 
-/// Open a pool for use: check it, repair a damaged primary superblock from its
-/// backup (when writable), and build the stack.
 /// How long a device request may take before it is cancelled and fails
 /// with EIO, unless the mount says otherwise (`timeout=SECONDS`).
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Pick each device's superblock copy by its MAC (encrypted pools): the
+/// primary, else the backup; a format-1 copy (before MACs) is taken as it is.
+/// Returns the copies and which devices need their superblocks rewritten.
+fn authenticate(
+    members: Vec<Member>,
+    key: &SbKey,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>), PoolError> {
+    let mut out = Vec::new();
+    let mut rewrite = Vec::new();
+    for m in members {
+        let primary = m.found.used_backup.is_none().then_some(&m.found.sb);
+        let pick = if primary.is_some_and(|p| p.verify(key)) {
+            (m.found.sb.clone(), false)
+        } else if let Some(b) = m.found.backup.as_ref().filter(|b| b.verify(key)) {
+            warnings.push(format!(
+                "{}: primary superblock fails authentication or does not read; using the backup copy",
+                m.path.display()
+            ));
+            (b.clone(), true)
+        } else if m.found.sb.version == 1
+            && m.found.backup.as_ref().is_none_or(|b| b.version == 1)
+        {
+            warnings.push(format!(
+                "{}: superblock format 1 has no MAC; a read-write mount rewrites it as format 2",
+                m.path.display()
+            ));
+            (m.found.sb.clone(), true)
+        } else {
+            return Err(PoolError::Tampered { path: m.path });
+        };
+        out.push((m.path, m.size, pick.0));
+        rewrite.push(pick.1);
+    }
+    Ok((out, rewrite))
+}
+
+/// Open a pool for use, holding `lock` on its members: check it, authenticate
+/// and repair superblocks (when writable), and build the stack. Every
+/// read-write open encrypts with a key of its own (see crypt.rs).
 pub fn open(
     paths: &[PathBuf],
     read_only: bool,
     secret: Option<&Secret>,
     timeout: Option<std::time::Duration>,
+    lock: Option<PoolLock>,
 ) -> Result<Pool, PoolError> {
-    let (found, mut warnings) = inspect(paths)?;
-    if !read_only {
-        for (path, size, sb) in &found {
-            let f = open_dev(path, true)?;
-            if superblock::read(&f.file, *size)
-                .map(|x| x.used_backup.is_some())
-                .unwrap_or(false)
-            {
-                superblock::write(&f.file, *size, sb).map_err(dev_err(path))?;
+    let members = read_members(paths)?;
+    let mut warnings = Vec::new();
+    let encrypted = members.iter().any(|m| !m.found.sb.keys.is_empty());
+    let (found, rewrite, master) = if encrypted {
+        let secret = secret.ok_or(PoolError::NeedKey)?;
+        let master = unlock_members(&members, secret)?.0;
+        let (found, rewrite) = authenticate(members, &SbKey::derive(&master), &mut warnings)?;
+        (found, rewrite, Some(master))
+    } else {
+        let rewrite = members.iter().map(|m| m.found.used_backup.is_some()).collect();
+        for m in &members {
+            if let Some(why) = &m.found.used_backup {
                 warnings.push(format!(
-                    "{}: primary superblock rewritten from the backup",
-                    path.display()
+                    "{}: primary superblock unusable ({why}); using the backup copy",
+                    m.path.display()
                 ));
+            }
+        }
+        let found = members.into_iter().map(|m| (m.path, m.size, m.found.sb)).collect();
+        (found, rewrite, None)
+    };
+    let found = check_members(found)?;
+    let sb_key = master.as_ref().map(|m| SbKey::derive(m));
+    if !read_only {
+        for ((path, size, sb), again) in found.iter().zip(&rewrite) {
+            if *again {
+                let mut sb = sb.clone();
+                if let Some(k) = &sb_key {
+                    sb.seal(k);
+                }
+                let f = open_dev(path, true)?;
+                superblock::write(&f.file, *size, &sb).map_err(dev_err(path))?;
+                warnings.push(format!("{}: superblocks rewritten", path.display()));
             }
         }
     }
@@ -433,17 +562,22 @@ pub fn open(
             Device::open(path, DATA_START, s.per_device, read_only).map_err(dev_err(path))?,
         ));
     }
-    let crypt_keys = if spec.has_crypt() {
-        let secret = secret.ok_or(PoolError::NeedKey)?;
-        let key = unlock(&found, secret)?;
-        let nonces = PoolNonces::claim(&found, read_only)?;
-        Some(CryptKeys { key, nonces })
-    } else {
-        None
+    let crypt_keys = match &master {
+        Some(m) => Some(CryptKeys {
+            keyring: Arc::new(Keyring::new(m)),
+            write_key: if read_only {
+                None
+            } else {
+                Some(fresh_key_id()?)
+            },
+        }),
+        None => None,
     };
     let stack = spec.build_with(devices, crypt_keys.as_ref(), timeout)?;
     Ok(Pool {
         sb,
+        sb_key,
+        lock,
         paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
         sizes: found.iter().map(|(_, s, _)| *s).collect(),
         stack,
@@ -451,20 +585,45 @@ pub fn open(
     })
 }
 
-/// The master key, from the superblock with the newest key material first
-/// (a passwd cut short by a crash leaves devices with either the old or the
-/// new wrapping; both unlock).
-pub fn unlock(
-    found: &[(PathBuf, u64, Superblock)],
-    secret: &Secret,
-) -> Result<keys::Key, PoolError> {
-    let mut sbs: Vec<&Superblock> = found.iter().map(|(_, _, sb)| sb).collect();
+/// A random key id for this mount's writes (never all zeros: that names
+/// the master key).
+fn fresh_key_id() -> Result<stackfs_layers::KeyId, PoolError> {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 12];
+    while id == [0; 12] {
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .map_err(|_| PoolError::Key(KeyError::Random))?;
+    }
+    Ok(id)
+}
+
+/// The master key and the key blob that unlocked it. Every distinct blob of
+/// every copy is tried, newest generation first (a passwd cut short by a
+/// crash leaves devices with either the old or the new wrapping; both unlock).
+fn unlock_members(members: &[Member], secret: &Secret) -> Result<(keys::Key, KeyBlob), PoolError> {
+    let mut sbs: Vec<&Superblock> = members
+        .iter()
+        .flat_map(|m| std::iter::once(&m.found.sb).chain(m.found.backup.as_ref()))
+        .filter(|sb| !sb.keys.is_empty())
+        .collect();
     sbs.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
-    sbs.dedup_by(|a, b| a.keys == b.keys);
+    let mut tried: Vec<&[u8]> = Vec::new();
     let mut first_err = None;
     for sb in sbs {
-        match KeyBlob::decode(&sb.keys).and_then(|b| b.unwrap(secret, &sb.pool_uuid)) {
-            Ok(k) => return Ok(k),
+        if tried.contains(&sb.keys.as_slice()) {
+            continue;
+        }
+        tried.push(&sb.keys);
+        let blob = match KeyBlob::decode(&sb.keys) {
+            Ok(b) => b,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
+        match blob.unwrap(secret, &sb.pool_uuid) {
+            Ok(k) => return Ok((k, blob)),
             Err(e) => {
                 first_err.get_or_insert(e);
             }
@@ -473,98 +632,39 @@ pub fn unlock(
     Err(first_err.map(PoolError::Key).unwrap_or(PoolError::NeedKey))
 }
 
+/// Unlock a pool's master key (for passwd): the key, and the blob that
+/// unlocked it (its KDF parameters are the ones to keep).
+pub fn unlock(paths: &[PathBuf], secret: &Secret) -> Result<(keys::Key, KeyBlob), PoolError> {
+    unlock_members(&read_members(paths)?, secret)
+}
+
 /// Rewrite every device's superblocks with `change` applied to what each
-/// device holds now; each device's backup is made durable before its primary.
+/// device holds now, sealed with `key` (encrypted pools); each device's
+/// backup is made durable before its primary.
 pub fn update_superblocks(
     devices: &[(PathBuf, u64)],
+    key: Option<&SbKey>,
     change: impl Fn(&mut Superblock),
 ) -> Result<(), PoolError> {
     for (path, size) in devices {
         let d = open_dev(path, true)?;
-        let mut sb = superblock::read(&d.file, *size)
-            .map_err(|err| PoolError::NotPool {
-                path: path.clone(),
-                err,
-            })?
-            .sb;
+        let found = superblock::read(&d.file, *size).map_err(|err| PoolError::NotPool {
+            path: path.clone(),
+            err,
+        })?;
+        // The copy to start from: one that authenticates, when there is a key.
+        let mut sb = match key {
+            Some(k) if !found.sb.verify(k) && found.sb.version >= 2 => found
+                .backup
+                .filter(|b| b.verify(k))
+                .ok_or_else(|| PoolError::Tampered { path: path.clone() })?,
+            _ => found.sb,
+        };
         change(&mut sb);
+        if let Some(k) = key {
+            sb.seal(k);
+        }
         superblock::write(&d.file, *size, &sb).map_err(dev_err(path))?;
     }
     Ok(())
-}
-
-/// Nonces are claimed in blocks of this many values per mount.
-pub const NONCE_BLOCK: u64 = 1 << 32;
-
-/// Crypt nonces of a mounted pool: a counter within a block of values that
-/// the superblocks record as claimed (durably, before the first use), so no
-/// value is ever handed out twice, whatever crashes or remounts happen.
-pub struct PoolNonces {
-    next: AtomicU64,
-    limit: Mutex<u64>,
-    devices: Vec<(PathBuf, u64)>,
-    read_only: bool,
-}
-
-impl PoolNonces {
-    fn claim(
-        found: &[(PathBuf, u64, Superblock)],
-        read_only: bool,
-    ) -> Result<Arc<PoolNonces>, PoolError> {
-        let n = Arc::new(PoolNonces {
-            next: AtomicU64::new(0),
-            limit: Mutex::new(0),
-            devices: found.iter().map(|(p, s, _)| (p.clone(), *s)).collect(),
-            read_only,
-        });
-        if !read_only {
-            let mut limit = n.limit.lock();
-            n.claim_block(&mut limit)?;
-        }
-        Ok(n)
-    }
-
-    fn claim_block(&self, limit: &mut u64) -> Result<(), PoolError> {
-        let (found, _) = inspect(
-            &self
-                .devices
-                .iter()
-                .map(|(p, _)| p.clone())
-                .collect::<Vec<_>>(),
-        )?;
-        let start = found
-            .iter()
-            .map(|(_, _, sb)| sb.nonce_next)
-            .max()
-            .unwrap_or(0);
-        let end = start
-            .checked_add(NONCE_BLOCK)
-            .ok_or_else(|| PoolError::Other("crypt nonces exhausted".into()))?;
-        update_superblocks(&self.devices, |sb| sb.nonce_next = sb.nonce_next.max(end))?;
-        self.next.store(start, Ordering::SeqCst);
-        *limit = end;
-        Ok(())
-    }
-}
-
-impl NonceSource for PoolNonces {
-    fn next(&self) -> Result<u64, Errno> {
-        if self.read_only {
-            return Err(Errno::EROFS);
-        }
-        loop {
-            let limit = *self.limit.lock();
-            let n = self.next.fetch_add(1, Ordering::SeqCst);
-            if n < limit {
-                return Ok(n);
-            }
-            let mut l = self.limit.lock();
-            if *l == limit {
-                self.claim_block(&mut l).map_err(|e| {
-                    log::error!("claiming crypt nonces: {e}");
-                    Errno::EIO
-                })?;
-            }
-        }
-    }
 }

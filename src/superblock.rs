@@ -9,7 +9,11 @@ use std::os::unix::fs::FileExt;
 
 pub const SB_SIZE: usize = 4096;
 pub const MAGIC: &[u8; 8] = b"STACKFS\x01";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 adds the MAC of encrypted pools; version 1 (no MAC) still opens
+/// and is rewritten as version 2 by the first read-write mount.
+pub const FORMAT_VERSION: u32 = 2;
+/// Where the MAC sits: the 32 bytes before the CRC.
+const MAC_AT: usize = SB_SIZE - 4 - 32;
 /// Where a device's share of the pool starts: the first MiB holds the superblock.
 pub const DATA_START: u64 = 1 << 20;
 /// Longest layer spec a superblock stores.
@@ -17,6 +21,8 @@ pub const MAX_SPEC: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// Format version this copy was read with (written: always FORMAT_VERSION).
+    pub version: u32,
     pub pool_uuid: [u8; 16],
     pub device_uuid: [u8; 16],
     pub index: u32,
@@ -33,6 +39,25 @@ pub struct Superblock {
     pub spec: String,
     /// Key material (KDF parameters, wrapped master key); empty when unencrypted.
     pub keys: Vec<u8>,
+    /// HMAC-SHA256 of every field above (bytes 0..4060 as encoded) under a
+    /// key derived from the master key; zeros on unencrypted pools and in
+    /// version 1.
+    pub mac: [u8; 32],
+}
+
+/// The key that authenticates superblocks (derived from the master key).
+pub struct SbKey(ring::hmac::Key);
+
+impl SbKey {
+    pub fn derive(master: &[u8; 32]) -> SbKey {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"stackfs superblock mac v2")
+            .extract(master);
+        let info = [&b"superblock"[..]];
+        let okm = prk
+            .expand(&info, ring::hmac::HMAC_SHA256)
+            .expect("one HMAC key is a valid HKDF output length");
+        SbKey(ring::hmac::Key::from(okm))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +75,8 @@ pub enum SbError {
 }
 
 impl Superblock {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The bytes the MAC covers: every field, as written.
+    fn body(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.bytes(MAGIC);
         e.u32(FORMAT_VERSION);
@@ -67,8 +93,26 @@ impl Superblock {
         e.blob(self.spec.as_bytes());
         e.blob(&self.keys);
         let mut out = e.0;
-        assert!(out.len() <= SB_SIZE - 4, "superblock fields exceed 4 KiB");
-        out.resize(SB_SIZE - 4, 0);
+        assert!(out.len() <= MAC_AT, "superblock fields exceed 4 KiB");
+        out.resize(MAC_AT, 0);
+        out
+    }
+
+    /// Compute the MAC (encrypted pools): call after every change, before `encode`.
+    pub fn seal(&mut self, key: &SbKey) {
+        self.version = FORMAT_VERSION;
+        let tag = ring::hmac::sign(&key.0, &self.body());
+        self.mac.copy_from_slice(tag.as_ref());
+    }
+
+    /// Whether this copy's MAC is right (a version-1 copy has none: false).
+    pub fn verify(&self, key: &SbKey) -> bool {
+        self.version >= 2 && ring::hmac::verify(&key.0, &self.body(), &self.mac).is_ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.body();
+        out.extend_from_slice(&self.mac);
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -85,11 +129,14 @@ impl Superblock {
         let mut d = Dec::new(&raw[8..SB_SIZE - 4]);
         let m = |_| SbError::Malformed("truncated field");
         let version = d.u32().map_err(m)?;
-        if version != FORMAT_VERSION {
+        if version == 0 || version > FORMAT_VERSION {
             return Err(SbError::Version(version));
         }
-        d.u32().map_err(m)?;
+        if d.u32().map_err(m)? != 0 {
+            return Err(SbError::Malformed("reserved field is not zero"));
+        }
         let sb = Superblock {
+            version,
             pool_uuid: d.array().map_err(m)?,
             device_uuid: d.array().map_err(m)?,
             index: d.u32().map_err(m)?,
@@ -102,7 +149,18 @@ impl Superblock {
             spec: String::from_utf8(d.blob().map_err(m)?.to_vec())
                 .map_err(|_| SbError::Malformed("spec is not UTF-8"))?,
             keys: d.blob().map_err(m)?.to_vec(),
+            mac: if version >= 2 {
+                raw[MAC_AT..MAC_AT + 32].try_into().expect("32 bytes")
+            } else {
+                [0; 32]
+            },
         };
+        // Every byte counts: the MAC is computed over the fields re-encoded,
+        // so bytes that decoding would ignore must be zero.
+        let pad = d.rest().len().saturating_sub(SB_SIZE - 4 - MAC_AT);
+        if d.rest()[..pad].iter().any(|b| *b != 0) {
+            return Err(SbError::Malformed("non-zero bytes after the fields"));
+        }
         if sb.count == 0 || sb.index >= sb.count {
             return Err(SbError::Malformed("device index out of range"));
         }
@@ -120,32 +178,33 @@ pub struct Found {
     pub sb: Superblock,
     /// The primary copy was unreadable and the backup was used.
     pub used_backup: Option<SbError>,
+    /// The backup copy, when it reads (the primary may still fail its MAC).
+    pub backup: Option<Superblock>,
 }
 
 pub fn read(file: &File, size: u64) -> Result<Found, SbError> {
     let mut raw = vec![0u8; SB_SIZE];
     file.read_exact_at(&mut raw, 0)?;
     let primary = Superblock::decode(&raw);
-    let primary_err = match primary {
-        Ok(sb) => {
-            return Ok(Found {
-                sb,
-                used_backup: None,
-            })
-        }
-        Err(e) => e,
+    let backup = if size >= 2 * SB_SIZE as u64 {
+        file.read_exact_at(&mut raw, backup_offset(size))?;
+        Superblock::decode(&raw).ok()
+    } else {
+        None
     };
-    if size < 2 * SB_SIZE as u64 {
-        return Err(primary_err);
-    }
-    file.read_exact_at(&mut raw, backup_offset(size))?;
-    match Superblock::decode(&raw) {
-        Ok(sb) => Ok(Found {
+    match (primary, backup) {
+        (Ok(sb), backup) => Ok(Found {
             sb,
-            used_backup: Some(primary_err),
+            used_backup: None,
+            backup,
+        }),
+        (Err(e), Some(b)) => Ok(Found {
+            sb: b.clone(),
+            used_backup: Some(e),
+            backup: Some(b),
         }),
         // Neither copy: report what the primary said (unformatted, damaged...).
-        Err(_) => Err(primary_err),
+        (Err(e), None) => Err(e),
     }
 }
 
@@ -165,6 +224,8 @@ mod tests {
 
     fn sample() -> Superblock {
         Superblock {
+            version: FORMAT_VERSION,
+            mac: [0; 32],
             pool_uuid: [1; 16],
             device_uuid: [2; 16],
             index: 1,
@@ -195,5 +256,31 @@ mod tests {
             Superblock::decode(&raw[..100]),
             Err(SbError::NotStackfs)
         ));
+    }
+
+    #[test]
+    fn the_mac_covers_every_field() {
+        let key = SbKey::derive(&[7; 32]);
+        let mut sb = sample();
+        sb.keys = vec![1; 90];
+        sb.seal(&key);
+        let raw = sb.encode();
+        assert!(Superblock::decode(&raw).unwrap().verify(&key));
+        assert!(!sb.verify(&SbKey::derive(&[8; 32])), "another pool's key");
+        // Change any byte of the fields (recomputing the CRC, as an attacker
+        // can): the MAC fails.
+        for at in (8..300).step_by(7) {
+            let mut bad = raw.clone();
+            bad[at] ^= 0x10;
+            let crc = crc32c::crc32c(&bad[..SB_SIZE - 4]);
+            bad[SB_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+            if let Ok(d) = Superblock::decode(&bad) {
+                assert!(!d.verify(&key), "byte {at} changed unnoticed");
+            }
+        }
+        // Claiming version 1 (no MAC) does not pass as authenticated.
+        let mut v1 = Superblock::decode(&raw).unwrap();
+        v1.version = 1;
+        assert!(!v1.verify(&key));
     }
 }

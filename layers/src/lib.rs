@@ -21,7 +21,7 @@ pub mod stripe;
 pub mod watchdog;
 
 pub use buf::{Buf, BufPool, PAGE};
-pub use crypt::NonceSource;
+pub use crypt::{KeyId, Keyring};
 pub use device::Device;
 pub use errno::Errno;
 pub use fault::{Fault, FaultAction, FaultControl, FaultRule};

@@ -3,7 +3,7 @@
 //! below it are made once per device.
 
 use crate::compress::{Codec, Compress};
-use crate::crypt::{Crypt, NonceSource};
+use crate::crypt::{Crypt, KeyId, Keyring};
 use crate::device::Device;
 use crate::fault::{Fault, FaultControl};
 use crate::layer::{Counted, Layer};
@@ -251,7 +251,7 @@ impl StackSpec {
                 }
                 LayerSpec::Crypt => {
                     let k = keys.expect("checked above");
-                    Counted::wrap(Arc::new(Crypt::new(top, &k.key, k.nonces.clone())))
+                    Counted::wrap(Arc::new(Crypt::new(top, k.keyring.clone(), k.write_key)))
                 }
                 _ => self.make_filter(spec, top, &fault, None),
             };
@@ -283,10 +283,11 @@ fn bad(layer: &str, why: impl Into<String>) -> SpecError {
     }
 }
 
-/// What the crypt layer needs: the data key and where nonces come from.
+/// What the crypt layer needs: the pool's keys, and the key id this mount
+/// writes with (fresh and random for every read-write mount; None read-only).
 pub struct CryptKeys {
-    pub key: zeroize::Zeroizing<[u8; 32]>,
-    pub nonces: Arc<dyn NonceSource>,
+    pub keyring: Arc<Keyring>,
+    pub write_key: Option<KeyId>,
 }
 
 /// A built stack: its top layer (file data), the layer metadata enters
