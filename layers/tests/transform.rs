@@ -4,19 +4,13 @@ use stackfs_layers::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-struct Counter(AtomicU64);
-impl NonceSource for Counter {
-    fn next(&self) -> Result<u64, Errno> {
-        Ok(self.0.fetch_add(1, Ordering::SeqCst))
-    }
-}
+const KEY_ID: KeyId = [3; 12];
 
 const SIZE: u64 = 8 << 20;
 
-fn stack(spec: &str, n: usize) -> (tempfile::TempDir, Vec<PathBuf>, Stack, Arc<Counter>) {
+fn stack(spec: &str, n: usize) -> (tempfile::TempDir, Vec<PathBuf>, Stack, ()) {
     let dir = tempfile::tempdir().unwrap();
     let paths: Vec<PathBuf> = (0..n)
         .map(|i| {
@@ -29,16 +23,15 @@ fn stack(spec: &str, n: usize) -> (tempfile::TempDir, Vec<PathBuf>, Stack, Arc<C
         .iter()
         .map(|p| Arc::new(Device::open(p, 0, SIZE, false).unwrap()))
         .collect();
-    let nonces = Arc::new(Counter(AtomicU64::new(1)));
     let keys = CryptKeys {
-        key: zeroize::Zeroizing::new([7u8; 32]),
-        nonces: nonces.clone(),
+        keyring: Arc::new(Keyring::new(&[7u8; 32])),
+        write_key: Some(KEY_ID),
     };
     let s = StackSpec::parse(spec)
         .unwrap()
         .build_with(devs, Some(&keys), None)
         .unwrap();
-    (dir, paths, s, nonces)
+    (dir, paths, s, ())
 }
 
 fn text(len: usize) -> Vec<u8> {
@@ -165,19 +158,17 @@ fn tampered_block_is_eio_not_bytes() {
 
 #[test]
 fn every_write_takes_a_fresh_nonce() {
-    let (_d, paths, s, nonces) = stack("crypt", 1);
+    let (_d, paths, s, _) = stack("crypt", 1);
     let data = random(4096, 1);
     for _ in 0..10 {
         round_trip(&*s.top, 0, &data);
     }
-    assert_eq!(nonces.0.load(Ordering::SeqCst), 11, "one nonce per write");
     s.top.shutdown();
     let disk = std::fs::read(&paths[0]).unwrap();
-    assert_eq!(
-        &disk[..8],
-        &10u64.to_le_bytes(),
-        "the last write's nonce is stored with it"
-    );
+    // The tenth write (counter 9) is on disk, with the mount's key id.
+    assert_eq!(&disk[..8], &9u64.to_le_bytes(), "one nonce per write");
+    assert_eq!(&disk[8..12], b"KID2");
+    assert_eq!(&disk[12..24], &KEY_ID, "the key id is stored with the block");
 }
 
 #[test]
