@@ -513,6 +513,9 @@ pub struct Fs {
     /// What reads share with their completions, which run without `st`.
     rd: Arc<ReadSide>,
     read_only: bool,
+    /// What redb's integrity check found at open (fsck, or after the
+    /// metadata store fell back to its older root copy).
+    store_problem: Option<String>,
     pub pool: Pool,
 }
 
@@ -558,10 +561,30 @@ impl Fs {
             opts.read_only,
         )
         .map_err(|e| e.to_string())?;
-        let db = Database::builder()
+        let watch = store.watch();
+        let mut db = Database::builder()
             .set_cache_size(64 << 20)
             .create_with_backend(store)
             .map_err(|e| format!("metadata store: {e}"))?;
+        // After the store's root was read from its older copy (a torn root
+        // write, or damage), and for fsck and tools (lenient), redb checks
+        // every page first; the store holds its writes in memory until then.
+        let fell_back = watch.fell_back();
+        if let Some(why) = &fell_back {
+            log::warn!("metadata store: {why}; checking the database's integrity");
+        }
+        let mut store_problem = None;
+        if fell_back.is_some() || opts.lenient {
+            store_problem = match db.check_integrity() {
+                Ok(true) => None,
+                Ok(false) => Some("redb's integrity check found damage and repaired it".into()),
+                Err(e) => Some(format!("redb's integrity check failed: {e}")),
+            };
+            if let (Some(why), Some(p), false) = (&fell_back, &store_problem, opts.lenient) {
+                return Err(format!("metadata store: {why}, and {p}; run stackfs fsck"));
+            }
+        }
+        watch.release();
         let capacity = top.capacity();
         let mut used = Vec::new();
         let (mut next_ino, mut next_gen) = (ROOT + 1, 1);
@@ -627,6 +650,7 @@ impl Fs {
                 readers: Mutex::new(BTreeMap::new()),
             }),
             read_only: opts.read_only,
+            store_problem,
             pool,
         };
         if !fs.read_only {
@@ -636,6 +660,12 @@ impl Fs {
                 .map_err(|e| format!("removing orphaned files: {e}"))?;
         }
         Ok(fs)
+    }
+
+    /// The metadata store's integrity problem found at open, if any (the
+    /// check runs when lenient, or after a fallback to the older root).
+    pub fn store_problem(&self) -> Option<&str> {
+        self.store_problem.as_deref()
     }
 
     fn init_root(&self) -> R<()> {

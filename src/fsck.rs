@@ -65,6 +65,10 @@ pub enum Problem {
         ino: u64,
         unit: u64,
     },
+    /// redb's integrity check of the metadata store failed (or repaired it).
+    MetadataStore {
+        why: String,
+    },
 }
 
 impl Problem {
@@ -117,6 +121,7 @@ impl std::fmt::Display for Problem {
                 "inode {ino} offset {}: data fails its MAC or checksum",
                 unit * UNIT
             ),
+            Problem::MetadataStore { why } => write!(f, "metadata store: {why}"),
         }
     }
 }
@@ -193,6 +198,10 @@ pub fn check(
 ) -> Result<Report, String> {
     let e = |x: &dyn std::fmt::Display| format!("metadata store: {x}");
     let mut problems = check_superblocks(fs);
+    // redb's own check ran when the filesystem was opened (lenient).
+    if let Some(why) = fs.store_problem() {
+        problems.push(Problem::MetadataStore { why: why.into() });
+    }
     let rtx = fs.db.begin_read().map_err(|x| e(&x))?;
     // Inodes.
     let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();

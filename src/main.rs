@@ -122,6 +122,13 @@ enum Cmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Print the (key id, nonce) of every sealed block (for tests).
+    #[command(hide = true)]
+    DebugNonces {
+        source: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
     /// Change the passphrase or key file: re-wraps the master key in every
     /// superblock; no data is rewritten.
     Passwd {
@@ -241,6 +248,9 @@ fn main() -> ExitCode {
     }
     let r = match cli.cmd {
         Cmd::Fsck { .. } => unreachable!("handled above"),
+        Cmd::DebugNonces { source, key } => open_fs(&source, &key, true).and_then(|fs| {
+            stackfs::audit::nonces(&fs).map(|lines| lines.iter().for_each(|l| println!("{l}")))
+        }),
         Cmd::DebugDamage { source, what, key } => open_fs(&source, &key, false)
             .and_then(|fs| stackfs::fsck::inject(&fs, &what).map(|_| println!("damaged: {what}"))),
         Cmd::Mkfs {

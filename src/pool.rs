@@ -251,7 +251,27 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         superblock::write(&d.file, d.size, &sb).map_err(dev_err(&d.path))?;
         first.get_or_insert(sb);
     }
-    Ok(first.expect("at least one device"))
+    let sb = first.expect("at least one device");
+    // The metadata store's root record: from now on a store without one
+    // (a metadata region erased or overwritten) is an error, not a new pool.
+    let mut devices = Vec::new();
+    for d in &devs {
+        devices.push(Arc::new(
+            Device::open(&d.path, DATA_START, per_device, false).map_err(dev_err(&d.path))?,
+        ));
+    }
+    let crypt_keys = match &master {
+        Some(m) => Some(CryptKeys {
+            keyring: Arc::new(Keyring::new(m)),
+            write_key: Some(fresh_key_id()?),
+        }),
+        None => None,
+    };
+    let stack = opts.spec.build_with(devices, crypt_keys.as_ref(), None)?;
+    let formatted = crate::metastore::MetaStore::format(stack.meta.clone(), meta_len, pool_uuid);
+    stack.top.shutdown();
+    formatted.map_err(|e| PoolError::Other(format!("writing the metadata store's root: {e}")))?;
+    Ok(sb)
 }
 
 /// Forget a device's old contents before the new pool uses it: punch the
@@ -481,6 +501,10 @@ fn authenticate(
 ) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>), PoolError> {
     let mut out = Vec::new();
     let mut rewrite = Vec::new();
+    // Once any copy is format 2, a format-1 copy is a downgrade, not an old pool.
+    let upgraded = members.iter().any(|m| {
+        m.found.sb.version >= 2 || m.found.backup.as_ref().is_some_and(|b| b.version >= 2)
+    });
     for m in members {
         let primary = m.found.used_backup.is_none().then_some(&m.found.sb);
         let pick = if primary.is_some_and(|p| p.verify(key)) {
@@ -491,7 +515,8 @@ fn authenticate(
                 m.path.display()
             ));
             (b.clone(), true)
-        } else if m.found.sb.version == 1
+        } else if !upgraded
+            && m.found.sb.version == 1
             && m.found.backup.as_ref().is_none_or(|b| b.version == 1)
         {
             warnings.push(format!(
