@@ -654,10 +654,15 @@ impl Fs {
             pool,
         };
         if !fs.read_only {
+            // A damaged sector reaches us from redb as a bare I/O error: name it.
+            let named = |what: &str, e: Errno| match watch.damage() {
+                Some(d) => format!("{what}: {e}; {d}"),
+                None => format!("{what}: {e}"),
+            };
             fs.init_root()
-                .map_err(|e| format!("creating the root directory: {e}"))?;
+                .map_err(|e| named("creating the root directory", e))?;
             fs.purge_orphans()
-                .map_err(|e| format!("removing orphaned files: {e}"))?;
+                .map_err(|e| named("removing orphaned files", e))?;
         }
         Ok(fs)
     }

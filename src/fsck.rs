@@ -202,6 +202,23 @@ pub fn check(
     if let Some(why) = fs.store_problem() {
         problems.push(Problem::MetadataStore { why: why.into() });
     }
+    // Every sector the store's version table names, read back as it is on
+    // disk now (a second, read-only view: the durable state).
+    match crate::metastore::MetaStore::open(
+        fs.pool.stack.meta.clone(),
+        fs.pool.sb.meta_len,
+        fs.pool.sb.pool_uuid,
+        true,
+    ) {
+        Ok(view) => problems.extend(
+            view.verify_all()
+                .into_iter()
+                .map(|why| Problem::MetadataStore { why }),
+        ),
+        Err(why) => problems.push(Problem::MetadataStore {
+            why: why.to_string(),
+        }),
+    }
     let rtx = fs.db.begin_read().map_err(|x| e(&x))?;
     // Inodes.
     let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();

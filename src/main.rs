@@ -210,8 +210,7 @@ fn canonical_source(paths: &[PathBuf]) -> String {
 }
 
 fn is_encrypted(paths: &[PathBuf]) -> Result<bool, String> {
-    let (found, _) = pool::inspect(paths).map_err(|e| e.to_string())?;
-    Ok(!found[0].2.keys.is_empty())
+    pool::is_encrypted(paths).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -1324,18 +1323,19 @@ fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
 fn passwd(source: &str, old: &KeyArgs, new: KeyArgs) -> Result<(), String> {
     let paths = parse_source(source);
     let _owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
-    let (found, _) = pool::inspect(&paths).map_err(|e| e.to_string())?;
-    let newest = found
-        .iter()
-        .max_by_key(|(_, _, s)| s.generation)
-        .map(|(_, _, s)| s.clone())
-        .ok_or("no devices")?;
-    if newest.keys.is_empty() {
+    if !is_encrypted(&paths)? {
         return Err("this pool is not encrypted; it has no passphrase to change".into());
     }
     let old_secret = secret(old, "STACKFS_PASSPHRASE", false, "current passphrase")?;
     // The parameters of the blob that unlocked, not of whichever is newest.
     let (master, unlocked) = pool::unlock(&paths, &old_secret).map_err(|e| e.to_string())?;
+    // Only authenticated superblocks are taken as the base of the new ones.
+    let found = pool::authenticated_with(&paths, &master).map_err(|e| e.to_string())?;
+    let newest = found
+        .iter()
+        .max_by_key(|(_, _, s)| s.generation)
+        .map(|(_, _, s)| s.clone())
+        .ok_or("no devices")?;
     let new_secret = secret(&new, "STACKFS_NEW_PASSPHRASE", true, "new passphrase")?;
     let blob = KeyBlob::wrap(&master, &new_secret, unlocked.kdf, &newest.pool_uuid)
         .map_err(|e| e.to_string())?

@@ -259,6 +259,8 @@ enum Format {
 #[derive(Default)]
 pub struct StoreWatch {
     fell_back: Mutex<Option<String>>,
+    /// The first damaged sector found (redb passes on only "I/O error").
+    damage: Mutex<Option<String>>,
     /// Writes stay in memory (as when read-only) until released.
     hold: AtomicBool,
 }
@@ -267,6 +269,10 @@ impl StoreWatch {
     /// Why the root was taken from its older copy, if it was.
     pub fn fell_back(&self) -> Option<String> {
         self.fell_back.lock().clone()
+    }
+    /// The first damaged sector found, if any, with what was found.
+    pub fn damage(&self) -> Option<String> {
+        self.damage.lock().clone()
     }
     /// Let writes reach the pool again. A store that fell back holds them
     /// until its user has checked the database.
@@ -776,11 +782,42 @@ impl MetaStore {
         } else {
             ""
         };
-        eio(format!(
+        let msg = format!(
             "metadata {}: version {} expected, found {what}{hint}",
             sector_name(s),
             v.seq()
-        ))
+        );
+        // redb reports later failures only as "previous I/O error": say it once here.
+        log::error!("{msg}");
+        self.watch.damage.lock().get_or_insert_with(|| msg.clone());
+        eio(msg)
+    }
+
+    /// Read every sector the version table names, as fsck does: the damaged
+    /// ones, each with what was found (also sectors nothing reads today,
+    /// such as pages redb has freed).
+    pub fn verify_all(&self) -> Vec<String> {
+        let st = self.state.lock();
+        if st.format == Format::LegacyReadOnly {
+            return Vec::new();
+        }
+        let named: Vec<(u64, Ver)> = (0..st.expected.len() as u64)
+            .map(|s| (s, Self::version(&st, s)))
+            .chain((0..st.tables.len() as u64).map(|t| (TABLE_BASE + t, Self::version(&st, TABLE_BASE + t))))
+            .filter(|(_, v)| !v.is_none())
+            .collect();
+        let mut out = Vec::new();
+        for chunk in named.chunks(256) {
+            if self.read_versions(chunk).is_ok() {
+                continue;
+            }
+            for one in chunk {
+                if let Err(e) = self.read_versions(std::slice::from_ref(one)) {
+                    out.push(e.to_string());
+                }
+            }
+        }
+        out
     }
 
     fn version(st: &State, s: u64) -> Ver {

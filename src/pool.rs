@@ -533,23 +533,21 @@ fn authenticate(
     Ok((out, rewrite))
 }
 
-/// Open a pool for use, holding `lock` on its members: check it, authenticate
-/// and repair superblocks (when writable), and build the stack. Every
-/// read-write open encrypts with a key of its own (see crypt.rs).
-pub fn open(
+/// Every device's superblock, authenticated when the pool is encrypted
+/// (unlocked with `secret`), then checked against each other; which devices
+/// need their copies rewritten; the master key.
+#[allow(clippy::type_complexity)]
+pub fn authenticated(
     paths: &[PathBuf],
-    read_only: bool,
     secret: Option<&Secret>,
-    timeout: Option<std::time::Duration>,
-    lock: Option<PoolLock>,
-) -> Result<Pool, PoolError> {
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>, Option<keys::Key>), PoolError> {
     let members = read_members(paths)?;
-    let mut warnings = Vec::new();
-    let encrypted = members.iter().any(|m| !m.found.sb.keys.is_empty());
+    let encrypted = members.iter().any(has_keys);
     let (found, rewrite, master) = if encrypted {
         let secret = secret.ok_or(PoolError::NeedKey)?;
         let master = unlock_members(&members, secret)?.0;
-        let (found, rewrite) = authenticate(members, &SbKey::derive(&master), &mut warnings)?;
+        let (found, rewrite) = authenticate(members, &SbKey::derive(&master), warnings)?;
         (found, rewrite, Some(master))
     } else {
         let rewrite = members.iter().map(|m| m.found.used_backup.is_some()).collect();
@@ -564,7 +562,42 @@ pub fn open(
         let found = members.into_iter().map(|m| (m.path, m.size, m.found.sb)).collect();
         (found, rewrite, None)
     };
-    let found = check_members(found)?;
+    Ok((check_members(found)?, rewrite, master))
+}
+
+/// Every device's authenticated superblock, with the master key already
+/// unlocked (passwd), checked against each other.
+pub fn authenticated_with(
+    paths: &[PathBuf],
+    master: &keys::Key,
+) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
+    let mut warnings = Vec::new();
+    let (found, _) = authenticate(read_members(paths)?, &SbKey::derive(master), &mut warnings)?;
+    check_members(found)
+}
+
+/// Whether any copy of any device holds key material (no other check: a
+/// tampered copy must still get as far as authentication).
+pub fn is_encrypted(paths: &[PathBuf]) -> Result<bool, PoolError> {
+    Ok(read_members(paths)?.iter().any(has_keys))
+}
+
+fn has_keys(m: &Member) -> bool {
+    !m.found.sb.keys.is_empty() || m.found.backup.as_ref().is_some_and(|b| !b.keys.is_empty())
+}
+
+/// Open a pool for use, holding `lock` on its members: check it, authenticate
+/// and repair superblocks (when writable), and build the stack. Every
+/// read-write open encrypts with a key of its own (see crypt.rs).
+pub fn open(
+    paths: &[PathBuf],
+    read_only: bool,
+    secret: Option<&Secret>,
+    timeout: Option<std::time::Duration>,
+    lock: Option<PoolLock>,
+) -> Result<Pool, PoolError> {
+    let mut warnings = Vec::new();
+    let (found, rewrite, master) = authenticated(paths, secret, &mut warnings)?;
     let sb_key = master.as_ref().map(|m| SbKey::derive(m));
     if !read_only {
         for ((path, size, sb), again) in found.iter().zip(&rewrite) {
@@ -633,13 +666,14 @@ fn unlock_members(members: &[Member], secret: &Secret) -> Result<(keys::Key, Key
         .filter(|sb| !sb.keys.is_empty())
         .collect();
     sbs.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
-    let mut tried: Vec<&[u8]> = Vec::new();
+    // The wrap binds the pool UUID: a blob is tried once per UUID it is found with.
+    let mut tried: Vec<(&[u8], [u8; 16])> = Vec::new();
     let mut first_err = None;
     for sb in sbs {
-        if tried.contains(&sb.keys.as_slice()) {
+        if tried.contains(&(sb.keys.as_slice(), sb.pool_uuid)) {
             continue;
         }
-        tried.push(&sb.keys);
+        tried.push((&sb.keys, sb.pool_uuid));
         let blob = match KeyBlob::decode(&sb.keys) {
             Ok(b) => b,
             Err(e) => {

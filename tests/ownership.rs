@@ -53,6 +53,22 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// An unmount command, tried again while the mount is busy: the tests of
+/// this file run as threads of one process, and a child another thread
+/// forks holds copies of this thread's open files until it execs.
+fn unmount_with(cmd: &mut Command) {
+    for _ in 0..20 {
+        let out = cmd.output().unwrap();
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("busy"), "{cmd:?}: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{cmd:?}: still busy after 20 tries");
+}
+
 fn fsck_clean(p: &Pool) {
     let out = stackfs(&["fsck", &p.source()]);
     assert!(
@@ -88,7 +104,7 @@ fn umount_then_mount_at_once_never_loses_a_byte() {
     // The plain umount(8) of a FUSE mount returns before the daemon is done:
     // the next mount waits for the pool's lock.
     cycle_with(&p, &|| p.mount(), &|| {
-        run(Command::new("umount").arg(&p.mnt));
+        unmount_with(Command::new("umount").arg(&p.mnt));
     });
 }
 
@@ -97,12 +113,12 @@ fn stackfs_umount_and_fusermount_cycles() {
     let p = Pool::new(2, "256M");
     // stackfs umount waits for the daemon itself.
     cycle_with(&p, &|| p.mount(), &|| {
-        run(Command::new(BIN).arg("umount").arg(&p.mnt));
+        unmount_with(Command::new(BIN).arg("umount").arg(&p.mnt));
         assert!(p.daemon_pid().is_none(), "stackfs umount returned before the daemon exited");
     });
     // fusermount3 -u: the next mount waits.
     cycle_with(&p, &|| p.mount(), &|| {
-        run(Command::new("fusermount3").arg("-u").arg(&p.mnt));
+        unmount_with(Command::new("fusermount3").arg("-u").arg(&p.mnt));
     });
 }
 
@@ -123,7 +139,7 @@ fn mount_t_stackfs_and_umount_by_source_cycles() {
     };
     // util-linux runs umount.fuse.stackfs, which waits for the daemon.
     cycle_with(&p, &mount, &|| {
-        run(Command::new("umount").arg(p.source()));
+        unmount_with(Command::new("umount").arg(p.source()));
         assert!(p.daemon_pid().is_none(), "umount returned before the daemon exited");
     });
 }
