@@ -154,7 +154,9 @@ pub struct Inode {
     pub generation: u64,
     /// Directories: the parent directory.
     pub parent: u64,
-    /// Directories: next readdir cookie to hand out.
+    /// Directories: next counter cookie. Entries made before readdir
+    /// cookies were hashed have counter cookies (below `HASHED_COOKIE_MIN`);
+    /// only fsck still hands these out (lost+found and its entries).
     pub next_cookie: u64,
 }
 
@@ -358,6 +360,64 @@ pub(crate) fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
     Ok((ino, kind, cookie))
 }
 
+/// Readdir cookies of entries made since cookies are hashed lie in
+/// `[HASHED_COOKIE_MIN, HASHED_COOKIE_MAX]`: above the counter cookies of
+/// older entries (and of fsck's lost+found), which stay where they are, and
+/// within a positive `off_t`, which is what the kernel takes as an offset.
+const HASHED_COOKIE_MIN: u64 = 1 << 32;
+const HASHED_COOKIE_MAX: u64 = i64::MAX as u64;
+
+/// Where a name sits in its directory's readdir order, as ext4's htree does:
+/// a hash of the name, so that a name renamed away and back (or removed and
+/// made again) returns to the same place, and a directory stream that has
+/// passed it does not return it a second time. The hash (FNV-1a, then
+/// murmur3's 64-bit finalizer to spread it) is part of the format: it must
+/// never change. A cookie already taken moves the entry to the next free one
+/// (`next_cookie`).
+pub(crate) fn name_cookie(name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in name {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    HASHED_COOKIE_MIN + h % (HASHED_COOKIE_MAX - HASHED_COOKIE_MIN + 1)
+}
+
+/// The cookie probed after `c` when `c` is taken (wrapping within the range).
+pub(crate) fn next_cookie(c: u64) -> u64 {
+    if c >= HASHED_COOKIE_MAX {
+        HASHED_COOKIE_MIN
+    } else {
+        c + 1
+    }
+}
+
+#[cfg(test)]
+mod cookie_tests {
+    use super::*;
+
+    #[test]
+    fn name_cookies_never_change_and_stay_in_their_range() {
+        // Stored in every directory: these values are part of the format.
+        assert_eq!(name_cookie(b""), 8056974242263673126);
+        assert_eq!(name_cookie(b"a"), 189900341162987099);
+        assert_eq!(name_cookie(b"file-0"), 5166489117844868908);
+        assert_eq!(name_cookie(b"lost+found"), 3517208211732230986);
+        for i in 0..10_000 {
+            let c = name_cookie(format!("f{i}").as_bytes());
+            assert!((HASHED_COOKIE_MIN..=HASHED_COOKIE_MAX).contains(&c));
+        }
+        assert_eq!(next_cookie(HASHED_COOKIE_MAX), HASHED_COOKIE_MIN);
+        assert_eq!(next_cookie(HASHED_COOKIE_MIN), HASHED_COOKIE_MIN + 1);
+        assert!(HASHED_COOKIE_MAX <= i64::MAX as u64 && HASHED_COOKIE_MIN > 2);
+    }
+}
+
 /// Who is asking, for ownership of new files.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -371,6 +431,59 @@ pub struct Entry {
     pub ino: u64,
     pub kind: Kind,
     pub name: Vec<u8>,
+}
+
+/// The caller of a change, as Linux's set-id rules ask about it.
+pub trait Privs {
+    /// Whether the caller has CAP_FSETID.
+    fn fsetid(&self) -> bool;
+    /// Whether `gid` is the caller's filesystem group or a supplementary one.
+    fn in_group(&self, gid: u32) -> bool;
+}
+
+/// A change that may take set-id bits away (`setid_loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetidChange {
+    /// Data: write, truncate, fallocate (hole punch, zero range), copy_file_range.
+    Data,
+    /// chown or chgrp, even to the same owner.
+    Chown,
+    /// An access ACL set (the mode it implies).
+    Acl,
+}
+
+/// The set-id bits of `i` that a change by `who` removes, as Linux's VFS
+/// (and so ext4) removes them:
+/// - data (`setattr_should_drop_suidgid`): on regular files, when the caller
+///   lacks CAP_FSETID: set-user-id, and set-group-id if the file is
+///   group-executable or the caller is outside its group;
+/// - chown of a non-directory (`chown_common`): set-user-id always,
+///   set-group-id if group-executable, or if the caller is outside the
+///   group and lacks CAP_FSETID;
+/// - an access ACL (`posix_acl_update_mode`): set-group-id, directories
+///   included, if the caller is outside the group and lacks CAP_FSETID.
+///
+/// Setgid directories keep the bit through data changes and chown.
+/// `who` is asked only when the file has a set-id bit to lose.
+pub fn setid_loss(i: &Inode, why: SetidChange, who: &dyn Privs) -> u16 {
+    const SUID: u16 = libc::S_ISUID as u16;
+    const SGID: u16 = libc::S_ISGID as u16;
+    const XGRP: u16 = libc::S_IXGRP as u16;
+    let bits = i.perm & (SUID | SGID);
+    if bits == 0 {
+        return 0;
+    }
+    let outsider = || !who.in_group(i.gid) && !who.fsetid();
+    match why {
+        SetidChange::Data if i.kind != Kind::File || who.fsetid() => 0,
+        SetidChange::Data | SetidChange::Chown if i.kind == Kind::Dir => 0,
+        SetidChange::Data | SetidChange::Chown => {
+            let sgid = bits & SGID != 0 && (i.perm & XGRP != 0 || outsider());
+            (bits & SUID) | if sgid { SGID } else { 0 }
+        }
+        SetidChange::Acl if bits & SGID != 0 && outsider() => SGID,
+        SetidChange::Acl => 0,
+    }
 }
 
 /// Changes setattr may make.
@@ -435,6 +548,21 @@ struct State {
     next_gen: u64,
     /// Something was committed without durability since the last durable commit.
     undurable: bool,
+    /// Directories the kernel holds (see `DirRefs`).
+    dirs: HashMap<u64, DirRefs>,
+}
+
+/// What keeps a removed directory's inode alive, as on a kernel filesystem:
+/// open handles (opendir without releasedir) and the kernel's lookup count
+/// (entries replied by lookup, mkdir and readdirplus, not yet forgotten: a
+/// process's working directory, a path being walked). A directory removed
+/// while held stays in `orphans` with no links until both reach zero.
+#[derive(Default, Debug)]
+struct DirRefs {
+    open: u32,
+    lookups: u64,
+    /// Removed while held (in `orphans`, unless that commit failed).
+    removed: bool,
 }
 
 /// The part of the read path that completions reach from the device threads,
@@ -516,7 +644,26 @@ pub struct Fs {
     /// What redb's integrity check found at open (fsck, or after the
     /// metadata store fell back to its older root copy).
     store_problem: Option<String>,
+    /// The mount's atime and sync rules (remount can change them).
+    policy: Mutex<MountPolicy>,
     pub pool: Pool,
+}
+
+/// The message of a caught panic.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unreadable data".into())
+}
+
+/// What the mount options ask of the daemon itself.
+#[derive(Clone, Copy, Debug)]
+pub struct MountPolicy {
+    pub atime: crate::atime::AtimeMode,
+    pub nodiratime: bool,
+    /// `sync` or `dirsync`: every metadata change is committed durably.
+    pub sync_metadata: bool,
 }
 
 pub struct FsOptions {
@@ -524,6 +671,9 @@ pub struct FsOptions {
     pub cache_bytes: u64,
     /// Open even an inconsistent extent map (fsck).
     pub lenient: bool,
+    /// The atime options given (relatime when none is).
+    pub atime: crate::atime::AtimePolicy,
+    pub sync_metadata: bool,
 }
 
 impl Default for FsOptions {
@@ -532,6 +682,8 @@ impl Default for FsOptions {
             read_only: false,
             cache_bytes: 256 << 20,
             lenient: false,
+            atime: crate::atime::AtimePolicy::default(),
+            sync_metadata: false,
         }
     }
 }
@@ -551,7 +703,21 @@ pub struct Usage {
 
 impl Fs {
     /// Open the filesystem in a pool; on a fresh pool, create the root.
+    ///
+    /// redb trusts what it reads: a store it cannot parse may make it panic
+    /// anywhere while the filesystem opens. That is damage to name, not a
+    /// crash: the panic is caught here and reported as such.
     pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts))) {
+            Ok(r) => r,
+            Err(p) => Err(format!(
+                "metadata store is damaged: {} (run stackfs fsck)",
+                panic_text(&*p)
+            )),
+        }
+    }
+
+    fn open_inner(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
         let top = pool.stack.top.clone();
         let meta_len = pool.sb.meta_len;
         let store = MetaStore::open(
@@ -641,6 +807,7 @@ impl Fs {
                 next_ino,
                 next_gen,
                 undurable: false,
+                dirs: HashMap::new(),
             }),
             rd: Arc::new(ReadSide {
                 cache: Mutex::new(LruCache::new(
@@ -651,6 +818,16 @@ impl Fs {
             }),
             read_only: opts.read_only,
             store_problem,
+            policy: Mutex::new({
+                let (atime, nodiratime) = opts
+                    .atime
+                    .over((crate::atime::AtimeMode::Relatime, false));
+                MountPolicy {
+                    atime,
+                    nodiratime,
+                    sync_metadata: opts.sync_metadata,
+                }
+            }),
             pool,
         };
         if !fs.read_only {
@@ -697,6 +874,18 @@ impl Fs {
     }
 
     fn purge_orphans(&self) -> R<()> {
+        let n = self.purge_all_orphans()?;
+        if n > 0 {
+            log::info!("removed {n} orphaned file(s) left by an unclean shutdown");
+        }
+        Ok(())
+    }
+
+    /// Free every inode in `orphans` (removed while open or held by the
+    /// kernel): at mount, and at unmount once the session is over (the
+    /// kernel sends no forget for what it still caches then, and a release
+    /// or forget queued just before the unmount may never arrive).
+    fn purge_all_orphans(&self) -> R<usize> {
         let mut st = self.st.lock();
         let orphans: Vec<u64> = {
             let rtx = self.db.begin_read().map_err(db_err)?;
@@ -707,17 +896,15 @@ impl Fs {
                 .collect()
         };
         if orphans.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let tx = self.begin_tx(&mut *st)?;
         for ino in &orphans {
             self.purge(&mut st, &tx, *ino)?;
+            st.dirs.remove(ino);
         }
-        log::info!(
-            "removed {} orphaned file(s) left by an unclean shutdown",
-            orphans.len()
-        );
-        self.commit(&mut st, tx, true)
+        self.commit(&mut st, tx, true)?;
+        Ok(orphans.len())
     }
 
     /// Begin a transaction under the filesystem lock. Frees recorded by a
@@ -739,6 +926,7 @@ impl Fs {
     /// (so no committed extent points at bytes not yet on disk), then makes
     /// the pending frees reusable.
     fn commit(&self, st: &mut State, mut tx: WriteTransaction, durable: bool) -> R<()> {
+        let durable = durable || self.policy.lock().sync_metadata;
         {
             let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
             c.insert("next_ino", st.next_ino).map_err(db_err)?;
@@ -871,30 +1059,38 @@ impl Fs {
         Ok(inode)
     }
 
+    /// Look a name up for the kernel: a directory found counts one lookup
+    /// the kernel will forget (`forget`).
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
+        let mut st = self.st.lock();
+        let inode = self.lookup_in(&st, parent, name)?;
+        Self::count_lookup(&mut st, &inode);
+        Ok(inode)
+    }
+
+    fn lookup_in(&self, st: &State, parent: u64, name: &[u8]) -> R<Inode> {
         if name.len() > NAME_MAX {
             return Err(err(libc::ENAMETOOLONG));
         }
-        let st = self.st.lock();
         // The kernel asks for "." and ".." when it decodes an exported file
         // handle (NFS, open_by_handle_at).
         // ("." of any inode is itself: handles of files are decoded that way).
         if name == b"." {
-            return self.load_inode(&st, parent);
+            return self.load_inode(st, parent);
         }
         if name == b".." {
-            let dir = self.load_inode(&st, parent)?;
+            let dir = self.load_inode(st, parent)?;
             if dir.kind != Kind::Dir {
                 return Err(err(libc::ENOTDIR));
             }
-            return self.load_inode(&st, dir.parent);
+            return self.load_inode(st, dir.parent);
         }
         let rtx = self.db.begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         let Some(v) = v else {
             // Tell "no such entry" from "parent is not a directory".
-            let p = self.load_inode(&st, parent)?;
+            let p = self.load_inode(st, parent)?;
             return Err(err(if p.kind == Kind::Dir {
                 libc::ENOENT
             } else {
@@ -902,7 +1098,16 @@ impl Fs {
             }));
         };
         let (ino, _, _) = dirent_decode(v.value())?;
-        self.shown_inode(&st, ino)
+        self.shown_inode(st, ino)
+    }
+
+    /// The kernel got an entry for `inode` (lookup, mkdir, readdirplus): a
+    /// directory's lookup count goes up by one. Only directories are
+    /// counted: removed files live on through their open handles only.
+    fn count_lookup(st: &mut State, inode: &Inode) {
+        if inode.kind == Kind::Dir {
+            st.dirs.entry(inode.ino).or_default().lookups += 1;
+        }
     }
 
     fn find(&self, tx: &WriteTransaction, parent: u64, name: &[u8]) -> R<Option<(u64, Kind, u64)>> {
@@ -919,15 +1124,19 @@ impl Fs {
         ino: u64,
         kind: Kind,
     ) -> R<()> {
-        let cookie = dir.next_cookie.max(3);
-        dir.next_cookie = cookie + 1;
+        // The name's own place in the readdir order (see `name_cookie`).
+        let cookie = {
+            let mut cookies = tx.open_table(COOKIES).map_err(db_err)?;
+            let mut c = name_cookie(name);
+            while cookies.get((dir.ino, c)).map_err(db_err)?.is_some() {
+                c = next_cookie(c);
+            }
+            cookies.insert((dir.ino, c), name).map_err(db_err)?;
+            c
+        };
         tx.open_table(DIRENTS)
             .map_err(db_err)?
             .insert((dir.ino, name), dirent_val(ino, kind, cookie).as_slice())
-            .map_err(db_err)?;
-        tx.open_table(COOKIES)
-            .map_err(db_err)?
-            .insert((dir.ino, cookie), name)
             .map_err(db_err)?;
         let now = Ts::now();
         dir.mtime = now;
@@ -1062,6 +1271,8 @@ impl Fs {
         }
         self.put_inode(&mut st, &tx, &dir)?;
         self.commit(&mut st, tx, false)?;
+        // The reply is an entry the kernel counts (mkdir).
+        Self::count_lookup(&mut st, &inode);
         Ok(inode)
     }
 
@@ -1085,6 +1296,10 @@ impl Fs {
         if dir.kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
         }
+        if dir.nlink == 0 {
+            // A removed directory that is still open takes no new names.
+            return Err(err(libc::ENOENT));
+        }
         if self.find(&tx, parent, name)?.is_some() {
             return Err(err(libc::EEXIST));
         }
@@ -1107,7 +1322,8 @@ impl Fs {
         Ok(inode)
     }
 
-    /// Drop one link of `ino`; at zero, free it now or when its last opener closes.
+    /// Drop one link of `ino`; at zero, free it now or when its last opener
+    /// closes (a directory: when it is released and forgotten, `DirRefs`).
     fn drop_link(&self, st: &mut State, tx: &WriteTransaction, inode: &mut Inode) -> R<()> {
         inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
             inode.nlink
@@ -1118,7 +1334,15 @@ impl Fs {
         if inode.nlink > 0 {
             return self.put_inode(st, tx, inode);
         }
-        if st.files.get(&inode.ino).is_some_and(|f| f.open > 0) {
+        let held = st.files.get(&inode.ino).is_some_and(|f| f.open > 0)
+            || st
+                .dirs
+                .get(&inode.ino)
+                .is_some_and(|d| d.open > 0 || d.lookups > 0);
+        if held {
+            if let Some(d) = st.dirs.get_mut(&inode.ino) {
+                d.removed = true;
+            }
             tx.open_table(ORPHANS)
                 .map_err(db_err)?
                 .insert(inode.ino, ())
@@ -1293,8 +1517,13 @@ impl Fs {
         let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
         let target = self.find(&tx, newparent, newname)?;
         let mut pdir = self.inode_tx(&st, &tx, parent)?;
-        if self.inode_tx(&st, &tx, newparent)?.kind != Kind::Dir {
+        let nd = self.inode_tx(&st, &tx, newparent)?;
+        if nd.kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
+        }
+        if nd.nlink == 0 {
+            // Into a removed directory (still open somewhere): as ext4.
+            return Err(err(libc::ENOENT));
         }
         if kind == Kind::Dir && parent != newparent && self.is_ancestor(&st, &tx, ino, newparent)? {
             return Err(err(libc::EINVAL));
@@ -1415,7 +1644,7 @@ impl Fs {
         let cookies = rtx.open_table(COOKIES).map_err(db_err)?;
         let dirents = rtx.open_table(DIRENTS).map_err(db_err)?;
         for row in cookies
-            .range((ino, offset.max(2) + 1)..=(ino, u64::MAX))
+            .range((ino, offset.max(2).saturating_add(1))..=(ino, u64::MAX))
             .map_err(db_err)?
         {
             let (k, name) = row.map_err(db_err)?;
@@ -1434,6 +1663,116 @@ impl Fs {
             }
         }
         Ok(())
+    }
+
+    /// opendir: a handle on a directory, which keeps it (with no links, in
+    /// `orphans`) if it is removed while open, until `release_dir`.
+    pub fn open_dir(&self, ino: u64) -> R<Inode> {
+        let mut st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        st.dirs.entry(ino).or_default().open += 1;
+        Ok(inode)
+    }
+
+    /// releasedir: the last handle of a removed directory frees it, unless
+    /// the kernel still holds it (lookups not yet forgotten).
+    pub fn release_dir(&self, ino: u64) -> R<()> {
+        let mut st = self.st.lock();
+        let Some(d) = st.dirs.get_mut(&ino) else {
+            return Ok(());
+        };
+        d.open = d.open.saturating_sub(1);
+        if Self::unheld(&mut st, ino) {
+            self.purge_dead_dirs(&mut st, &[ino])?;
+        }
+        Ok(())
+    }
+
+    /// readdirplus gave the kernel an entry (other than "." and ".."): it
+    /// counts as a lookup of that inode.
+    pub fn remember(&self, inode: &Inode) {
+        Self::count_lookup(&mut self.st.lock(), inode);
+    }
+
+    /// The kernel forgets `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.forget_many(&[(ino, n)])
+    }
+
+    /// The kernel forgets lookups, (inode, count) each. The directories
+    /// removed while held that nothing holds any more are freed together.
+    pub fn forget_many(&self, nodes: &[(u64, u64)]) {
+        let mut st = self.st.lock();
+        let mut dead = Vec::new();
+        for &(ino, n) in nodes {
+            let Some(d) = st.dirs.get_mut(&ino) else {
+                continue;
+            };
+            d.lookups = d.lookups.saturating_sub(n);
+            if Self::unheld(&mut st, ino) {
+                dead.push(ino);
+            }
+        }
+        if let Err(e) = self.purge_dead_dirs(&mut st, &dead) {
+            log::warn!(
+                "freeing {} removed directories: {e} (freed at unmount)",
+                dead.len()
+            );
+        }
+    }
+
+    /// Stop tracking a directory nothing holds any more; true if it was
+    /// removed (it is freed now).
+    fn unheld(st: &mut State, ino: u64) -> bool {
+        match st.dirs.get(&ino) {
+            Some(d) if d.open == 0 && d.lookups == 0 => {
+                st.dirs.remove(&ino).is_some_and(|d| d.removed)
+            }
+            _ => false,
+        }
+    }
+
+    /// Free removed directories nothing holds (those that really have no
+    /// links: the removal may not have committed).
+    fn purge_dead_dirs(&self, st: &mut State, inos: &[u64]) -> R<()> {
+        if inos.is_empty() || self.read_only {
+            return Ok(());
+        }
+        let tx = self.begin_tx(st)?;
+        let mut n = 0;
+        for &ino in inos {
+            if self
+                .inode_tx(st, &tx, ino)
+                .is_ok_and(|i| i.kind == Kind::Dir && i.nlink == 0)
+            {
+                self.purge(st, &tx, ino)?;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.commit(st, tx, false)
+    }
+
+    /// Drop the set-id bits that a change of kind `why` by `who` takes from
+    /// `ino` (`setid_loss`), as Linux does before (or, for an ACL, with)
+    /// the change itself. The kernel leaves this to us
+    /// (FUSE_HANDLE_KILLPRIV_V2). Cheap when the file has no set-id bits.
+    pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> R<()> {
+        let mut st = self.st.lock();
+        if setid_loss(&self.load_inode(&st, ino)?, why, who) == 0 {
+            return Ok(());
+        }
+        let tx = self.begin_tx(&mut *st)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        inode.perm &= !setid_loss(&inode, why, who);
+        inode.ctime = Ts::now();
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)
     }
 
     pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
@@ -1455,16 +1794,9 @@ impl Fs {
         if let Some(m) = a.mode {
             inode.perm = (m & 0o7777) as u16;
         }
+        // The set-id bits a chown drops are dropped before it (`drop_setid`):
+        // which ones depends on the caller.
         if a.uid.is_some() || a.gid.is_some() {
-            let changes =
-                a.uid.is_some_and(|u| u != inode.uid) || a.gid.is_some_and(|g| g != inode.gid);
-            // chown of a non-directory clears set-id bits, unless the same call sets a mode.
-            if changes && a.mode.is_none() && inode.kind != Kind::Dir {
-                inode.perm &= !(libc::S_ISUID as u16);
-                if inode.perm & libc::S_IXGRP as u16 != 0 {
-                    inode.perm &= !(libc::S_ISGID as u16);
-                }
-            }
             if let Some(u) = a.uid {
                 inode.uid = u;
             }
@@ -1476,6 +1808,44 @@ impl Fs {
         self.put_inode(&mut st, &tx, &inode)?;
         self.commit(&mut st, tx, false)?;
         Ok(inode)
+    }
+
+    /// The mount's current rules.
+    pub fn policy(&self) -> MountPolicy {
+        *self.policy.lock()
+    }
+
+    /// A remount's options: what they say replaces, the rest stays.
+    pub fn set_policy(&self, atime: crate::atime::AtimePolicy, sync_metadata: Option<bool>) {
+        let mut p = self.policy.lock();
+        (p.atime, p.nodiratime) = atime.over((p.atime, p.nodiratime));
+        if let Some(s) = sync_metadata {
+            p.sync_metadata = s;
+        }
+    }
+
+    /// An access to `ino` (an open for reading, or of a directory): update
+    /// its atime if the mount's atime rules say so (see atime.rs). The
+    /// ctime does not change. True when the atime moved.
+    pub fn touch_atime(&self, ino: u64, dir: bool) -> R<bool> {
+        let p = self.policy();
+        if self.read_only || (dir && p.nodiratime) {
+            return Ok(false);
+        }
+        let now = Ts::now();
+        let i = self.getattr(ino)?;
+        if !crate::atime::due(p.atime, i.atime, i.mtime, i.ctime, now) {
+            return Ok(false);
+        }
+        self.setattr(
+            ino,
+            SetAttr {
+                atime: Some(now),
+                ctime: Some(i.ctime),
+                ..SetAttr::default()
+            },
+        )
+        .map(|_| true)
     }
 
     fn set_times(inode: &mut Inode, a: &SetAttr) {
@@ -1773,6 +2143,13 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
+        self.write_by(ino, off, data, None)
+    }
+
+    /// A write that drops set-id bits as a data change by `kill` does
+    /// (`setid_loss`): the kernel asks for it with FUSE_WRITE_KILL_SUIDGID.
+    /// The bits go with the write's other inode changes, in memory.
+    pub fn write_by(&self, ino: u64, off: u64, data: &[u8], kill: Option<&dyn Privs>) -> R<u32> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -1785,6 +2162,9 @@ impl Fs {
         }
         let mut st = self.st.lock();
         let mut inode = self.file_inode(&mut st, ino)?;
+        if let Some(who) = kill {
+            inode.perm &= !setid_loss(&inode, SetidChange::Data, who);
+        }
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
         let new_units = (first..=last)
             .filter(|u| !st.files[&ino].units.contains_key(u))
@@ -2502,6 +2882,14 @@ impl Fs {
     /// Make everything durable and refuse further syncs; the stack stops
     /// when the last handle on the filesystem is dropped.
     pub fn shutdown(&self) -> R<()> {
+        // The session is over: nothing can hold a removed file any more.
+        if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            match self.purge_all_orphans() {
+                Ok(0) => {}
+                Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
+                Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
+            }
+        }
         let r = self.sync();
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);

@@ -1,6 +1,6 @@
 //! The FUSE front end: a thin adapter from fuser's callbacks to `Fs`.
 
-use crate::fs::{Caller, Fs, Inode, Kind, SetAttr, Ts, ROOT};
+use crate::fs::{Caller, Fs, Inode, Kind, Privs, SetAttr, SetidChange, Ts, ROOT};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -19,6 +19,9 @@ const FAULT_XATTR: &[u8] = b"stackfs.fault";
 const STATS_XATTR: &[u8] = b"stackfs.stats";
 /// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
 const COPIED_XATTR: &[u8] = b"stackfs.copied";
+/// Set by `stackfs mount -o remount,...`: the atime and sync options the
+/// daemon applies itself (the kernel keeps the other flags).
+const MOUNT_XATTR: &[u8] = b"stackfs.mount";
 
 /// Who may read and set the control xattrs: root, and the user running the
 /// daemon (a user's own mount).
@@ -53,6 +56,9 @@ pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_jso
 pub struct FuseFs {
     pub fs: Arc<Fs>,
     pub writeback: bool,
+    /// Tells the kernel when attributes it caches changed behind its back
+    /// (an atime the daemon updated); set once the session exists.
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 fn errno(e: stackfs_layers::Errno) -> Errno {
@@ -98,6 +104,70 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+const CAP_FSETID: u32 = 4;
+
+/// The caller of a request, for the set-id rules (`fs::setid_loss`). Its
+/// capabilities and supplementary groups come from /proc/PID/status, read
+/// once and only when a file has set-id bits to lose. The requests that use
+/// this come from the caller's own system call (the kernel waits for the
+/// reply), so PID is the caller. One we cannot see there (another PID
+/// namespace) has CAP_FSETID iff it is root, and only its own group.
+struct ReqPrivs {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+    /// The kernel found the caller without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID).
+    no_fsetid: bool,
+    /// (CAP_FSETID in the effective set, supplementary groups)
+    status: std::cell::OnceCell<Option<(bool, Vec<u32>)>>,
+}
+
+impl ReqPrivs {
+    fn new(req: &Request) -> ReqPrivs {
+        ReqPrivs {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+            no_fsetid: false,
+            status: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn status(&self) -> Option<&(bool, Vec<u32>)> {
+        self.status
+            .get_or_init(|| {
+                if self.pid == 0 {
+                    return None;
+                }
+                let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+                let (mut caps, mut groups) = (None, None);
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("CapEff:") {
+                        caps = u64::from_str_radix(v.trim(), 16).ok();
+                    } else if let Some(v) = line.strip_prefix("Groups:") {
+                        groups = Some(
+                            v.split_whitespace()
+                                .filter_map(|g| g.parse().ok())
+                                .collect(),
+                        );
+                    }
+                }
+                Some((caps? & (1 << CAP_FSETID) != 0, groups?))
+            })
+            .as_ref()
+    }
+}
+
+impl Privs for ReqPrivs {
+    fn fsetid(&self) -> bool {
+        !self.no_fsetid && self.status().map_or(self.uid == 0, |s| s.0)
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        gid == self.gid || self.status().is_some_and(|s| s.1.contains(&gid))
+    }
+}
+
 fn time(t: TimeOrNow) -> Ts {
     match t {
         TimeOrNow::Now => Ts::now(),
@@ -131,6 +201,43 @@ impl FuseFs {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// Apply the atime rules to an access; the kernel's cached attributes of
+    /// the inode are dropped when the atime moved, so `stat` shows it.
+    fn touch_atime(&self, ino: u64, dir: bool) {
+        match self.fs.touch_atime(ino, dir) {
+            Ok(true) => {
+                if let Some(n) = self.notifier.get() {
+                    // Attributes only (a negative offset): the data stays cached.
+                    if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                        log::debug!("invalidating the attributes of inode {ino}: {e}");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("atime of inode {ino}: {e}"),
+        }
+    }
+
+    /// A remount's options for the daemon (`stackfs.mount`), root only.
+    fn mount_policy(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
+        if !is_admin(req) {
+            return Err(stackfs_layers::Errno(libc::EPERM));
+        }
+        let opts = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
+        let atime = crate::atime::AtimePolicy::decode(opts);
+        let mut sync = None;
+        for o in opts.split(',') {
+            match o {
+                "sync" | "dirsync" => sync = Some(true),
+                "async" => sync = Some(false),
+                _ => {}
+            }
+        }
+        self.fs.set_policy(atime, sync);
+        log::info!("remount: {opts} -> {:?}", self.fs.policy());
+        Ok(())
     }
 
     /// Tests steer a stack's fault layers through the root directory's
@@ -171,7 +278,15 @@ impl Filesystem for FuseFs {
             // and apply the umask ourselves (it does not apply under a default ACL).
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK
-            | InitFlags::FUSE_BIG_WRITES;
+            | InitFlags::FUSE_BIG_WRITES
+            // Set-id bits are ours to drop on writes, truncates and chowns
+            // (`fs::setid_loss`, as ext4 drops them): the kernel flags the
+            // writes that must drop them and, in writeback mode, sends those
+            // at once instead of caching them. Without it the kernel drops
+            // them by setattr but keeps set-group-id without group execute
+            // for callers outside the group, and asks for the
+            // security.capability xattr on every write(2).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.writeback {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -201,7 +316,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -226,7 +341,39 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time),
             ctime: ctime.map(from_kernel),
         };
-        match self.fs.setattr(ino.0, a) {
+        // Set-id bits are ours to drop (FUSE_HANDLE_KILLPRIV_V2). What the
+        // kernel's FATTR_KILL_SUIDGID (not passed on by fuser) would ask: a
+        // chown drops them (unless it sets a mode too), and so does a
+        // truncate by a caller without CAP_FSETID. A setattr that sets
+        // nothing is the kernel's "remove privileges" (file_remove_privs)
+        // before a write, fallocate or copy_file_range that drops them
+        // (those drop them too); dropping them here puts the new mode in the
+        // reply, so the kernel's cached mode is right at once. A
+        // chown(-1, -1) sets only the ctime with the writeback cache and
+        // nothing without it (then the two look alike).
+        let who = ReqPrivs::new(req);
+        let chown = mode.is_none() && (uid.is_some() || gid.is_some());
+        let nothing = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        let why = if chown || nothing && (ctime.is_some() || !self.writeback) {
+            Some(SetidChange::Chown)
+        } else if nothing {
+            Some(SetidChange::Data)
+        } else {
+            None
+        };
+        let mut r = Ok(());
+        if let Some(why) = why {
+            r = self.fs.drop_setid(ino.0, why, &who);
+        }
+        if r.is_ok() && size.is_some() {
+            r = self.fs.drop_setid(ino.0, SetidChange::Data, &who);
+        }
+        match r.and_then(|_| self.fs.setattr(ino.0, a)) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
             Err(e) => reply.error(errno(e)),
         }
@@ -341,7 +488,12 @@ impl Filesystem for FuseFs {
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()))
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // An open for reading is an access (atime.rs): reads served from the
+        // page cache never reach us.
+        if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
+            self.touch_atime(ino.0, false);
+        }
         match self.fs.open_file(ino.0) {
             // Every change to a file goes through this mount, so the kernel's
             // page cache of it stays right across opens.
@@ -403,17 +555,28 @@ impl Filesystem for FuseFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        // Writes from the page cache (writeback) never carry the flag: the
+        // kernel sends a write that must drop set-id bits straight through.
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| ReqPrivs {
+                no_fsetid: true,
+                ..ReqPrivs::new(req)
+            });
+        match self
+            .fs
+            .write_by(ino.0, offset, data, kill.as_ref().map(|k| k as &dyn Privs))
+        {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -466,11 +629,28 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
-            Ok(i) if i.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(Errno::ENOTDIR),
+        self.touch_atime(ino.0, true);
+        // The handle keeps the directory if it is removed while open.
+        match self.fs.open_dir(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.release_dir(ino.0))
+    }
+
+    /// The kernel drops lookups (a removed directory it held is freed here).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup)
     }
 
     fn readdir(
@@ -508,14 +688,20 @@ impl Filesystem for FuseFs {
             let Ok(i) = fs.getattr(e.ino) else {
                 return true;
             };
-            !reply.add(
+            let full = reply.add(
                 INodeNo(e.ino),
                 e.cookie,
                 OsStr::from_bytes(&e.name),
                 &TTL,
                 &attr(&i),
                 Generation(i.generation),
-            )
+            );
+            // The kernel counts a lookup for every entry of the reply but
+            // "." and "..".
+            if !full && e.name != b"." && e.name != b".." {
+                fs.remember(&i);
+            }
+            !full
         });
         match r {
             Ok(()) => reply.ok(),
@@ -557,14 +743,23 @@ impl Filesystem for FuseFs {
         if ino.0 == ROOT && name.as_bytes() == FAULT_XATTR {
             return Self::empty(reply, self.fault_command(req, value));
         }
-        Self::empty(
-            reply,
-            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
-        )
+        if ino.0 == ROOT && name.as_bytes() == MOUNT_XATTR {
+            return Self::empty(reply, self.mount_policy(req, value));
+        }
+        let mut r = self.fs.setxattr(ino.0, name.as_bytes(), value, flags);
+        if r.is_ok() && name.as_bytes() == b"system.posix_acl_access" {
+            // The kernel would say so with FUSE_SETXATTR_ACL_KILL_SGID, which
+            // fuser cannot receive (it does not take FUSE_SETXATTR_EXT).
+            r = self
+                .fs
+                .drop_setid(ino.0, SetidChange::Acl, &ReqPrivs::new(req));
+        }
+        Self::empty(reply, r)
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let control = [FAULT_XATTR, STATS_XATTR, COPIED_XATTR].contains(&name.as_bytes());
+        let control =
+            [FAULT_XATTR, STATS_XATTR, COPIED_XATTR, MOUNT_XATTR].contains(&name.as_bytes());
         if ino.0 == ROOT && control && !is_admin(req) {
             reply.error(Errno::EPERM);
             return;
@@ -608,7 +803,7 @@ impl Filesystem for FuseFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -616,7 +811,13 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.fallocate(ino.0, offset, length, mode))
+        // A data change: the kernel leaves dropping set-id bits to us, as
+        // ext4 drops them (before the change), and does not say so.
+        let r = self
+            .fs
+            .drop_setid(ino.0, SetidChange::Data, &ReqPrivs::new(req))
+            .and_then(|_| self.fs.fallocate(ino.0, offset, length, mode));
+        Self::empty(reply, r)
     }
 
     fn lseek(
@@ -639,7 +840,7 @@ impl Filesystem for FuseFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         _fh_in: FileHandle,
         offset_in: u64,
@@ -650,6 +851,11 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        // A write to `ino_out`, which the kernel does not flag (see fallocate).
+        let who = ReqPrivs::new(req);
+        if let Err(e) = self.fs.drop_setid(ino_out.0, SetidChange::Data, &who) {
+            return reply.error(errno(e));
+        }
         let mut done = 0u64;
         let len = len.min(u32::MAX as u64 / 2);
         while done < len {
@@ -700,5 +906,104 @@ mod tests {
         );
         let later = std::time::UNIX_EPOCH + Duration::new(5, 7);
         assert_eq!(from_kernel(later), Ts { sec: 5, nsec: 7 });
+    }
+
+    struct P {
+        fsetid: bool,
+        groups: Vec<u32>,
+    }
+
+    impl Privs for P {
+        fn fsetid(&self) -> bool {
+            self.fsetid
+        }
+        fn in_group(&self, gid: u32) -> bool {
+            self.groups.contains(&gid)
+        }
+    }
+
+    #[test]
+    fn setid_bits_go_where_ext4_drops_them() {
+        use crate::fs::setid_loss;
+        use SetidChange::*;
+        let dir = |perm: u16| Inode {
+            perm,
+            gid: 50,
+            ..Inode::new_dir(2, 0, 1)
+        };
+        let file = |perm: u16| Inode {
+            kind: Kind::File,
+            ..dir(perm)
+        };
+        let user = P {
+            fsetid: false,
+            groups: vec![],
+        };
+        let member = P {
+            fsetid: false,
+            groups: vec![50],
+        };
+        let root = P {
+            fsetid: true,
+            groups: vec![],
+        };
+        // Data: set-group-id without group execute goes only for outsiders.
+        assert_eq!(setid_loss(&file(0o6777), Data, &user), 0o6000);
+        assert_eq!(setid_loss(&file(0o6766), Data, &user), 0o6000);
+        assert_eq!(setid_loss(&file(0o6766), Data, &member), 0o4000);
+        assert_eq!(setid_loss(&file(0o2776), Data, &member), 0o2000);
+        assert_eq!(setid_loss(&file(0o6777), Data, &root), 0);
+        assert_eq!(setid_loss(&file(0o0777), Data, &user), 0);
+        assert_eq!(setid_loss(&dir(0o2777), Data, &user), 0);
+        // chown: set-user-id even for root.
+        assert_eq!(setid_loss(&file(0o6755), Chown, &root), 0o6000);
+        assert_eq!(setid_loss(&file(0o6745), Chown, &root), 0o4000);
+        assert_eq!(setid_loss(&file(0o6745), Chown, &member), 0o4000);
+        assert_eq!(setid_loss(&file(0o6745), Chown, &user), 0o6000);
+        assert_eq!(setid_loss(&dir(0o6755), Chown, &root), 0);
+        // An access ACL: set-group-id for outsiders, directories too.
+        assert_eq!(setid_loss(&file(0o6755), Acl, &user), 0o2000);
+        assert_eq!(setid_loss(&dir(0o2755), Acl, &user), 0o2000);
+        assert_eq!(setid_loss(&file(0o6755), Acl, &member), 0);
+        assert_eq!(setid_loss(&file(0o6755), Acl, &root), 0);
+    }
+
+    #[test]
+    fn a_callers_groups_and_capabilities_come_from_proc() {
+        // SAFETY: these have no preconditions.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let me = |pid: u32| ReqPrivs {
+            uid,
+            gid: gid + 1,
+            pid,
+            no_fsetid: false,
+            status: std::cell::OnceCell::new(),
+        };
+        let mut groups = vec![0 as libc::gid_t; 256];
+        // SAFETY: the buffer holds 256 entries.
+        let n = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
+        assert!(n >= 0);
+        let p = me(std::process::id());
+        assert!(p.status().is_some());
+        for g in &groups[..n as usize] {
+            assert!(p.in_group(*g), "group {g}");
+        }
+        assert!(p.in_group(gid + 1), "the request's group");
+        assert!(!p.in_group(0xfffe_fffe));
+        let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = caps
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .unwrap();
+        let fsetid = u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << CAP_FSETID) != 0;
+        assert_eq!(p.fsetid(), fsetid);
+        // The kernel's word wins; a caller we cannot see is capable iff root.
+        assert!(!ReqPrivs {
+            no_fsetid: true,
+            ..me(std::process::id())
+        }
+        .fsetid());
+        assert_eq!(me(0).fsetid(), uid == 0);
+        assert!(me(0).in_group(gid + 1) && !me(0).in_group(0xfffe_fffe));
     }
 }

@@ -1,6 +1,7 @@
 //! stackfs: a pooled, layered filesystem in user space.
 
 pub mod alloc;
+pub mod atime;
 pub mod audit;
 pub mod codec;
 pub mod fs;

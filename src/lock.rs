@@ -186,6 +186,8 @@ pub fn holder_of(path: &Path) -> Option<Holder> {
 #[derive(Clone, Debug)]
 pub struct MountEntry {
     pub mountpoint: PathBuf,
+    /// Per-mount options (rw, nosuid, relatime...).
+    pub options: String,
     pub fstype: String,
     pub source: String,
 }
@@ -214,12 +216,15 @@ pub fn mounts() -> Vec<MountEntry> {
     info.lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            let mountpoint = left.split(' ').nth(4)?;
+            let mut f = left.split(' ');
+            let mountpoint = f.nth(4)?;
+            let options = f.next()?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
             Some(MountEntry {
                 mountpoint: PathBuf::from(unescape(mountpoint)),
+                options: options.to_string(),
                 fstype: fstype.to_string(),
                 source: unescape(source),
             })
@@ -241,6 +246,19 @@ pub fn mount_of(path: &Path) -> Option<MountEntry> {
         .into_iter()
         .rev()
         .find(|m| m.fstype.starts_with("fuse") && names_device(&m.source, id))
+}
+
+/// The stackfs daemon serving a mount, if it is one: the stackfs process
+/// holding the first device its source names (a mount of another FUSE
+/// filesystem, or a device some other program locked, gives None).
+pub fn daemon_of(m: &MountEntry) -> Option<Holder> {
+    if !m.fstype.starts_with("fuse") {
+        return None;
+    }
+    let first = crate::pool::parse_source(&m.source).into_iter().next()?;
+    let h = holder_of(&first)?;
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", h.pid)).unwrap_or_default();
+    (comm.trim() == "stackfs").then_some(h)
 }
 
 /// Wait until process `pid` has exited. False if `limit` passed first.

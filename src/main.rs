@@ -214,6 +214,14 @@ fn is_encrypted(paths: &[PathBuf]) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    // A panic is a bug or damage we did not foresee: one log line with its
+    // location, not a backtrace on the user's terminal. Where one can come
+    // from data (redb reading a damaged store), it is caught and named.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = stackfs::fs::panic_text(info.payload());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        log::error!("internal error{at}: {msg}");
+    }));
     // Keys live in this process: no core dumps, no ptrace by other users.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
@@ -250,6 +258,9 @@ fn main() -> ExitCode {
         Cmd::DebugNonces { source, key } => open_fs(&source, &key, true).and_then(|fs| {
             stackfs::audit::nonces(&fs).map(|lines| lines.iter().for_each(|l| println!("{l}")))
         }),
+        Cmd::DebugDamage { source, what, key } if what == "store-garbage" => {
+            store_garbage(&source, &key).map(|_| println!("damaged: {what}"))
+        }
         Cmd::DebugDamage { source, what, key } => open_fs(&source, &key, false)
             .and_then(|fs| stackfs::fsck::inject(&fs, &what).map(|_| println!("damaged: {what}"))),
         Cmd::Mkfs {
@@ -384,7 +395,17 @@ fn mkfs(
 
 struct MountOpts {
     read_only: bool,
-    allow_other: bool,
+    /// Other users may use the mount (the kernel checks permissions). Root
+    /// mounts are public unless `private`; a user's own mount is private
+    /// unless `allow_other` (which fuse.conf must allow).
+    allow_other: Option<bool>,
+    /// `/proc/mounts` and `df -T` show `fuse.stackfs` instead of `fuse`.
+    show_subtype: bool,
+    /// The atime policy the daemon applies (the kernel leaves atime to FUSE
+    /// servers): what `noatime`, `relatime`, `strictatime`, `nodiratime` say.
+    atime: stackfs::atime::AtimePolicy,
+    /// `sync` or `dirsync`: every metadata change is durable when it returns.
+    sync_metadata: bool,
     fsname: Option<String>,
     cache_bytes: u64,
     writeback: bool,
@@ -405,7 +426,10 @@ struct MountOpts {
 fn parse_options(options: &[String]) -> Result<MountOpts, String> {
     let mut o = MountOpts {
         read_only: false,
-        allow_other: false,
+        allow_other: None,
+        show_subtype: false,
+        atime: stackfs::atime::AtimePolicy::default(),
+        sync_metadata: false,
         fsname: None,
         cache_bytes: 256 << 20,
         writeback: true,
@@ -431,7 +455,9 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
         match (k, v) {
             ("ro", None) => o.read_only = true,
             ("rw", None) => o.read_only = false,
-            ("allow_other", None) => o.allow_other = true,
+            ("allow_other", None) => o.allow_other = Some(true),
+            ("private", None) => o.allow_other = Some(false),
+            ("show_subtype", None) => o.show_subtype = true,
             ("default_permissions", None) => {}
             ("remount", None) => o.remount = true,
             ("readahead", Some(v)) => {
@@ -475,15 +501,36 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
             ("log_file", Some(v)) => o.log_file = Some(PathBuf::from(v)),
             ("key_file", Some(v)) => o.key.key_file = Some(PathBuf::from(v)),
             ("passphrase_file", Some(v)) => o.key.passphrase_file = Some(PathBuf::from(v)),
+            // Kernel mount flags; the atime ones also set the daemon's policy.
             (
                 "suid" | "nosuid" | "dev" | "nodev" | "exec" | "noexec" | "atime" | "noatime"
-                | "relatime" | "dirsync" | "sync" | "async",
+                | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "diratime"
+                | "nodiratime" | "lazytime" | "nolazytime" | "sync" | "async" | "dirsync"
+                | "iversion" | "noiversion" | "silent" | "loud" | "nomand",
                 None,
-            ) => o.kernel.push(k.to_string()),
-            // Options mount(8) and fstab pass along, meaningless to us.
+            ) => {
+                o.atime.apply(k);
+                match k {
+                    "sync" | "dirsync" => o.sync_metadata = true,
+                    "async" => o.sync_metadata = false,
+                    _ => {}
+                }
+                o.kernel.push(k.to_string())
+            }
+            ("mand", None) => {
+                return Err("mand: mandatory locking is not supported (Linux removed it in 5.15)".into())
+            }
+            ("context" | "fscontext" | "defcontext" | "rootcontext", Some(_)) => {
+                return Err(format!(
+                    "{k}=: SELinux labels are not supported on stackfs (FUSE has no per-mount \
+                     context labelling); mount without it"
+                ))
+            }
+            // Options mount(8) and fstab pass along, meaningless to us: who may
+            // mount (owner, group, user, users), automount and boot ordering.
             (
                 "defaults" | "nofail" | "_netdev" | "noauto" | "auto" | "user" | "nouser" | "users"
-                | "owner",
+                | "owner" | "group",
                 None,
             ) => {}
             (k, _) if k.starts_with("x-") || k == "comment" || k == "subtype" => {}
@@ -640,13 +687,18 @@ fn mount(
             read_only: o.read_only,
             cache_bytes: o.cache_bytes,
             lenient: false,
+            atime: o.atime,
+            sync_metadata: o.sync_metadata,
         },
     )?);
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let fusefs = FuseFs {
         fs: fs.clone(),
         writeback: o.writeback && !o.read_only,
+        notifier: notifier.clone(),
     };
     let session = mount_fuse(fusefs, source, &mountpoint, &o)?;
+    let _ = notifier.set(session.notifier());
     set_readahead(&mountpoint, o.readahead_kb);
     if let Some(fd) = ready_fd {
         detach(fd, o.log_file.as_deref());
@@ -695,9 +747,55 @@ fn mount(
     r.map_err(|e| format!("session ended with an error: {e}"))
 }
 
+/// Whether other users may use the mount: root mounts are public, as a
+/// kernel filesystem is (the kernel checks modes and ACLs:
+/// default_permissions); `private` keeps one to root. A user's own mount
+/// is private unless `allow_other`.
+fn is_public(o: &MountOpts) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    o.allow_other.unwrap_or(unsafe { libc::geteuid() } == 0)
+}
+
+/// The MS_* flags the kernel options ask for, later ones overriding earlier.
+fn kernel_flags(options: &[String]) -> libc::c_ulong {
+    use libc::*;
+    let atime_modes = MS_NOATIME | MS_RELATIME | MS_STRICTATIME;
+    let mut f: c_ulong = 0;
+    for k in options {
+        let (set, clear): (c_ulong, c_ulong) = match k.as_str() {
+            "nosuid" => (MS_NOSUID, 0),
+            "suid" => (0, MS_NOSUID),
+            "nodev" => (MS_NODEV, 0),
+            "dev" => (0, MS_NODEV),
+            "noexec" => (MS_NOEXEC, 0),
+            "exec" => (0, MS_NOEXEC),
+            "noatime" => (MS_NOATIME, atime_modes),
+            "atime" => (0, MS_NOATIME),
+            "relatime" => (MS_RELATIME, atime_modes),
+            "norelatime" => (0, MS_RELATIME),
+            "strictatime" => (MS_STRICTATIME, atime_modes),
+            "nostrictatime" => (0, MS_STRICTATIME),
+            "nodiratime" => (MS_NODIRATIME, 0),
+            "diratime" => (0, MS_NODIRATIME),
+            "lazytime" => (MS_LAZYTIME, 0),
+            "nolazytime" => (0, MS_LAZYTIME),
+            "sync" => (MS_SYNCHRONOUS, 0),
+            "async" => (0, MS_SYNCHRONOUS),
+            "dirsync" => (MS_DIRSYNC, 0),
+            "iversion" => (MS_I_VERSION, 0),
+            "noiversion" => (0, MS_I_VERSION),
+            "silent" => (MS_SILENT, 0),
+            "loud" => (0, MS_SILENT),
+            _ => (0, 0),
+        };
+        f = (f & !clear) | set;
+    }
+    f
+}
+
 fn session_config(o: &MountOpts) -> fuser::Config {
     let mut config = fuser::Config::default();
-    config.acl = if o.allow_other {
+    config.acl = if is_public(o) {
         fuser::SessionACL::All
     } else {
         fuser::SessionACL::Owner
@@ -707,9 +805,10 @@ fn session_config(o: &MountOpts) -> fuser::Config {
     config
 }
 
-/// Mount and complete the FUSE handshake. As root we call mount(2) ourselves
-/// so the type reads `fuse.stackfs` in /proc/mounts (fstests and `umount -t`
-/// need it); other users go through fusermount3.
+/// Mount and complete the FUSE handshake. As root we call mount(2) ourselves,
+/// with type `fuse` (what `df -T` shows for libfuse filesystems, and what
+/// fstests' FSTYP=fuse expects) or `fuse.stackfs` with `show_subtype`, and
+/// the devices as source; other users go through fusermount3.
 fn mount_fuse(
     fusefs: FuseFs,
     source: &str,
@@ -721,7 +820,6 @@ fn mount_fuse(
     if unsafe { libc::geteuid() } != 0 {
         config.mount_options = vec![
             fuser::MountOption::FSName(o.fsname.clone().unwrap_or_else(|| source.to_string())),
-            fuser::MountOption::Subtype("stackfs".into()),
             fuser::MountOption::DefaultPermissions,
             if o.read_only {
                 fuser::MountOption::RO
@@ -729,6 +827,10 @@ fn mount_fuse(
                 fuser::MountOption::RW
             },
         ];
+        if o.show_subtype {
+            config.mount_options.push(fuser::MountOption::Subtype("stackfs".into()));
+        }
+        // Public (allow_other) comes from the session's ACL (session_config).
         config.mount_options.extend(
             o.kernel
                 .iter()
@@ -749,30 +851,18 @@ fn mount_fuse(
         "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
         dev.as_raw_fd()
     );
-    if o.allow_other {
+    if is_public(o) {
         data.push_str(",allow_other");
     }
-    let mut flags: libc::c_ulong = 0;
+    let mut flags = kernel_flags(&o.kernel);
     if o.read_only {
         flags |= libc::MS_RDONLY;
-    }
-    for k in &o.kernel {
-        flags |= match k.as_str() {
-            "nosuid" => libc::MS_NOSUID,
-            "nodev" => libc::MS_NODEV,
-            "noexec" => libc::MS_NOEXEC,
-            "noatime" => libc::MS_NOATIME,
-            "relatime" => libc::MS_RELATIME,
-            "dirsync" => libc::MS_DIRSYNC,
-            "sync" => libc::MS_SYNCHRONOUS,
-            _ => 0,
-        };
     }
     let c = |s: &[u8]| CString::new(s).map_err(|_| "a NUL byte in the mount arguments".to_string());
     let (src, target, fstype, data_c) = (
         c(o.fsname.as_deref().unwrap_or(source).as_bytes())?,
         c(mountpoint.as_os_str().as_bytes())?,
-        c(b"fuse.stackfs")?,
+        c(if o.show_subtype { b"fuse.stackfs" } else { b"fuse" })?,
         c(data.as_bytes())?,
     );
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -806,23 +896,26 @@ fn remount(mountpoint: &std::path::Path, o: &MountOpts) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
     let mnt =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let ours = mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 2 && f[1] == mnt.to_string_lossy() && f[2] == "fuse.stackfs"
-    });
-    if !ours {
+    let entry = stackfs::lock::mounts()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == mnt)
+        .filter(|m| stackfs::lock::daemon_of(m).is_some());
+    let Some(entry) = entry else {
         return Err(format!(
             "{} is not a mounted stackfs pool; nothing to remount",
             mnt.display()
         ));
-    }
+    };
     if o.read_only {
         std::fs::File::open(&mnt)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("flushing before remount: {e}"))?;
     }
-    let mut flags = libc::MS_REMOUNT;
+    // As mount(8) does: the flags the mount has, then what this remount says.
+    let mut kernel: Vec<String> = entry.options.split(',').map(String::from).collect();
+    kernel.extend(o.kernel.iter().cloned());
+    let mut flags = libc::MS_REMOUNT | kernel_flags(&kernel);
     if o.read_only {
         flags |= libc::MS_RDONLY;
     }
@@ -843,6 +936,29 @@ fn remount(mountpoint: &std::path::Path, o: &MountOpts) -> Result<(), String> {
             mnt.display(),
             std::io::Error::last_os_error()
         ));
+    }
+    // The atime and sync rules are the daemon's: hand over what was said.
+    let mut said = vec![o.atime.encode()];
+    said.extend(
+        o.kernel
+            .iter()
+            .filter(|k| ["sync", "dirsync", "async"].contains(&k.as_str()))
+            .cloned(),
+    );
+    let said = said.into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",");
+    if !said.is_empty() {
+        let name = c"stackfs.mount";
+        // SAFETY: valid C strings and a buffer that outlive the call.
+        let r = unsafe {
+            libc::setxattr(target.as_ptr(), name.as_ptr(), said.as_ptr().cast(), said.len(), 0)
+        };
+        if r != 0 {
+            return Err(format!(
+                "remounted {}, but the daemon did not take {said}: {}",
+                mnt.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     Ok(())
 }
@@ -893,10 +1009,9 @@ fn find_mount(target: &str) -> Option<stackfs::lock::MountEntry> {
 /// as soon as the kernel lets go, while the daemon may still be writing).
 fn umount(target: &str, lazy: bool, force: bool) -> Result<(), String> {
     let m = find_mount(target).ok_or(format!("{target}: not mounted"))?;
-    // The daemon is whoever holds the pool's first device.
-    let daemon = parse_source(&m.source)
-        .first()
-        .and_then(|p| stackfs::lock::holder_of(p));
+    // The daemon is the stackfs process holding the pool's first device; a
+    // mount of another FUSE filesystem has none and is unmounted plainly.
+    let daemon = stackfs::lock::daemon_of(&m);
     let mut flags = 0;
     if lazy {
         flags |= libc::MNT_DETACH;
@@ -1109,6 +1224,7 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
                             read_only: true,
                             cache_bytes: 16 << 20,
                             lenient: true,
+                            ..FsOptions::default()
                         },
                     )
                 })
@@ -1268,8 +1384,38 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
             read_only,
             cache_bytes: 16 << 20,
             lenient: true,
+            ..FsOptions::default()
         },
     )
+}
+
+/// Overwrite the redb database's pages (not its header) with noise that the
+/// metadata store accepts: what a bug, or someone with the key, could leave.
+/// For testing that an unreadable store is named, never a crash.
+fn store_garbage(source: &str, key: &KeyArgs) -> Result<(), String> {
+    use redb::StorageBackend;
+    let paths = parse_source(source);
+    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
+    let secret = if is_encrypted(&paths)? {
+        Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
+    } else {
+        None
+    };
+    let pool = pool::open(&paths, false, secret.as_ref(), None, Some(owner))
+        .map_err(|e| e.to_string())?;
+    let store = stackfs::metastore::MetaStore::open(
+        pool.stack.meta.clone(),
+        pool.sb.meta_len,
+        pool.sb.pool_uuid,
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    let len = store.len().map_err(|e| e.to_string())?;
+    let noise = stackfs_layers::mem::noise(len.saturating_sub(8192) as usize, 7);
+    store.write(8192, &noise).map_err(|e| e.to_string())?;
+    store.sync_data().map_err(|e| e.to_string())?;
+    pool.stack.top.shutdown();
+    Ok(())
 }
 
 fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
@@ -1297,9 +1443,25 @@ fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let report = match fsck::check(&fs, verify_data, repair, &progress) {
-        Ok(r) => r,
-        Err(e) => {
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fsck::check(&fs, verify_data, repair, &progress)
+    }));
+    let report = match checked {
+        Ok(Ok(r)) => r,
+        Err(p) => {
+            bar.finish_and_clear();
+            eprintln!(
+                "stackfs fsck: metadata store is damaged: {}",
+                stackfs::fs::panic_text(&*p)
+            );
+            return fsck::UNCORRECTED;
+        }
+        Ok(Err(e)) if e.contains("metadata") => {
+            bar.finish_and_clear();
+            eprintln!("stackfs fsck: {e}");
+            return fsck::UNCORRECTED;
+        }
+        Ok(Err(e)) => {
             bar.finish_and_clear();
             eprintln!("stackfs fsck: {e}");
             return fsck::OPERATIONAL;

@@ -268,9 +268,25 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         None => None,
     };
     let stack = opts.spec.build_with(devices, crypt_keys.as_ref(), None)?;
-    let formatted = crate::metastore::MetaStore::format(stack.meta.clone(), meta_len, pool_uuid);
-    stack.top.shutdown();
-    formatted.map_err(|e| PoolError::Other(format!("writing the metadata store's root: {e}")))?;
+    if let Err(e) = crate::metastore::MetaStore::format(stack.meta.clone(), meta_len, pool_uuid) {
+        stack.top.shutdown();
+        return Err(PoolError::Other(format!("writing the metadata store's root: {e}")));
+    }
+    // The filesystem itself: its root directory, committed durably, so a
+    // new pool is a whole filesystem (fsck is clean before any mount).
+    let pool = Pool {
+        sb: sb.clone(),
+        sb_key: master.as_ref().map(|m| SbKey::derive(m)),
+        lock: None,
+        paths: devs.iter().map(|d| d.path.clone()).collect(),
+        sizes: devs.iter().map(|d| d.size).collect(),
+        stack,
+        warnings: Vec::new(),
+    };
+    let fs = crate::fs::Fs::open(pool, crate::fs::FsOptions::default())
+        .map_err(|e| PoolError::Other(format!("creating the filesystem: {e}")))?;
+    fs.shutdown()
+        .map_err(|e| PoolError::Other(format!("creating the filesystem: {e}")))?;
     Ok(sb)
 }
 

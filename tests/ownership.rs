@@ -137,7 +137,7 @@ fn mount_t_stackfs_and_umount_by_source_cycles() {
             .arg(&p.mnt)
             .env("STACKFS_PASSPHRASE", PASS));
     };
-    // util-linux runs umount.fuse.stackfs, which waits for the daemon.
+    // util-linux runs umount.fuse (our helper), which waits for the daemon.
     cycle_with(&p, &mount, &|| {
         unmount_with(Command::new("umount").arg(p.source()));
         assert!(p.daemon_pid().is_none(), "umount returned before the daemon exited");
@@ -188,26 +188,4 @@ fn a_pool_has_one_owner() {
     assert_eq!(fs::read(p.mnt.join("more")).unwrap(), b"still writable");
     p.umount();
     fsck_clean(&p);
-}
-
-/// Install stackfs and its mount helpers system-wide; uninstalled on drop.
-fn install() -> impl Drop {
-    let bin = Path::new(BIN).canonicalize().unwrap();
-    let make = move |target: &str| {
-        let st = Command::new("make")
-            .args(["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/mount-scripts"), target])
-            .arg(format!("BIN={}", bin.display()))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "make {target}");
-    };
-    struct Uninstall<F: Fn(&str)>(F);
-    impl<F: Fn(&str)> Drop for Uninstall<F> {
-        fn drop(&mut self) {
-            (self.0)("uninstall");
-        }
-    }
-    make("install");
-    Uninstall(make)
 }

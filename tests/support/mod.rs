@@ -190,3 +190,25 @@ impl Drop for Pool {
         }
     }
 }
+
+/// Install stackfs and its mount helpers system-wide; uninstalled on drop.
+pub fn install() -> impl Drop {
+    let bin = Path::new(BIN).canonicalize().unwrap();
+    let make = move |target: &str| {
+        let st = Command::new("make")
+            .args(["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/mount-scripts"), target])
+            .arg(format!("BIN={}", bin.display()))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "make {target}");
+    };
+    struct Uninstall<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Uninstall<F> {
+        fn drop(&mut self) {
+            (self.0)("uninstall");
+        }
+    }
+    make("install");
+    Uninstall(make)
+}
