@@ -919,7 +919,24 @@ impl Fs {
         if self.read_only {
             return Err(Errno::EROFS);
         }
+        self.writable()?;
         self.db.begin_write().map_err(db_err)
+    }
+
+    /// The failed state: once a member is faulted (it stopped answering),
+    /// nothing more is written, data or metadata, until the pool is mounted
+    /// again. Writes, fsync and changes fail with EIO; reads go on (those of
+    /// the faulted member fail with EIO from the watchdog).
+    pub fn writable(&self) -> R<()> {
+        if self.pool.stack.health.any_faulted() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// Whether the filesystem is in its failed state.
+    pub fn failed(&self) -> bool {
+        self.pool.stack.health.any_faulted()
     }
 
     /// Commit a transaction. A durable commit first flushes the data below
@@ -2153,6 +2170,7 @@ impl Fs {
         if self.read_only {
             return Err(Errno::EROFS);
         }
+        self.writable()?;
         let end = off
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
@@ -2224,6 +2242,8 @@ impl Fs {
     /// every core, one submission per device) and commit all their new
     /// extents in one transaction: group commit for many small files.
     fn flush_files(&self, st: &mut State, inos: &[u64], durable: bool) -> R<()> {
+        // Failed: the dirty data stays in memory, unwritten (EIO to the caller).
+        self.writable()?;
         let mut batch = Vec::new();
         for ino in inos {
             let Some(f) = st.files.get_mut(ino) else {
@@ -2882,6 +2902,13 @@ impl Fs {
     /// Make everything durable and refuse further syncs; the stack stops
     /// when the last handle on the filesystem is dropped.
     pub fn shutdown(&self) -> R<()> {
+        if self.failed() {
+            // A member stopped answering: nothing more is written; the pool
+            // stays in its last durable state (fsck it after the member is back).
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Err(Errno::EIO);
+        }
         // The session is over: nothing can hold a removed file any more.
         if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
             match self.purge_all_orphans() {

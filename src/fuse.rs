@@ -19,6 +19,8 @@ const FAULT_XATTR: &[u8] = b"stackfs.fault";
 const STATS_XATTR: &[u8] = b"stackfs.stats";
 /// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
 const COPIED_XATTR: &[u8] = b"stackfs.copied";
+/// The members' health (online, faulted), JSON; `stackfs info` shows it.
+const HEALTH_XATTR: &[u8] = b"stackfs.health";
 /// Set by `stackfs mount -o remount,...`: the atime and sync options the
 /// daemon applies itself (the kernel keeps the other flags).
 const MOUNT_XATTR: &[u8] = b"stackfs.mount";
@@ -51,6 +53,32 @@ pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_jso
         })
         .collect();
     serde_json::Value::Array(nodes)
+}
+
+/// Each member's state, for `stackfs info`.
+pub fn health_json(fs: &Fs) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = fs
+        .pool
+        .stack
+        .health
+        .members()
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            serde_json::json!({
+                "index": i,
+                "path": m.name,
+                "state": if m.faulted.is_some() { "faulted" } else { "online" },
+                "why": m.faulted,
+                "timeouts": m.timeouts,
+                "late_answers": m.late,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "state": if fs.failed() { "failed" } else { "online" },
+        "members": members,
+    })
 }
 
 pub struct FuseFs {
@@ -758,8 +786,8 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let control =
-            [FAULT_XATTR, STATS_XATTR, COPIED_XATTR, MOUNT_XATTR].contains(&name.as_bytes());
+        let control = [FAULT_XATTR, STATS_XATTR, COPIED_XATTR, MOUNT_XATTR, HEALTH_XATTR]
+            .contains(&name.as_bytes());
         if ino.0 == ROOT && control && !is_admin(req) {
             reply.error(Errno::EPERM);
             return;
@@ -769,6 +797,9 @@ impl Filesystem for FuseFs {
             (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)
                 .to_string()
                 .into_bytes()),
+            (ROOT, _) if name.as_bytes() == HEALTH_XATTR => {
+                Ok(health_json(&self.fs).to_string().into_bytes())
+            }
             (ROOT, _) if name.as_bytes() == COPIED_XATTR => {
                 Ok(stackfs_layers::buf::copied_bytes().to_string().into_bytes())
             }

@@ -729,6 +729,10 @@ fn mount(
                     waited += 200;
                     if waited >= commit_ms {
                         waited = 0;
+                        // Failed (a member stopped answering): nothing to commit.
+                        if fs.failed() {
+                            continue;
+                        }
                         if let Err(e) = fs.sync() {
                             log::error!("periodic commit failed: {e}");
                         }
@@ -1146,9 +1150,22 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
     if paths.is_empty() {
         return Err("no devices given".into());
     }
+    // A member that stops answering (an image on a stopped FUSE or network
+    // server) blocks every stat and read of it: probe it from a thread, and
+    // if it does not answer, show what the mounted daemon knows.
+    let probe_paths = paths.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = stackfs::lock::mount_of(&probe_paths[0]);
+        let _ = tx.send(r);
+    });
+    let mounted = match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(m) => m,
+        Err(_) => return info_unanswered(source, &paths, json),
+    };
     // A shared lock keeps fsck and passwd out while we read; a mounted pool
     // is read without one (superblocks only, and the daemon's counters).
-    let _shared = match stackfs::lock::mount_of(&paths[0]) {
+    let _shared = match mounted {
         Some(_) => None,
         None => Some(stackfs::lock::lock(
             &paths,
@@ -1200,6 +1217,19 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
         };
         if n > 0 {
             out["layer_counters"] =
+                serde_json::from_slice(&buf[..n as usize]).unwrap_or(serde_json::Value::Null);
+        }
+        // SAFETY: as above.
+        let n = unsafe {
+            libc::getxattr(
+                c.as_ptr(),
+                c"stackfs.health".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n > 0 {
+            out["health"] =
                 serde_json::from_slice(&buf[..n as usize]).unwrap_or(serde_json::Value::Null);
         }
         // SAFETY: statvfs fills the struct we pass.
@@ -1283,6 +1313,23 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
     if let Some(m) = &mountpoint {
         println!("state:       mounted at {m}");
     }
+    if let Some(h) = out["health"].as_object() {
+        if h["state"] == "failed" {
+            println!("pool state:  FAILED: a member stopped answering; read-only until remounted (fsck after it answers again)");
+        } else {
+            println!("pool state:  ONLINE");
+        }
+        for m in h["members"].as_array().into_iter().flatten() {
+            println!(
+                "  [{}] {:<8} {} timeouts, {} late answers{}",
+                m["index"],
+                m["state"].as_str().unwrap_or("?"),
+                m["timeouts"],
+                m["late_answers"],
+                m["why"].as_str().map(|w| format!(" ({w})")).unwrap_or_default()
+            );
+        }
+    }
     if let Some(e) = out["usage_unavailable"].as_str() {
         println!("usage:       unavailable ({e})");
     } else {
@@ -1319,6 +1366,45 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `info` when the devices do not answer: the daemon's view of its members,
+/// from the mount whose source names them (found without touching them).
+fn info_unanswered(source: &str, paths: &[PathBuf], json: bool) -> Result<(), String> {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let mount = stackfs::lock::mounts().into_iter().rev().find(|m| {
+        m.fstype.starts_with("fuse") && (m.source == source || names.iter().any(|n| m.source.split(':').any(|s| s == n)))
+    });
+    let health = mount.as_ref().and_then(|m| {
+        let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_encoded_bytes()).ok()?;
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: valid C strings; the buffer outlives the call.
+        let n = unsafe {
+            libc::getxattr(c.as_ptr(), c"stackfs.health".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        (n > 0).then(|| serde_json::from_slice::<serde_json::Value>(&buf[..n as usize]).ok()).flatten()
+    });
+    if json {
+        println!("{}", serde_json::json!({"devices_answer": false, "mounted_at": mount.as_ref().map(|m| m.mountpoint.display().to_string()), "health": health}));
+    } else {
+        println!("devices:     not answering within 5 s (a member is hung)");
+        if let Some(m) = &mount {
+            println!("state:       mounted at {}", m.mountpoint.display());
+        }
+        if let Some(h) = &health {
+            println!("pool state:  {}", h["state"].as_str().unwrap_or("?").to_uppercase());
+            for m in h["members"].as_array().into_iter().flatten() {
+                println!(
+                    "  [{}] {:<8} {}{}",
+                    m["index"],
+                    m["state"].as_str().unwrap_or("?"),
+                    m["path"].as_str().unwrap_or(""),
+                    m["why"].as_str().map(|w| format!(" ({w})")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Err("the pool's devices do not answer".into())
 }
 
 /// A progress bar per device on a terminal (clearing old contents of large

@@ -559,6 +559,7 @@ pub fn authenticated(
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>, Option<keys::Key>), PoolError> {
     let members = read_members(paths)?;
+    check_foreign(&members)?;
     let encrypted = members.iter().any(has_keys);
     let (found, rewrite, master) = if encrypted {
         let secret = secret.ok_or(PoolError::NeedKey)?;
@@ -590,6 +591,38 @@ pub fn authenticated_with(
     let mut warnings = Vec::new();
     let (found, _) = authenticate(read_members(paths)?, &SbKey::derive(master), &mut warnings)?;
     check_members(found)
+}
+
+/// A device whose every copy names another pool is foreign (before any MAC
+/// is checked, so the error says what it is). The pool is the one the first
+/// device's copies agree on; a device with one copy changed is not foreign
+/// (authentication deals with it).
+fn check_foreign(members: &[Member]) -> Result<(), PoolError> {
+    let uuids = |m: &Member| -> Vec<[u8; 16]> {
+        std::iter::once(&m.found.sb)
+            .chain(m.found.backup.as_ref())
+            .map(|sb| sb.pool_uuid)
+            .collect()
+    };
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    let ours = uuids(first);
+    let Some(ours) = ours.first().filter(|u| ours.iter().all(|x| x == *u)) else {
+        return Ok(());
+    };
+    for m in &members[1..] {
+        let theirs = uuids(m);
+        if theirs.iter().all(|u| u != ours) {
+            return Err(PoolError::Foreign {
+                path: m.path.clone(),
+                theirs: uuid_str(&theirs[0]),
+                ours: uuid_str(ours),
+                first: first.path.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether any copy of any device holds key material (no other check: a

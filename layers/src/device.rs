@@ -25,7 +25,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -67,6 +67,73 @@ struct Ring {
     stop: AtomicBool,
     /// Submit failures on demand, for tests (nothing in other builds).
     faults: SubmitFaults,
+}
+
+impl Ring {
+    /// Push a batch's entries and submit them; set the cancellers of those
+    /// that reached the ring, fail those that did not.
+    fn push_settle(self: &Arc<Ring>, path: &Path, entries: &[squeue::Entry], mut started: Vec<(u64, Io)>) {
+        let pushed = match self.push_all(entries) {
+            Ok(()) => started.len(),
+            Err(f) => {
+                log::error!(
+                    "{}: io_uring submit failed: {}; {} of {} requests fail, the others stay queued",
+                    path.display(),
+                    f.err,
+                    started.len() - f.pushed,
+                    started.len()
+                );
+                f.pushed
+            }
+        };
+        let refused = started.split_off(pushed);
+        for (id, io) in started {
+            let ring = self.clone();
+            io.set_canceller(move || ring.cancel(id));
+        }
+        self.fail_unqueued(refused);
+    }
+
+    fn fail_unqueued(&self, refused: Vec<(u64, Io)>) {
+        if refused.is_empty() {
+            return;
+        }
+        let failed: Vec<InFlight> = {
+            let mut inflight = self.inflight.lock();
+            refused
+                .iter()
+                .filter_map(|(id, _)| inflight.remove(id))
+                .collect()
+        };
+        for f in failed {
+            f.io.finish(Err(Errno::EIO));
+        }
+    }
+
+}
+
+/// A device whose requests may block the thread that issues them (an image
+/// on a FUSE or network filesystem) submits from a thread of its own. io_uring
+/// ties the workers that run punted requests to the thread that submitted
+/// them, and a thread cannot exit before its workers: submitted from the FUSE
+/// workers, a request stuck in a stopped server would keep the daemon from
+/// ending. This thread is never waited for.
+struct Submitter {
+    tx: Mutex<mpsc::Sender<(Vec<squeue::Entry>, Vec<(u64, Io)>)>>,
+}
+
+impl Submitter {
+    fn start(ring: Arc<Ring>, path: PathBuf) -> std::io::Result<Submitter> {
+        let (tx, rx) = mpsc::channel::<(Vec<squeue::Entry>, Vec<(u64, Io)>)>();
+        std::thread::Builder::new()
+            .name("uring-submit".into())
+            .spawn(move || {
+                while let Ok((entries, started)) = rx.recv() {
+                    ring.push_settle(&path, &entries, started);
+                }
+            })?;
+        Ok(Submitter { tx: Mutex::new(tx) })
+    }
 }
 
 /// `push_all` failed with `err`: the first `pushed` entries are in the ring
@@ -243,6 +310,38 @@ pub struct Device {
     warned_buffered: AtomicBool,
     /// Set by `shutdown`: no completion thread is left to finish new requests.
     closed: AtomicBool,
+    /// Every request goes to an io-wq worker (IOSQE_ASYNC), never issued
+    /// inline in the submitting thread: see `blocks_inline`.
+    always_async: bool,
+    /// Set with `always_async`: batches are submitted from this thread.
+    submitter: Option<Submitter>,
+}
+
+/// Whether I/O on this file may block the thread that issues it, whatever
+/// io_uring's non-blocking attempt says: an image file on a FUSE, network
+/// or cluster filesystem. Issued inline, a request to a server that stopped
+/// answering blocks the submitter (our FUSE workers, the completion thread)
+/// in the kernel, where no timeout reaches it; in a worker, only the worker
+/// waits and the watchdog fails the request above.
+fn blocks_inline(file: &File) -> bool {
+    // f_type values from linux/magic.h.
+    const REMOTE: [i64; 9] = [
+        0x6573_5546, // FUSE
+        0x6969,      // NFS
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2
+        0x0102_1997, // 9P
+        0x00C3_6400, // Ceph
+        0x4750_4653, // GPFS
+        0x0BD0_0BD0, // Lustre
+        0x564C,      // NCP
+    ];
+    // SAFETY: fstatfs fills the struct we pass, for a descriptor we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    REMOTE.contains(&(st.f_type as i64))
 }
 
 /// Size of a block device or regular file.
@@ -308,6 +407,14 @@ impl Device {
         let reaper = std::thread::Builder::new()
             .name(name)
             .spawn(move || reap(r))?;
+        let always_async = !is_blockdev && blocks_inline(&buffered);
+        let ring_for_submitter = ring.clone();
+        if always_async {
+            log::info!(
+                "{}: on a FUSE or network filesystem: every request goes to an io_uring worker",
+                path.display()
+            );
+        }
         Ok(Device {
             path: path.to_path_buf(),
             direct,
@@ -319,6 +426,12 @@ impl Device {
             reaper: Mutex::new(Some(reaper)),
             warned_buffered: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            always_async,
+            submitter: if always_async {
+                Some(Submitter::start(ring_for_submitter, path.to_path_buf())?)
+            } else {
+                None
+            },
         })
     }
 
@@ -364,7 +477,7 @@ impl Device {
                         .build()
                 };
                 // The boxed array does not move when the box does.
-                return Some((e.user_data(id), Some(IoVecs(iov))));
+                return Some((self.flags(e).user_data(id), Some(IoVecs(iov))));
             }
             Op::Read | Op::Write => {
                 let fd = self.fd_for(io, off);
@@ -391,7 +504,15 @@ impl Device {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
-        Some((entry.user_data(id), None))
+        Some((self.flags(entry).user_data(id), None))
+    }
+
+    fn flags(&self, e: squeue::Entry) -> squeue::Entry {
+        if self.always_async {
+            e.flags(squeue::Flags::ASYNC)
+        } else {
+            e
+        }
     }
 
     fn fd_for(&self, io: &Io, off: u64) -> i32 {
@@ -414,22 +535,6 @@ impl Device {
 
     /// Fail requests whose entries never reached the ring: the kernel never
     /// saw them, so they leave the in-flight table at once.
-    fn fail_unqueued(&self, refused: Vec<(u64, Io)>) {
-        if refused.is_empty() {
-            return;
-        }
-        let failed: Vec<InFlight> = {
-            let mut inflight = self.ring.inflight.lock();
-            refused
-                .iter()
-                .filter_map(|(id, _)| inflight.remove(id))
-                .collect()
-        };
-        for f in failed {
-            f.io.finish(Err(Errno::EIO));
-        }
-    }
-
     fn blkdiscard(&self, off: u64, len: u64) -> Result<u64, Errno> {
         // BLKDISCARD = _IO(0x12, 119)
         const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -475,7 +580,7 @@ impl Layer for Device {
         }
         // Into the table before into the ring: the table owns each request,
         // its buffers and its iovecs while its entry is in the ring.
-        let mut started: Vec<(u64, Io)> = {
+        let started: Vec<(u64, Io)> = {
             let mut inflight = self.ring.inflight.lock();
             started
                 .into_iter()
@@ -491,25 +596,15 @@ impl Layer for Device {
                 })
                 .collect()
         };
-        let pushed = match self.ring.push_all(&entries) {
-            Ok(()) => started.len(),
-            Err(f) => {
-                log::error!(
-                    "{}: io_uring submit failed: {}; {} of {} requests fail, the others stay queued",
-                    self.path.display(),
-                    f.err,
-                    started.len() - f.pushed,
-                    started.len()
-                );
-                f.pushed
+        match &self.submitter {
+            // Submitted from the device's own thread (see `Submitter`).
+            Some(sub) => {
+                if let Err(mpsc::SendError((_, started))) = sub.tx.lock().send((entries, started)) {
+                    self.ring.fail_unqueued(started);
+                }
             }
-        };
-        let refused = started.split_off(pushed);
-        for (id, io) in started {
-            let ring = self.ring.clone();
-            io.set_canceller(move || ring.cancel(id));
+            None => self.ring.push_settle(&self.path, &entries, started),
         }
-        self.fail_unqueued(refused);
     }
 
     fn shutdown(&self) {
@@ -527,11 +622,32 @@ impl Layer for Device {
         // The wake-up makes the completion thread see `stop` now. Without it
         // the thread is not waited for: it returns by itself at a later tick
         // once nothing is in flight (never, on kernels without timed waits).
-        if self.ring.push_all(&[nop]).is_ok() {
+        if self.ring.push_all(&[nop]).is_err() {
+            return;
+        }
+        // A request the device never answers (a hung disk, a stopped FUSE or
+        // NBD server under an image file) keeps the completion thread, which
+        // owns the ring and every in-flight buffer, waiting. Shutdown does not
+        // wait for it past SHUTDOWN_WAIT: the thread is left running with the
+        // memory the kernel may still write, and ends with the process.
+        let start = std::time::Instant::now();
+        while !handle.is_finished() && start.elapsed() < SHUTDOWN_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if handle.is_finished() {
             crate::layer::join_unless_current(Some(handle));
+        } else {
+            log::error!(
+                "{}: {} request(s) still unanswered at shutdown; left in flight",
+                self.path.display(),
+                self.ring.inflight.lock().len()
+            );
         }
     }
 }
+
+/// How long shutdown waits for requests in flight to be answered.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Device {
     fn drop(&mut self) {

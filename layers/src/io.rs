@@ -161,6 +161,24 @@ impl Io {
         }))
     }
 
+    /// A top-level request doing the same I/O as this one (operation,
+    /// address, buffers, tag) but tied to it by nothing: this one may complete
+    /// while the copy is still in flight, holding its buffers. The watchdog
+    /// uses it to fail a request above without waiting for the device.
+    pub fn detached(&self, end_io: Option<EndIo>) -> Io {
+        let i = &self.0;
+        Io::build(
+            i.op,
+            i.addr,
+            i.len,
+            i.buf.clone(),
+            i.segs.clone(),
+            None,
+            end_io,
+            *i.tag.lock(),
+        )
+    }
+
     /// A child request over (usually) a clone of part of this request's
     /// buffer. The parent will not complete before the child has.
     pub fn child(&self, op: Op, addr: u64, buf: Buf, end_io: Option<EndIo>) -> Io {

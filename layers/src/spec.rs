@@ -192,8 +192,9 @@ impl StackSpec {
         self.build_with(devices, None, None)
     }
 
-    /// With a `timeout`, a watchdog above the devices turns requests that
-    /// take longer into EIO (after cancelling them below).
+    /// With a `timeout`, a watchdog above each device fails requests that
+    /// take longer with EIO at once and marks the member faulted in
+    /// `Stack::health` (see watchdog.rs).
     pub fn build_with(
         &self,
         devices: Vec<Arc<Device>>,
@@ -224,11 +225,18 @@ impl StackSpec {
             .layers
             .contains(&LayerSpec::Fault)
             .then(FaultControl::new);
+        let health = crate::watchdog::Health::new(
+            devices.iter().map(|d| d.path().display().to_string()).collect(),
+        );
         let mut lowers: Vec<Arc<dyn Layer>> = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let mut l: Arc<dyn Layer> = Counted::wrap(dev);
             for spec in self.layers[split..].iter().rev() {
                 l = self.make_filter(spec, l, &fault, Some(i));
+            }
+            // Per member, so that a timeout names the member it faults.
+            if let Some(t) = timeout {
+                l = Counted::wrap(crate::watchdog::Watchdog::new(l, t, i, health.clone()));
             }
             lowers.push(l);
         }
@@ -238,9 +246,6 @@ impl StackSpec {
             }
             _ => lowers.pop().expect("one device"),
         };
-        if let Some(t) = timeout {
-            top = Counted::wrap(crate::watchdog::Watchdog::new(top, t));
-        }
         let mut meta = None;
         for spec in self.layers[..split].iter().rev() {
             top = match spec {
@@ -257,7 +262,12 @@ impl StackSpec {
             };
         }
         let meta = meta.unwrap_or_else(|| top.clone());
-        Ok(Stack { top, meta, fault })
+        Ok(Stack {
+            top,
+            meta,
+            fault,
+            health,
+        })
     }
 
     fn make_filter(
@@ -296,6 +306,8 @@ pub struct Stack {
     pub top: Arc<dyn Layer>,
     pub meta: Arc<dyn Layer>,
     pub fault: Option<Arc<FaultControl>>,
+    /// Which members answer (the watchdogs mark the ones that stop).
+    pub health: Arc<crate::watchdog::Health>,
 }
 
 /// Every node of the stack, top first, with its depth.
