@@ -258,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::DebugNonces { source, key } => open_fs(&source, &key, true).and_then(|fs| {
             stackfs::audit::nonces(&fs).map(|lines| lines.iter().for_each(|l| println!("{l}")))
         }),
+        Cmd::DebugDamage { source, what, key } if what == "live-pairs" => live_pairs(&source, &key),
         Cmd::DebugDamage { source, what, key } if what == "store-garbage" => {
             store_garbage(&source, &key).map(|_| println!("damaged: {what}"))
         }
@@ -1203,34 +1204,14 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
     let mountpoint = stackfs::lock::mount_of(&paths[0]).map(|m| m.mountpoint.display().to_string());
     if let Some(m) = &mountpoint {
         out["mounted_at"] = json!(m);
-        // Live counters from the daemon, and space as statfs sees it.
+        // Live counters and member health from the daemon, and space as
+        // statfs sees it.
         let c = std::ffi::CString::new(m.as_str()).map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: valid C strings; the buffer outlives the call.
-        let n = unsafe {
-            libc::getxattr(
-                c.as_ptr(),
-                c"stackfs.stats".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n > 0 {
-            out["layer_counters"] =
-                serde_json::from_slice(&buf[..n as usize]).unwrap_or(serde_json::Value::Null);
+        if let Some(v) = daemon_json(std::path::Path::new(m), c"stackfs.stats") {
+            out["layer_counters"] = v;
         }
-        // SAFETY: as above.
-        let n = unsafe {
-            libc::getxattr(
-                c.as_ptr(),
-                c"stackfs.health".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n > 0 {
-            out["health"] =
-                serde_json::from_slice(&buf[..n as usize]).unwrap_or(serde_json::Value::Null);
+        if let Some(v) = daemon_json(std::path::Path::new(m), c"stackfs.health") {
+            out["health"] = v;
         }
         // SAFETY: statvfs fills the struct we pass.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -1368,6 +1349,17 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// A JSON control xattr of a mounted pool's root, answered by its daemon.
+fn daemon_json(mountpoint: &std::path::Path, name: &std::ffi::CStr) -> Option<serde_json::Value> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).ok()?;
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: valid C strings; the buffer outlives the call.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n > 0)
+        .then(|| serde_json::from_slice(&buf[..n as usize]).ok())
+        .flatten()
+}
+
 /// `info` when the devices do not answer: the daemon's view of its members,
 /// from the mount whose source names them (found without touching them).
 fn info_unanswered(source: &str, paths: &[PathBuf], json: bool) -> Result<(), String> {
@@ -1375,15 +1367,9 @@ fn info_unanswered(source: &str, paths: &[PathBuf], json: bool) -> Result<(), St
     let mount = stackfs::lock::mounts().into_iter().rev().find(|m| {
         m.fstype.starts_with("fuse") && (m.source == source || names.iter().any(|n| m.source.split(':').any(|s| s == n)))
     });
-    let health = mount.as_ref().and_then(|m| {
-        let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_encoded_bytes()).ok()?;
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: valid C strings; the buffer outlives the call.
-        let n = unsafe {
-            libc::getxattr(c.as_ptr(), c"stackfs.health".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
-        (n > 0).then(|| serde_json::from_slice::<serde_json::Value>(&buf[..n as usize]).ok()).flatten()
-    });
+    let health = mount
+        .as_ref()
+        .and_then(|m| daemon_json(&m.mountpoint, c"stackfs.health"));
     if json {
         println!("{}", serde_json::json!({"devices_answer": false, "mounted_at": mount.as_ref().map(|m| m.mountpoint.display().to_string()), "health": health}));
     } else {
@@ -1473,6 +1459,32 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
             ..FsOptions::default()
         },
     )
+}
+
+/// Print the pool addresses of the metadata slot pairs in use (for tests
+/// that damage metadata: damage elsewhere is damage to free space).
+fn live_pairs(source: &str, key: &KeyArgs) -> Result<(), String> {
+    let paths = parse_source(source);
+    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
+    let secret = if is_encrypted(&paths)? {
+        Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
+    } else {
+        None
+    };
+    let pool = pool::open(&paths, true, secret.as_ref(), None, Some(owner))
+        .map_err(|e| e.to_string())?;
+    let store = stackfs::metastore::MetaStore::open(
+        pool.stack.meta.clone(),
+        pool.sb.meta_len,
+        pool.sb.pool_uuid,
+        true,
+    )
+    .map_err(|e| e.to_string())?;
+    for a in store.live_pairs() {
+        println!("{a}");
+    }
+    pool.stack.top.shutdown();
+    Ok(())
 }
 
 /// Overwrite the redb database's pages (not its header) with noise that the

@@ -793,6 +793,19 @@ impl MetaStore {
         eio(msg)
     }
 
+    /// The pool addresses of the slot pairs the store uses now: every sector
+    /// with a version (data and table sectors), and the root's pair.
+    pub fn live_pairs(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        let data = (0..st.expected.len() as u64).filter(|&s| !Self::version(&st, s).is_none());
+        let tables = (0..st.tables.len() as u64)
+            .map(|t| TABLE_BASE + t)
+            .filter(|&s| !Self::version(&st, s).is_none());
+        let mut out: Vec<u64> = data.chain(tables).map(|s| self.pair_addr(s)).collect();
+        out.push(self.pair_addr(ROOT_SECTOR));
+        out
+    }
+
     /// Read every sector the version table names, as fsck does: the damaged
     /// ones, each with what was found (also sectors nothing reads today,
     /// such as pages redb has freed).

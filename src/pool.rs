@@ -593,10 +593,10 @@ pub fn authenticated_with(
     check_members(found)
 }
 
-/// A device whose every copy names another pool is foreign (before any MAC
-/// is checked, so the error says what it is). The pool is the one the first
-/// device's copies agree on; a device with one copy changed is not foreign
-/// (authentication deals with it).
+/// A device whose every copy names another pool, with other key material,
+/// is foreign (said before any MAC is checked, so the error says what it
+/// is). The pool is the one the first device's copies agree on; a device
+/// with a copy changed is not foreign (authentication deals with it).
 fn check_foreign(members: &[Member]) -> Result<(), PoolError> {
     let uuids = |m: &Member| -> Vec<[u8; 16]> {
         std::iter::once(&m.found.sb)
@@ -613,7 +613,10 @@ fn check_foreign(members: &[Member]) -> Result<(), PoolError> {
     };
     for m in &members[1..] {
         let theirs = uuids(m);
-        if theirs.iter().all(|u| u != ours) {
+        // Our own key material under another pool's UUID is our device with
+        // its UUID changed: authentication names that.
+        let our_keys = !first.found.sb.keys.is_empty() && m.found.sb.keys == first.found.sb.keys;
+        if theirs.iter().all(|u| u != ours) && !our_keys {
             return Err(PoolError::Foreign {
                 path: m.path.clone(),
                 theirs: uuid_str(&theirs[0]),
