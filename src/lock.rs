@@ -248,17 +248,48 @@ pub fn mount_of(path: &Path) -> Option<MountEntry> {
         .find(|m| m.fstype.starts_with("fuse") && names_device(&m.source, id))
 }
 
-/// The stackfs daemon serving a mount, if it is one: the stackfs process
-/// holding the first device its source names (a mount of another FUSE
-/// filesystem, or a device some other program locked, gives None).
+/// The stackfs daemon serving a mount, if it is one: the stackfs daemon
+/// process whose mount point argument is this mount's (a mount of another
+/// FUSE filesystem gives None). Found from /proc alone: nothing of the
+/// pool is touched, since a member that stopped answering would block any
+/// stat of it (and the mount point itself is never stat'ed either).
 pub fn daemon_of(m: &MountEntry) -> Option<Holder> {
     if !m.fstype.starts_with("fuse") {
         return None;
     }
-    let first = crate::pool::parse_source(&m.source).into_iter().next()?;
-    let h = holder_of(&first)?;
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", h.pid)).unwrap_or_default();
-    (comm.trim() == "stackfs").then_some(h)
+    let procs = std::fs::read_dir("/proc").ok()?;
+    procs.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        if comm.trim() != "stackfs" {
+            return None;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.iter().any(|a| a == "--foreground") {
+            return None;
+        }
+        // `stackfs mount --foreground [-o OPTS]... SOURCE MOUNTPOINT`
+        let arg = PathBuf::from(args.last()?);
+        let abs = if arg.is_absolute() {
+            arg
+        } else {
+            std::fs::read_link(e.path().join("cwd")).ok()?.join(arg)
+        };
+        let normal = match (abs.parent(), abs.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok()?.join(name),
+            _ => abs,
+        };
+        (normal == m.mountpoint).then(|| Holder {
+            pid,
+            command: args.join(" "),
+            mountpoint: Some(m.mountpoint.clone()),
+        })
+    })
 }
 
 /// Wait until process `pid` has exited. False if `limit` passed first.
