@@ -32,7 +32,9 @@ impl AtimePolicy {
             "noatime" => self.mode = Some(AtimeMode::NoAtime),
             // `atime` clears noatime: the kernel's default, relatime, again.
             // norelatime only clears relatime: the kernel then applies its default, relatime.
-            "atime" | "relatime" | "nostrictatime" | "norelatime" => self.mode = Some(AtimeMode::Relatime),
+            "atime" | "relatime" | "nostrictatime" | "norelatime" => {
+                self.mode = Some(AtimeMode::Relatime)
+            }
             "strictatime" => self.mode = Some(AtimeMode::Strict),
             "nodiratime" => self.nodiratime = Some(true),
             "diratime" => self.nodiratime = Some(false),
@@ -109,7 +111,10 @@ mod tests {
         // Newer than both, less than a day old: not again.
         assert!(!due(r, t(300), t(200), t(200), t(400)));
         // Newer by less than a kernel clock tick: the coarse clock's doing.
-        let fine = Ts { sec: 200, nsec: 3_000_000 };
+        let fine = Ts {
+            sec: 200,
+            nsec: 3_000_000,
+        };
         assert!(due(r, fine, t(200), t(200), t(400)));
         // A day old: updated.
         assert!(due(r, t(300), t(200), t(200), t(300 + 86400)));

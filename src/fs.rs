@@ -708,7 +708,8 @@ impl Fs {
     /// anywhere while the filesystem opens. That is damage to name, not a
     /// crash: the panic is caught here and reported as such.
     pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts)))
+        {
             Ok(r) => r,
             Err(p) => Err(format!(
                 "metadata store is damaged: {} (run stackfs fsck)",
@@ -819,9 +820,8 @@ impl Fs {
             read_only: opts.read_only,
             store_problem,
             policy: Mutex::new({
-                let (atime, nodiratime) = opts
-                    .atime
-                    .over((crate::atime::AtimeMode::Relatime, false));
+                let (atime, nodiratime) =
+                    opts.atime.over((crate::atime::AtimeMode::Relatime, false));
                 MountPolicy {
                     atime,
                     nodiratime,

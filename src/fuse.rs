@@ -786,8 +786,14 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let control = [FAULT_XATTR, STATS_XATTR, COPIED_XATTR, MOUNT_XATTR, HEALTH_XATTR]
-            .contains(&name.as_bytes());
+        let control = [
+            FAULT_XATTR,
+            STATS_XATTR,
+            COPIED_XATTR,
+            MOUNT_XATTR,
+            HEALTH_XATTR,
+        ]
+        .contains(&name.as_bytes());
         if ino.0 == ROOT && control && !is_admin(req) {
             reply.error(Errno::EPERM);
             return;

@@ -114,9 +114,9 @@ fn lock_one(path: &Path, mode: Mode, wait: Duration) -> Result<File, String> {
             }
             None if start.elapsed() >= wait => {
                 return Err(format!(
-                    "{} is in use by another program or the kernel (mounted, or opened exclusively)",
-                    path.display()
-                ))
+                "{} is in use by another program or the kernel (mounted, or opened exclusively)",
+                path.display()
+            ))
             }
             Some(h) if start.elapsed() >= wait => {
                 return Err(format!(
@@ -155,10 +155,11 @@ pub fn holder_of(path: &Path) -> Option<Holder> {
         let major = u64::from_str_radix(id.next()?, 16).ok()?;
         let minor = u64::from_str_radix(id.next()?, 16).ok()?;
         let inode: u64 = id.next()?.parse().ok()?;
-        let same = libc::major(dev) as u64 == major
-            && libc::minor(dev) as u64 == minor
-            && inode == ino;
-        (same && f[1] == "FLOCK").then(|| f[4].parse::<i32>().ok()).flatten()
+        let same =
+            libc::major(dev) as u64 == major && libc::minor(dev) as u64 == minor && inode == ino;
+        (same && f[1] == "FLOCK")
+            .then(|| f[4].parse::<i32>().ok())
+            .flatten()
     })?;
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let mut command = cmd
@@ -198,7 +199,9 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         if let (b'\\', Some(d)) = (b[i], octal) {
             out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
             i += 4;
@@ -340,9 +343,13 @@ mod tests {
         std::fs::write(&a, b"x").unwrap();
         let held = lock(std::slice::from_ref(&a), Mode::Exclusive, Duration::ZERO).unwrap();
         // flock conflicts between open files, also in one process.
-        let e = lock(std::slice::from_ref(&a), Mode::Shared, Duration::from_millis(200))
-            .err()
-            .expect("held");
+        let e = lock(
+            std::slice::from_ref(&a),
+            Mode::Shared,
+            Duration::from_millis(200),
+        )
+        .err()
+        .expect("held");
         assert!(e.contains(&format!("PID {}", std::process::id())), "{e}");
         // Another spelling of the same file is the same inode.
         let other = dir.path().join(".").join("a.img");

@@ -816,7 +816,10 @@ impl MetaStore {
         }
         let named: Vec<(u64, Ver)> = (0..st.expected.len() as u64)
             .map(|s| (s, Self::version(&st, s)))
-            .chain((0..st.tables.len() as u64).map(|t| (TABLE_BASE + t, Self::version(&st, TABLE_BASE + t))))
+            .chain(
+                (0..st.tables.len() as u64)
+                    .map(|t| (TABLE_BASE + t, Self::version(&st, TABLE_BASE + t))),
+            )
             .filter(|(_, v)| !v.is_none())
             .collect();
         let mut out = Vec::new();
@@ -1498,7 +1501,9 @@ mod tests {
     #[test]
     fn root_two_commits_old_is_detected() {
         let (tap, top) = setup();
-        let db = redb::Database::builder().create_with_backend(open(&top)).unwrap();
+        let db = redb::Database::builder()
+            .create_with_backend(open(&top))
+            .unwrap();
         insert(&db, 0, 10);
         let old = tap.raw(0, PAIR as usize);
         insert(&db, 10, 20);
@@ -1515,7 +1520,10 @@ mod tests {
             })
             .unwrap_err()
             .to_string();
-        assert!(e.contains("metadata") && e.contains("expected, found"), "{e}");
+        assert!(
+            e.contains("metadata") && e.contains("expected, found"),
+            "{e}"
+        );
     }
 
     fn tap_only() -> (Arc<Tap>, Arc<dyn Layer>) {

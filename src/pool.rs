@@ -270,7 +270,9 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
     let stack = opts.spec.build_with(devices, crypt_keys.as_ref(), None)?;
     if let Err(e) = crate::metastore::MetaStore::format(stack.meta.clone(), meta_len, pool_uuid) {
         stack.top.shutdown();
-        return Err(PoolError::Other(format!("writing the metadata store's root: {e}")));
+        return Err(PoolError::Other(format!(
+            "writing the metadata store's root: {e}"
+        )));
     }
     // The filesystem itself: its root directory, committed durably, so a
     // new pool is a whole filesystem (fsck is clean before any mount).
@@ -557,7 +559,14 @@ pub fn authenticated(
     paths: &[PathBuf],
     secret: Option<&Secret>,
     warnings: &mut Vec<String>,
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>, Option<keys::Key>), PoolError> {
+) -> Result<
+    (
+        Vec<(PathBuf, u64, Superblock)>,
+        Vec<bool>,
+        Option<keys::Key>,
+    ),
+    PoolError,
+> {
     let members = read_members(paths)?;
     check_foreign(&members)?;
     let encrypted = members.iter().any(has_keys);
@@ -567,7 +576,10 @@ pub fn authenticated(
         let (found, rewrite) = authenticate(members, &SbKey::derive(&master), warnings)?;
         (found, rewrite, Some(master))
     } else {
-        let rewrite = members.iter().map(|m| m.found.used_backup.is_some()).collect();
+        let rewrite = members
+            .iter()
+            .map(|m| m.found.used_backup.is_some())
+            .collect();
         for m in &members {
             if let Some(why) = &m.found.used_backup {
                 warnings.push(format!(
@@ -576,7 +588,10 @@ pub fn authenticated(
                 ));
             }
         }
-        let found = members.into_iter().map(|m| (m.path, m.size, m.found.sb)).collect();
+        let found = members
+            .into_iter()
+            .map(|m| (m.path, m.size, m.found.sb))
+            .collect();
         (found, rewrite, None)
     };
     Ok((check_members(found)?, rewrite, master))

@@ -416,7 +416,10 @@ fn fstab_mount_umount_remount() {
             line.starts_with(&format!("{} ", p.source())),
             "{fstype}: /proc/mounts shows {line}"
         );
-        assert!(line.contains(" fuse "), "{fstype}: the type shows as fuse: {line}");
+        assert!(
+            line.contains(" fuse "),
+            "{fstype}: the type shows as fuse: {line}"
+        );
         fs::write(p.mnt.join(fstype), b"through fstab").unwrap();
         mount(&["-o", "remount,ro"]);
         assert_eq!(

@@ -26,7 +26,11 @@ fn write_cycle(mnt: &Path, i: usize) {
         let dir = mnt.join(format!("tree/d{d}"));
         fs::create_dir_all(&dir).unwrap();
         for f in 0..8 {
-            fs::write(dir.join(format!("f{f}")), format!("cycle {i} dir {d} file {f}\n").repeat(50)).unwrap();
+            fs::write(
+                dir.join(format!("f{f}")),
+                format!("cycle {i} dir {d} file {f}\n").repeat(50),
+            )
+            .unwrap();
         }
     }
     fs::write(mnt.join("big"), random(20_000_000, i as u64)).unwrap();
@@ -34,14 +38,25 @@ fn write_cycle(mnt: &Path, i: usize) {
 }
 
 fn verify_cycle(mnt: &Path, i: usize) {
-    assert_eq!(fs::read_to_string(mnt.join("cycle")).unwrap(), i.to_string(), "cycle marker");
+    assert_eq!(
+        fs::read_to_string(mnt.join("cycle")).unwrap(),
+        i.to_string(),
+        "cycle marker"
+    );
     for d in 0..4 {
         for f in 0..8 {
             let got = fs::read_to_string(mnt.join(format!("tree/d{d}/f{f}"))).unwrap();
-            assert_eq!(got, format!("cycle {i} dir {d} file {f}\n").repeat(50), "cycle {i} d{d}/f{f}");
+            assert_eq!(
+                got,
+                format!("cycle {i} dir {d} file {f}\n").repeat(50),
+                "cycle {i} d{d}/f{f}"
+            );
         }
     }
-    assert!(fs::read(mnt.join("big")).unwrap() == random(20_000_000, i as u64), "cycle {i}: big differs");
+    assert!(
+        fs::read(mnt.join("big")).unwrap() == random(20_000_000, i as u64),
+        "cycle {i}: big differs"
+    );
 }
 
 fn run(cmd: &mut Command) {
@@ -114,7 +129,10 @@ fn stackfs_umount_and_fusermount_cycles() {
     // stackfs umount waits for the daemon itself.
     cycle_with(&p, &|| p.mount(), &|| {
         unmount_with(Command::new(BIN).arg("umount").arg(&p.mnt));
-        assert!(p.daemon_pid().is_none(), "stackfs umount returned before the daemon exited");
+        assert!(
+            p.daemon_pid().is_none(),
+            "stackfs umount returned before the daemon exited"
+        );
     });
     // fusermount3 -u: the next mount waits.
     cycle_with(&p, &|| p.mount(), &|| {
@@ -125,7 +143,9 @@ fn stackfs_umount_and_fusermount_cycles() {
 #[test]
 fn mount_t_stackfs_and_umount_by_source_cycles() {
     if std::env::var("CI").is_err() && std::env::var("STACKFS_TEST_INSTALL").is_err() {
-        eprintln!("needs CI=true or STACKFS_TEST_INSTALL=1 (installs stackfs system-wide); not run");
+        eprintln!(
+            "needs CI=true or STACKFS_TEST_INSTALL=1 (installs stackfs system-wide); not run"
+        );
         return;
     }
     let _installed = install();
@@ -140,7 +160,10 @@ fn mount_t_stackfs_and_umount_by_source_cycles() {
     // util-linux runs umount.fuse (our helper), which waits for the daemon.
     cycle_with(&p, &mount, &|| {
         unmount_with(Command::new("umount").arg(p.source()));
-        assert!(p.daemon_pid().is_none(), "umount returned before the daemon exited");
+        assert!(
+            p.daemon_pid().is_none(),
+            "umount returned before the daemon exited"
+        );
     });
 }
 

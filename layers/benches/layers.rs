@@ -94,7 +94,8 @@ fn crypt_layer_rate(per_mount: bool) -> f64 {
             ..Default::default()
         };
         // A buffer this request alone holds is sealed in place, as compress's output is.
-        let (r, _) = stackfs_layers::submit_wait_tag(&c, Op::Write, i << 16, Buf::zeroed(64 << 10), tag);
+        let (r, _) =
+            stackfs_layers::submit_wait_tag(&c, Op::Write, i << 16, Buf::zeroed(64 << 10), tag);
         r.unwrap();
     }
     (n * (64 << 10)) as f64 / start.elapsed().as_secs_f64() / 1e9

@@ -148,7 +148,12 @@ impl Crypt {
 
     /// Seal `data` in place under this mount's key (a request's `len` bytes
     /// at `addr`, both bound in as associated data): nonce, key id and tag.
-    fn seal(&self, addr: u64, len: u64, data: &mut [u8]) -> Result<([u8; NONCE_LEN], KeyId, Tag), Errno> {
+    fn seal(
+        &self,
+        addr: u64,
+        len: u64,
+        data: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], KeyId, Tag), Errno> {
         let w = self.writer.as_ref().ok_or(Errno::EROFS)?;
         let counter = w.counter.fetch_add(1, Ordering::Relaxed);
         if counter == u64::MAX {

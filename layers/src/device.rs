@@ -72,7 +72,12 @@ struct Ring {
 impl Ring {
     /// Push a batch's entries and submit them; set the cancellers of those
     /// that reached the ring, fail those that did not.
-    fn push_settle(self: &Arc<Ring>, path: &Path, entries: &[squeue::Entry], mut started: Vec<(u64, Io)>) {
+    fn push_settle(
+        self: &Arc<Ring>,
+        path: &Path,
+        entries: &[squeue::Entry],
+        mut started: Vec<(u64, Io)>,
+    ) {
         let pushed = match self.push_all(entries) {
             Ok(()) => started.len(),
             Err(f) => {
@@ -109,7 +114,6 @@ impl Ring {
             f.io.finish(Err(Errno::EIO));
         }
     }
-
 }
 
 /// A device whose requests may block the thread that issues them (an image

@@ -226,7 +226,10 @@ impl StackSpec {
             .contains(&LayerSpec::Fault)
             .then(FaultControl::new);
         let health = crate::watchdog::Health::new(
-            devices.iter().map(|d| d.path().display().to_string()).collect(),
+            devices
+                .iter()
+                .map(|d| d.path().display().to_string())
+                .collect(),
         );
         let mut lowers: Vec<Arc<dyn Layer>> = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {

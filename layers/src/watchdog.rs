@@ -72,7 +72,9 @@ impl Health {
 
     /// Whether member `i` is faulted.
     pub fn is_faulted(&self, i: usize) -> bool {
-        self.faulted.get(i).is_some_and(|f| f.load(Ordering::Acquire))
+        self.faulted
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Acquire))
     }
 
     /// Whether any member is faulted (cheap: one atomic load).

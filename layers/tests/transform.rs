@@ -170,7 +170,11 @@ fn every_write_takes_a_fresh_nonce() {
     // The tenth write (counter 9) is on disk, with the mount's key id.
     assert_eq!(&disk[..8], &9u64.to_le_bytes(), "one nonce per write");
     assert_eq!(&disk[8..12], b"KID2");
-    assert_eq!(&disk[12..24], &KEY_ID, "the key id is stored with the block");
+    assert_eq!(
+        &disk[12..24],
+        &KEY_ID,
+        "the key id is stored with the block"
+    );
 }
 
 #[test]

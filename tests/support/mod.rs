@@ -196,7 +196,11 @@ pub fn install() -> impl Drop {
     let bin = Path::new(BIN).canonicalize().unwrap();
     let make = move |target: &str| {
         let st = Command::new("make")
-            .args(["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/mount-scripts"), target])
+            .args([
+                "-C",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/mount-scripts"),
+                target,
+            ])
             .arg(format!("BIN={}", bin.display()))
             .stdout(std::process::Stdio::null())
             .status()
