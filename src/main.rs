@@ -219,7 +219,10 @@ fn main() -> ExitCode {
     // from data (redb reading a damaged store), it is caught and named.
     std::panic::set_hook(Box::new(|info| {
         let msg = stackfs::fs::panic_text(info.payload());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         log::error!("internal error{at}: {msg}");
     }));
     // Keys live in this process: no core dumps, no ptrace by other users.
@@ -519,7 +522,9 @@ fn parse_options(options: &[String]) -> Result<MountOpts, String> {
                 o.kernel.push(k.to_string())
             }
             ("mand", None) => {
-                return Err("mand: mandatory locking is not supported (Linux removed it in 5.15)".into())
+                return Err(
+                    "mand: mandatory locking is not supported (Linux removed it in 5.15)".into(),
+                )
             }
             ("context" | "fscontext" | "defcontext" | "rootcontext", Some(_)) => {
                 return Err(format!(
@@ -833,7 +838,9 @@ fn mount_fuse(
             },
         ];
         if o.show_subtype {
-            config.mount_options.push(fuser::MountOption::Subtype("stackfs".into()));
+            config
+                .mount_options
+                .push(fuser::MountOption::Subtype("stackfs".into()));
         }
         // Public (allow_other) comes from the session's ACL (session_config).
         config.mount_options.extend(
@@ -867,7 +874,11 @@ fn mount_fuse(
     let (src, target, fstype, data_c) = (
         c(o.fsname.as_deref().unwrap_or(source).as_bytes())?,
         c(mountpoint.as_os_str().as_bytes())?,
-        c(if o.show_subtype { b"fuse.stackfs" } else { b"fuse" })?,
+        c(if o.show_subtype {
+            b"fuse.stackfs"
+        } else {
+            b"fuse"
+        })?,
         c(data.as_bytes())?,
     );
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -950,12 +961,22 @@ fn remount(mountpoint: &std::path::Path, o: &MountOpts) -> Result<(), String> {
             .filter(|k| ["sync", "dirsync", "async"].contains(&k.as_str()))
             .cloned(),
     );
-    let said = said.into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(",");
+    let said = said
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(",");
     if !said.is_empty() {
         let name = c"stackfs.mount";
         // SAFETY: valid C strings and a buffer that outlive the call.
         let r = unsafe {
-            libc::setxattr(target.as_ptr(), name.as_ptr(), said.as_ptr().cast(), said.len(), 0)
+            libc::setxattr(
+                target.as_ptr(),
+                name.as_ptr(),
+                said.as_ptr().cast(),
+                said.len(),
+                0,
+            )
         };
         if r != 0 {
             return Err(format!(
@@ -995,7 +1016,9 @@ fn set_readahead(mountpoint: &std::path::Path, kb: u64) {
 /// source. The mount point itself is never stat'ed (its daemon may hang).
 fn find_mount(target: &str) -> Option<stackfs::lock::MountEntry> {
     let t = std::path::Path::new(target);
-    let abs = std::env::current_dir().map(|d| d.join(t)).unwrap_or(t.to_path_buf());
+    let abs = std::env::current_dir()
+        .map(|d| d.join(t))
+        .unwrap_or(t.to_path_buf());
     let normal = match (abs.parent(), abs.file_name()) {
         (Some(dir), Some(name)) => std::fs::canonicalize(dir).ok().map(|d| d.join(name)),
         _ => None,
@@ -1025,7 +1048,8 @@ fn umount(target: &str, lazy: bool, force: bool) -> Result<(), String> {
         flags |= libc::MNT_FORCE;
     }
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(m.mountpoint.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: `c` is a valid NUL-terminated path.
     if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -1038,7 +1062,11 @@ fn umount(target: &str, lazy: bool, force: bool) -> Result<(), String> {
         if lazy {
             cmd.arg("-z");
         }
-        let ok = cmd.arg(&m.mountpoint).status().map(|s| s.success()).unwrap_or(false);
+        let ok = cmd
+            .arg(&m.mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
             return Err(format!("unmounting {}: {e}", m.mountpoint.display()));
         }
@@ -1307,7 +1335,10 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
                 m["state"].as_str().unwrap_or("?"),
                 m["timeouts"],
                 m["late_answers"],
-                m["why"].as_str().map(|w| format!(" ({w})")).unwrap_or_default()
+                m["why"]
+                    .as_str()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -1354,7 +1385,14 @@ fn daemon_json(mountpoint: &std::path::Path, name: &std::ffi::CStr) -> Option<se
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).ok()?;
     let mut buf = vec![0u8; 1 << 16];
     // SAFETY: valid C strings; the buffer outlives the call.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     (n > 0)
         .then(|| serde_json::from_slice(&buf[..n as usize]).ok())
         .flatten()
@@ -1365,27 +1403,37 @@ fn daemon_json(mountpoint: &std::path::Path, name: &std::ffi::CStr) -> Option<se
 fn info_unanswered(source: &str, paths: &[PathBuf], json: bool) -> Result<(), String> {
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let mount = stackfs::lock::mounts().into_iter().rev().find(|m| {
-        m.fstype.starts_with("fuse") && (m.source == source || names.iter().any(|n| m.source.split(':').any(|s| s == n)))
+        m.fstype.starts_with("fuse")
+            && (m.source == source || names.iter().any(|n| m.source.split(':').any(|s| s == n)))
     });
     let health = mount
         .as_ref()
         .and_then(|m| daemon_json(&m.mountpoint, c"stackfs.health"));
     if json {
-        println!("{}", serde_json::json!({"devices_answer": false, "mounted_at": mount.as_ref().map(|m| m.mountpoint.display().to_string()), "health": health}));
+        println!(
+            "{}",
+            serde_json::json!({"devices_answer": false, "mounted_at": mount.as_ref().map(|m| m.mountpoint.display().to_string()), "health": health})
+        );
     } else {
         println!("devices:     not answering within 5 s (a member is hung)");
         if let Some(m) = &mount {
             println!("state:       mounted at {}", m.mountpoint.display());
         }
         if let Some(h) = &health {
-            println!("pool state:  {}", h["state"].as_str().unwrap_or("?").to_uppercase());
+            println!(
+                "pool state:  {}",
+                h["state"].as_str().unwrap_or("?").to_uppercase()
+            );
             for m in h["members"].as_array().into_iter().flatten() {
                 println!(
                     "  [{}] {:<8} {}{}",
                     m["index"],
                     m["state"].as_str().unwrap_or("?"),
                     m["path"].as_str().unwrap_or(""),
-                    m["why"].as_str().map(|w| format!(" ({w})")).unwrap_or_default()
+                    m["why"]
+                        .as_str()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -1420,18 +1468,9 @@ fn mkfs_progress(n: usize) -> Box<dyn Fn(usize, u64, u64)> {
     })
 }
 
-fn is_mounted(source: &str) -> bool {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').next() == Some(source))
-}
-
-/// Open a pool's filesystem outside a mount (fsck, tools).
-fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
-    if is_mounted(source) {
-        return Err(format!("{source} is mounted; unmount it first"));
-    }
+/// Lock a pool's devices and open it outside a mount (fsck, tools): the
+/// lock refuses a mounted pool, naming its mount point and daemon.
+fn open_pool(source: &str, key: &KeyArgs, read_only: bool) -> Result<pool::Pool, String> {
     let paths = parse_source(source);
     let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
     let secret = if is_encrypted(&paths)? {
@@ -1450,8 +1489,13 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
     for w in &pool.warnings {
         eprintln!("stackfs: warning: {w}");
     }
+    Ok(pool)
+}
+
+/// Open a pool's filesystem outside a mount (fsck, tools).
+fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
     Fs::open(
-        pool,
+        open_pool(source, key, read_only)?,
         FsOptions {
             read_only,
             cache_bytes: 16 << 20,
@@ -1461,25 +1505,23 @@ fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
     )
 }
 
-/// Print the pool addresses of the metadata slot pairs in use (for tests
-/// that damage metadata: damage elsewhere is damage to free space).
-fn live_pairs(source: &str, key: &KeyArgs) -> Result<(), String> {
-    let paths = parse_source(source);
-    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
-    let secret = if is_encrypted(&paths)? {
-        Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
-    } else {
-        None
-    };
-    let pool = pool::open(&paths, true, secret.as_ref(), None, Some(owner))
-        .map_err(|e| e.to_string())?;
-    let store = stackfs::metastore::MetaStore::open(
+/// The pool's metadata store by itself (redb not on top), for the debug
+/// commands that look at or damage it directly.
+fn open_store(pool: &pool::Pool, read_only: bool) -> Result<stackfs::metastore::MetaStore, String> {
+    stackfs::metastore::MetaStore::open(
         pool.stack.meta.clone(),
         pool.sb.meta_len,
         pool.sb.pool_uuid,
-        true,
+        read_only,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// Print the pool addresses of the metadata slot pairs in use (for tests
+/// that damage metadata: damage elsewhere is damage to free space).
+fn live_pairs(source: &str, key: &KeyArgs) -> Result<(), String> {
+    let pool = open_pool(source, key, true)?;
+    let store = open_store(&pool, true)?;
     for a in store.live_pairs() {
         println!("{a}");
     }
@@ -1492,22 +1534,8 @@ fn live_pairs(source: &str, key: &KeyArgs) -> Result<(), String> {
 /// For testing that an unreadable store is named, never a crash.
 fn store_garbage(source: &str, key: &KeyArgs) -> Result<(), String> {
     use redb::StorageBackend;
-    let paths = parse_source(source);
-    let owner = stackfs::lock::lock(&paths, stackfs::lock::Mode::Exclusive, LOCK_WAIT)?;
-    let secret = if is_encrypted(&paths)? {
-        Some(secret(key, "STACKFS_PASSPHRASE", false, "passphrase")?)
-    } else {
-        None
-    };
-    let pool = pool::open(&paths, false, secret.as_ref(), None, Some(owner))
-        .map_err(|e| e.to_string())?;
-    let store = stackfs::metastore::MetaStore::open(
-        pool.stack.meta.clone(),
-        pool.sb.meta_len,
-        pool.sb.pool_uuid,
-        false,
-    )
-    .map_err(|e| e.to_string())?;
+    let pool = open_pool(source, key, false)?;
+    let store = open_store(&pool, false)?;
     let len = store.len().map_err(|e| e.to_string())?;
     let noise = stackfs_layers::mem::noise(len.saturating_sub(8192) as usize, 7);
     store.write(8192, &noise).map_err(|e| e.to_string())?;
