@@ -6,6 +6,7 @@
 
 use crate::alloc::{Allocator, BLOCK};
 use crate::codec::{Dec, Enc};
+use crate::error::FsError;
 use crate::metastore::MetaStore;
 use crate::pool::Pool;
 use lru::LruCache;
@@ -707,18 +708,18 @@ impl Fs {
     /// redb trusts what it reads: a store it cannot parse may make it panic
     /// anywhere while the filesystem opens. That is damage to name, not a
     /// crash: the panic is caught here and reported as such.
-    pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
+    pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts)))
         {
             Ok(r) => r,
-            Err(p) => Err(format!(
+            Err(p) => Err(FsError::damaged(format!(
                 "metadata store is damaged: {} (run stackfs fsck)",
                 panic_text(&*p)
-            )),
+            ))),
         }
     }
 
-    fn open_inner(pool: Pool, opts: FsOptions) -> Result<Fs, String> {
+    fn open_inner(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
         let top = pool.stack.top.clone();
         let meta_len = pool.sb.meta_len;
         let store = MetaStore::open(
@@ -727,12 +728,12 @@ impl Fs {
             pool.sb.pool_uuid,
             opts.read_only,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(FsError::damaged)?;
         let watch = store.watch();
         let mut db = Database::builder()
             .set_cache_size(64 << 20)
             .create_with_backend(store)
-            .map_err(|e| format!("metadata store: {e}"))?;
+            .map_err(|e| FsError::damaged(format!("metadata store: {e}")))?;
         // After the store's root was read from its older copy (a torn root
         // write, or damage), and for fsck and tools (lenient), redb checks
         // every page first; the store holds its writes in memory until then.
@@ -748,7 +749,9 @@ impl Fs {
                 Err(e) => Some(format!("redb's integrity check failed: {e}")),
             };
             if let (Some(why), Some(p), false) = (&fell_back, &store_problem, opts.lenient) {
-                return Err(format!("metadata store: {why}, and {p}; run stackfs fsck"));
+                return Err(FsError::damaged(format!(
+                    "metadata store: {why}, and {p}; run stackfs fsck"
+                )));
             }
         }
         watch.release();
@@ -756,12 +759,14 @@ impl Fs {
         let mut used = Vec::new();
         let (mut next_ino, mut next_gen) = (ROOT + 1, 1);
         {
-            let rtx = db.begin_read().map_err(|e| e.to_string())?;
+            let store_err = |e: redb::Error| FsError::damaged(format!("metadata store: {e}"));
+            let rtx = db.begin_read().map_err(|e| store_err(e.into()))?;
             if let Ok(t) = rtx.open_table(EXTENTS) {
-                for row in t.iter().map_err(|e| e.to_string())? {
-                    let (k, v) = row.map_err(|e| e.to_string())?;
-                    let x = Extent::decode(v.value())
-                        .map_err(|_| format!("extent of inode {} is malformed", k.value().0))?;
+                for row in t.iter().map_err(|e| store_err(e.into()))? {
+                    let (k, v) = row.map_err(|e| store_err(e.into()))?;
+                    let x = Extent::decode(v.value()).map_err(|_| {
+                        FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
+                    })?;
                     used.push((x.phys, x.alloc as u64));
                 }
             }
@@ -785,9 +790,9 @@ impl Fs {
             // fsck must open what it is asked to repair: take the union.
             Err(_) if opts.lenient => Allocator::from_union(meta_len, capacity, used),
             Err(e) => {
-                return Err(format!(
+                return Err(FsError::damaged(format!(
                     "extent map is inconsistent: {e} (run stackfs fsck)"
-                ))
+                )))
             }
         };
         let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
@@ -833,8 +838,8 @@ impl Fs {
         if !fs.read_only {
             // A damaged sector reaches us from redb as a bare I/O error: name it.
             let named = |what: &str, e: Errno| match watch.damage() {
-                Some(d) => format!("{what}: {e}; {d}"),
-                None => format!("{what}: {e}"),
+                Some(d) => FsError::damaged(format!("{what}: {e}; {d}")),
+                None => FsError::io(what, e),
             };
             fs.init_root()
                 .map_err(|e| named("creating the root directory", e))?;

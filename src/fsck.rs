@@ -6,6 +6,7 @@
 //! nothing, set wrong link counts, move unreachable inodes to /lost+found.
 //! Exit codes as e2fsck: 0 clean, 1 corrected, 4 left uncorrected, 8 error.
 
+use crate::error::FsError;
 use crate::fs::{dirent_decode, dirent_val, Extent, Fs, Inode, Kind, ROOT, UNIT};
 use crate::fs::{COOKIES, DIRENTS, EXTENTS, INODES, ORPHANS, SYMLINKS};
 use crate::superblock::{self, SB_SIZE};
@@ -195,8 +196,8 @@ pub fn check(
     verify_data: bool,
     repair: bool,
     progress: Progress,
-) -> Result<Report, String> {
-    let e = |x: &dyn std::fmt::Display| format!("metadata store: {x}");
+) -> Result<Report, FsError> {
+    let e = |x: &dyn std::fmt::Display| FsError::damaged(format!("metadata store: {x}"));
     let mut problems = check_superblocks(fs);
     // redb's own check ran when the filesystem was opened (lenient).
     if let Some(why) = fs.store_problem() {
@@ -398,8 +399,8 @@ pub fn check(
 }
 
 /// Apply the safe repairs in one durable transaction; returns how many.
-fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, String> {
-    let e = |x: &dyn std::fmt::Display| format!("repair: {x}");
+fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, FsError> {
+    let e = |x: &dyn std::fmt::Display| FsError::Other(format!("repair: {x}"));
     let mut fixed = 0;
     let mut tx = fs.begin().map_err(|x| e(&x))?;
     {

@@ -4,6 +4,7 @@ pub mod alloc;
 pub mod atime;
 pub mod audit;
 pub mod codec;
+pub mod error;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;

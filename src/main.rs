@@ -1,6 +1,7 @@
 //! The `stackfs` command: mkfs, mount, info.
 
 use clap::{Parser, Subcommand};
+use stackfs::error::FsError;
 use stackfs::fs::{Fs, FsOptions};
 use stackfs::fuse::FuseFs;
 use stackfs::keys::{Kdf, KeyBlob, Secret};
@@ -258,14 +259,17 @@ fn main() -> ExitCode {
     }
     let r = match cli.cmd {
         Cmd::Fsck { .. } => unreachable!("handled above"),
-        Cmd::DebugNonces { source, key } => open_fs(&source, &key, true).and_then(|fs| {
-            stackfs::audit::nonces(&fs).map(|lines| lines.iter().for_each(|l| println!("{l}")))
-        }),
+        Cmd::DebugNonces { source, key } => open_fs(&source, &key, true)
+            .map_err(|e| e.to_string())
+            .and_then(|fs| {
+                stackfs::audit::nonces(&fs).map(|lines| lines.iter().for_each(|l| println!("{l}")))
+            }),
         Cmd::DebugDamage { source, what, key } if what == "live-pairs" => live_pairs(&source, &key),
         Cmd::DebugDamage { source, what, key } if what == "store-garbage" => {
             store_garbage(&source, &key).map(|_| println!("damaged: {what}"))
         }
         Cmd::DebugDamage { source, what, key } => open_fs(&source, &key, false)
+            .map_err(|e| e.to_string())
             .and_then(|fs| stackfs::fsck::inject(&fs, &what).map(|_| println!("damaged: {what}"))),
         Cmd::Mkfs {
             layers,
@@ -687,16 +691,19 @@ fn mount(
         log::warn!("{w}");
         eprintln!("stackfs: warning: {w}");
     }
-    let fs = Arc::new(Fs::open(
-        pool,
-        FsOptions {
-            read_only: o.read_only,
-            cache_bytes: o.cache_bytes,
-            lenient: false,
-            atime: o.atime,
-            sync_metadata: o.sync_metadata,
-        },
-    )?);
+    let fs = Arc::new(
+        Fs::open(
+            pool,
+            FsOptions {
+                read_only: o.read_only,
+                cache_bytes: o.cache_bytes,
+                lenient: false,
+                atime: o.atime,
+                sync_metadata: o.sync_metadata,
+            },
+        )
+        .map_err(|e| e.to_string())?,
+    );
     let notifier = Arc::new(std::sync::OnceLock::new());
     let fusefs = FuseFs {
         fs: fs.clone(),
@@ -1266,6 +1273,7 @@ fn info(source: &str, key: &KeyArgs, json: bool) -> Result<(), String> {
                             ..FsOptions::default()
                         },
                     )
+                    .map_err(|e| e.to_string())
                 })
         });
         match opened.and_then(|fs| {
@@ -1493,9 +1501,9 @@ fn open_pool(source: &str, key: &KeyArgs, read_only: bool) -> Result<pool::Pool,
 }
 
 /// Open a pool's filesystem outside a mount (fsck, tools).
-fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, String> {
+fn open_fs(source: &str, key: &KeyArgs, read_only: bool) -> Result<Fs, FsError> {
     Fs::open(
-        open_pool(source, key, read_only)?,
+        open_pool(source, key, read_only).map_err(FsError::Pool)?,
         FsOptions {
             read_only,
             cache_bytes: 16 << 20,
@@ -1551,7 +1559,7 @@ fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
         Err(e) => {
             eprintln!("stackfs fsck: {e}");
             // A metadata store that cannot be opened is damage, not a usage error.
-            return if e.contains("metadata") {
+            return if e.is_damage() {
                 fsck::UNCORRECTED
             } else {
                 fsck::OPERATIONAL
@@ -1582,7 +1590,7 @@ fn fsck(source: &str, repair: bool, verify_data: bool, key: &KeyArgs) -> u8 {
             );
             return fsck::UNCORRECTED;
         }
-        Ok(Err(e)) if e.contains("metadata") => {
+        Ok(Err(e)) if e.is_damage() => {
             bar.finish_and_clear();
             eprintln!("stackfs fsck: {e}");
             return fsck::UNCORRECTED;
