@@ -1,0 +1,351 @@
+//! Dirty file data in memory: writes, truncate, fallocate and lseek.
+
+use super::*;
+
+pub(super) struct DirtyUnit {
+    /// The whole unit, page-aligned: written below as it is (no copy).
+    pub(super) data: Buf,
+    /// Store even if all zeros (space preallocated by fallocate).
+    pub(super) keep: bool,
+}
+
+impl DirtyUnit {
+    /// The unit's bytes to change. Normally the buffer is ours alone; if a
+    /// finished write's request still holds it for a moment (a failed flush
+    /// put the unit back), change a copy rather than what it may still read.
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
+        if !self.data.is_unique() {
+            self.data = Buf::copy_from(self.data.as_slice());
+        }
+        self.data.as_mut_slice()
+    }
+}
+
+impl Fs {
+    /// The unit's current contents, for a partial overwrite.
+    pub(super) fn unit_for_write(&self, st: &mut State, ino: u64, u: u64) -> R<()> {
+        if st.files.get(&ino).is_some_and(|f| f.units.contains_key(&u)) {
+            return Ok(());
+        }
+        let mut data = Buf::zeroed(UNIT as usize);
+        if let Some(x) = self.extent(ino, u)? {
+            let old = self.read_units(ino, &[(u, x)])?.pop().expect("one");
+            copy_clipped(data.as_mut_slice(), old.as_slice(), 0);
+        }
+        st.files
+            .entry(ino)
+            .or_default()
+            .units
+            .insert(u, DirtyUnit { data, keep: false });
+        st.dirty_bytes += UNIT;
+        Ok(())
+    }
+
+    pub(super) fn file_inode(&self, st: &mut State, ino: u64) -> R<Inode> {
+        let inode = self.load_inode(st, ino)?;
+        st.files.entry(ino).or_default().inode = Some(inode.clone());
+        Ok(inode)
+    }
+
+    /// Space that new dirty data may still claim.
+    pub(super) fn room(&self, st: &State) -> u64 {
+        st.alloc.free_bytes().saturating_sub(st.dirty_bytes)
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
+        self.write_by(ino, off, data, None)
+    }
+
+    /// A write that drops set-id bits as a data change by `kill` does
+    /// (`setid_loss`): the kernel asks for it with FUSE_WRITE_KILL_SUIDGID.
+    /// The bits go with the write's other inode changes, in memory.
+    pub fn write_by(&self, ino: u64, off: u64, data: &[u8], kill: Option<&dyn Privs>) -> R<u32> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        self.writable()?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(err(libc::EFBIG))?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.st.lock();
+        let mut inode = self.file_inode(&mut st, ino)?;
+        if let Some(who) = kill {
+            inode.perm &= !setid_loss(&inode, SetidChange::Data, who);
+        }
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let new_units = (first..=last)
+            .filter(|u| !st.files[&ino].units.contains_key(u))
+            .count() as u64;
+        if self.room(&st) < new_units * UNIT {
+            // Frees wait for a durable commit; make one before giving up.
+            self.flush_all(&mut st, true)?;
+            self.drain_deferred(&mut st);
+            if self.room(&st) < new_units * UNIT {
+                return Err(err(libc::ENOSPC));
+            }
+        }
+        for u in first..=last {
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            let whole = from == ustart && to == ustart + UNIT;
+            let beyond = ustart >= inode.size;
+            if whole || beyond {
+                let f = st.files.get_mut(&ino).expect("file state");
+                if !f.units.contains_key(&u) {
+                    f.units.insert(
+                        u,
+                        DirtyUnit {
+                            data: Buf::zeroed(UNIT as usize),
+                            keep: false,
+                        },
+                    );
+                    st.dirty_bytes += UNIT;
+                }
+            } else {
+                self.unit_for_write(&mut st, ino, u)?;
+            }
+            let f = st.files.get_mut(&ino).expect("file state");
+            let d = f.units.get_mut(&u).expect("unit");
+            d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize]
+                .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            stackfs_layers::buf::count_copy((to - from) as usize);
+        }
+        let now = Ts::now();
+        inode.size = inode.size.max(end);
+        inode.mtime = now;
+        inode.ctime = now;
+        st.files.get_mut(&ino).expect("file state").inode = Some(inode);
+        if st.dirty_bytes > DIRTY_LIMIT {
+            self.flush_all(&mut st, false)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    pub(super) fn truncate(&self, st: &mut State, ino: u64, size: u64) -> R<()> {
+        let mut inode = self.file_inode(st, ino)?;
+        if inode.kind != Kind::File {
+            return Err(err(if inode.kind == Kind::Dir {
+                libc::EISDIR
+            } else {
+                libc::EINVAL
+            }));
+        }
+        if size > i64::MAX as u64 {
+            return Err(err(libc::EFBIG));
+        }
+        if size < inode.size {
+            // Zero the tail of the last kept unit; drop every unit after it.
+            let keep = size.div_ceil(UNIT);
+            if size % UNIT != 0 {
+                let u = size / UNIT;
+                self.unit_for_write(st, ino, u)?;
+                let d = st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .get_mut(&u)
+                    .expect("unit");
+                d.bytes_mut()[(size % UNIT) as usize..].fill(0);
+            }
+            let f = st.files.get_mut(&ino).expect("file");
+            let gone: Vec<u64> = f.units.range(keep..).map(|(u, _)| *u).collect();
+            for u in &gone {
+                f.units.remove(u);
+            }
+            st.dirty_bytes -= (gone.len() as u64 * UNIT).min(st.dirty_bytes);
+            let tx = self.begin_tx(&mut *st)?;
+            let freed = self.drop_extents(st, &tx, ino, keep)?;
+            inode.stored -= freed.min(inode.stored);
+            inode.size = size;
+            self.put_inode(st, &tx, &inode)?;
+            st.files.get_mut(&ino).expect("file").inode = Some(inode);
+            self.commit(st, tx, false)?;
+        } else {
+            inode.size = size;
+            st.files.get_mut(&ino).expect("file").inode = Some(inode);
+        }
+        Ok(())
+    }
+
+    /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
+    pub(super) fn zero_range(&self, st: &mut State, ino: u64, off: u64, len: u64) -> R<()> {
+        let inode = self.file_inode(st, ino)?;
+        let end = off + len;
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let tx = self.begin_tx(&mut *st)?;
+        let mut stored = inode.stored;
+        for u in first..=last {
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            if from == ustart && to == ustart + UNIT {
+                if st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .remove(&u)
+                    .is_some()
+                {
+                    st.dirty_bytes -= UNIT.min(st.dirty_bytes);
+                }
+                let old = tx
+                    .open_table(EXTENTS)
+                    .map_err(db_err)?
+                    .remove((ino, u))
+                    .map_err(db_err)?
+                    .map(|v| Extent::decode(v.value()));
+                if let Some(Ok(x)) = old {
+                    st.pending_free.push((x.phys, x.alloc as u64));
+                    stored -= (x.alloc as u64).min(stored);
+                }
+                self.rd.uncache(ino, u);
+            } else if ustart < inode.size {
+                self.unit_for_write(st, ino, u)?;
+                let d = st
+                    .files
+                    .get_mut(&ino)
+                    .expect("file")
+                    .units
+                    .get_mut(&u)
+                    .expect("unit");
+                d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize].fill(0);
+            }
+        }
+        let f = st.files.get_mut(&ino).expect("file");
+        let mut i = f.inode.clone().expect("file inode");
+        i.stored = stored;
+        self.put_inode(st, &tx, &i)?;
+        st.files.get_mut(&ino).expect("file").inode = Some(i);
+        self.commit(st, tx, false)
+    }
+
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> R<()> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+        {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        if punch && (!keep || zero) {
+            return Err(err(libc::EINVAL));
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(err(libc::EFBIG))?;
+        if len == 0 {
+            return Err(err(libc::EINVAL));
+        }
+        let mut st = self.st.lock();
+        let inode = self.file_inode(&mut st, ino)?;
+        if inode.kind != Kind::File {
+            return Err(err(libc::ENODEV));
+        }
+        if punch || zero {
+            let zend = if punch { end.min(inode.size) } else { end };
+            if zend > off {
+                self.zero_range(&mut st, ino, off, zend - off)?;
+            }
+        } else {
+            // Copy-on-write cannot reserve blocks for later overwrites; it
+            // stores every unit of the range at full size now (zeros in the
+            // holes), so the space is claimed and counted.
+            let (first, last) = (off / UNIT, (end - 1) / UNIT);
+            let stored: HashMap<u64, Extent> =
+                self.extents(ino, first, last)?.into_iter().collect();
+            let short: Vec<u64> = (first..=last)
+                .filter(|u| {
+                    !st.files[&ino].units.contains_key(u)
+                        && stored.get(u).is_none_or(|x| (x.alloc as u64) < UNIT)
+                })
+                .collect();
+            if self.room(&st) < short.len() as u64 * UNIT {
+                self.flush_all(&mut st, true)?;
+                self.drain_deferred(&mut st);
+                if self.room(&st) < short.len() as u64 * UNIT {
+                    return Err(err(libc::ENOSPC));
+                }
+            }
+            for u in short {
+                self.unit_for_write(&mut st, ino, u)?;
+            }
+            let f = st.files.get_mut(&ino).expect("file");
+            for (_, d) in f.units.range_mut(first..=last) {
+                d.keep = true;
+            }
+        }
+        if !keep && end > inode.size {
+            let mut i = self.file_inode(&mut st, ino)?;
+            i.size = end;
+            i.ctime = Ts::now();
+            st.files.get_mut(&ino).expect("file").inode = Some(i);
+        }
+        Ok(())
+    }
+
+    /// SEEK_DATA / SEEK_HOLE at 4 KiB granularity: a block is data when it
+    /// holds a non-zero byte (blocks of zeros read the same as holes).
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> R<u64> {
+        let st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        if off >= inode.size {
+            return Err(err(libc::ENXIO));
+        }
+        let (first, last) = (off / UNIT, (inode.size - 1) / UNIT);
+        let mut maps: BTreeMap<u64, u16> = self
+            .extents(ino, first, last)?
+            .into_iter()
+            .map(|(u, x)| (u, x.map))
+            .collect();
+        if let Some(f) = st.files.get(&ino) {
+            for (u, d) in f.units.range(first..=last) {
+                maps.insert(*u, block_map(d.data.as_slice()));
+            }
+        }
+        let per_unit = UNIT / BLOCK;
+        let end_block = inode.size.div_ceil(BLOCK);
+        let start_block = off / BLOCK;
+        let found = |b: u64| Ok(off.max(b * BLOCK));
+        match whence {
+            libc::SEEK_DATA => {
+                for (u, m) in &maps {
+                    for i in 0..per_unit {
+                        let b = u * per_unit + i;
+                        if b >= end_block {
+                            break;
+                        }
+                        if b >= start_block && m & (1 << i) != 0 {
+                            return found(b);
+                        }
+                    }
+                }
+                Err(err(libc::ENXIO))
+            }
+            libc::SEEK_HOLE => {
+                let mut b = start_block;
+                while b < end_block {
+                    let (u, i) = (b / per_unit, b % per_unit);
+                    match maps.get(&u) {
+                        Some(&m) if m & (1 << i) != 0 => b += 1,
+                        _ => return found(b),
+                    }
+                }
+                Ok(inode.size)
+            }
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+}

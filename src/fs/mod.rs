@@ -1,0 +1,510 @@
+//! The filesystem core, independent of FUSE: inodes, directories, extents,
+//! dirty buffers, the read cache, and commits. Every operation takes the
+//! filesystem lock for its duration; metadata changes are redb transactions
+//! committed without durability, made durable by fsync, the commit timer and
+//! unmount (each preceded by a flush of the data they reference).
+
+use crate::alloc::{Allocator, BLOCK};
+use crate::codec::{Dec, Enc};
+use crate::error::FsError;
+use crate::metastore::MetaStore;
+use crate::pool::Pool;
+use lru::LruCache;
+use parking_lot::Mutex;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use stackfs_layers::io::IoResult;
+use stackfs_layers::io::{TAG_DETACHED, TAG_RAW};
+use stackfs_layers::{Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+mod attr;
+mod dirty;
+mod namespace;
+mod read;
+mod records;
+mod txn;
+mod writeback;
+
+use attr::{acl_create, ACL_ACCESS, ACL_DEFAULT};
+use dirty::DirtyUnit;
+use read::{copy_clipped, ReadSide};
+pub use records::*;
+
+/// Logical size of a file data unit: the granule of copy-on-write and of the
+/// extent map.
+pub const UNIT: u64 = 64 << 10;
+pub const ROOT: u64 = 1;
+pub const NAME_MAX: usize = 255;
+/// Dirty data kept in memory before writes push it out.
+const DIRTY_LIMIT: u64 = 256 << 20;
+/// Closed files with dirty data that trigger a group flush.
+const CLOSED_BATCH: usize = 64;
+const XATTR_SIZE_MAX: usize = 64 << 10;
+
+pub type R<T> = Result<T, Errno>;
+
+pub(crate) fn err(e: i32) -> Errno {
+    Errno(e)
+}
+
+/// A metadata store failure is an I/O error for the caller, logged here.
+pub(crate) fn db_err(e: impl std::fmt::Display) -> Errno {
+    log::error!("metadata store: {e}");
+    Errno::EIO
+}
+
+/// Who is asking, for ownership of new files.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One directory entry as readdir returns it.
+pub struct Entry {
+    pub cookie: u64,
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+/// The caller of a change, as Linux's set-id rules ask about it.
+pub trait Privs {
+    /// Whether the caller has CAP_FSETID.
+    fn fsetid(&self) -> bool;
+    /// Whether `gid` is the caller's filesystem group or a supplementary one.
+    fn in_group(&self, gid: u32) -> bool;
+}
+
+/// A change that may take set-id bits away (`setid_loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetidChange {
+    /// Data: write, truncate, fallocate (hole punch, zero range), copy_file_range.
+    Data,
+    /// chown or chgrp, even to the same owner.
+    Chown,
+    /// An access ACL set (the mode it implies).
+    Acl,
+}
+
+/// The set-id bits of `i` that a change by `who` removes, as Linux's VFS
+/// (and so ext4) removes them:
+/// - data (`setattr_should_drop_suidgid`): on regular files, when the caller
+///   lacks CAP_FSETID: set-user-id, and set-group-id if the file is
+///   group-executable or the caller is outside its group;
+/// - chown of a non-directory (`chown_common`): set-user-id always,
+///   set-group-id if group-executable, or if the caller is outside the
+///   group and lacks CAP_FSETID;
+/// - an access ACL (`posix_acl_update_mode`): set-group-id, directories
+///   included, if the caller is outside the group and lacks CAP_FSETID.
+///
+/// Setgid directories keep the bit through data changes and chown.
+/// `who` is asked only when the file has a set-id bit to lose.
+pub fn setid_loss(i: &Inode, why: SetidChange, who: &dyn Privs) -> u16 {
+    const SUID: u16 = libc::S_ISUID as u16;
+    const SGID: u16 = libc::S_ISGID as u16;
+    const XGRP: u16 = libc::S_IXGRP as u16;
+    let bits = i.perm & (SUID | SGID);
+    if bits == 0 {
+        return 0;
+    }
+    let outsider = || !who.in_group(i.gid) && !who.fsetid();
+    match why {
+        SetidChange::Data if i.kind != Kind::File || who.fsetid() => 0,
+        SetidChange::Data | SetidChange::Chown if i.kind == Kind::Dir => 0,
+        SetidChange::Data | SetidChange::Chown => {
+            let sgid = bits & SGID != 0 && (i.perm & XGRP != 0 || outsider());
+            (bits & SUID) | if sgid { SGID } else { 0 }
+        }
+        SetidChange::Acl if bits & SGID != 0 && outsider() => SGID,
+        SetidChange::Acl => 0,
+    }
+}
+
+/// Changes setattr may make.
+#[derive(Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Ts>,
+    pub mtime: Option<Ts>,
+    pub ctime: Option<Ts>,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// The inode with changes not yet committed (size, times).
+    inode: Option<Inode>,
+    units: BTreeMap<u64, DirtyUnit>,
+    open: u32,
+    /// Counted in `State::closed_dirty` (closed with data not yet written).
+    counted: bool,
+}
+
+struct State {
+    alloc: Allocator,
+    /// Space freed by commits not yet durable: reusable after the next durable one.
+    pending_free: Vec<(u64, u64)>,
+    /// How much of `pending_free` committed transactions recorded; the rest
+    /// belongs to the transaction being built (dropped if it never commits).
+    pending_mark: usize,
+    /// Space freed by a durable commit while reads that may still be reading
+    /// it were in flight: (the commit's free generation, address, length).
+    deferred_free: Vec<(u64, u64, u64)>,
+    /// Generation of frees: a read in flight with a ticket at or below a
+    /// deferred free's generation may still be reading that space.
+    free_gen: u64,
+    /// Files closed with data not yet written since the last group flush.
+    closed_dirty: usize,
+    files: HashMap<u64, FileState>,
+    dirty_bytes: u64,
+    next_ino: u64,
+    next_gen: u64,
+    /// Something was committed without durability since the last durable commit.
+    undurable: bool,
+    /// Directories the kernel holds (see `DirRefs`).
+    dirs: HashMap<u64, DirRefs>,
+}
+
+/// What keeps a removed directory's inode alive, as on a kernel filesystem:
+/// open handles (opendir without releasedir) and the kernel's lookup count
+/// (entries replied by lookup, mkdir and readdirplus, not yet forgotten: a
+/// process's working directory, a path being walked). A directory removed
+/// while held stays in `orphans` with no links until both reach zero.
+#[derive(Default, Debug)]
+struct DirRefs {
+    open: u32,
+    lookups: u64,
+    /// Removed while held (in `orphans`, unless that commit failed).
+    removed: bool,
+}
+
+/// Stops the stack's threads when the filesystem is dropped, after the
+/// metadata store (declared before it) has written its last bytes.
+struct StackGuard(Arc<dyn Layer>);
+
+impl Drop for StackGuard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+pub struct Fs {
+    pub(crate) db: Database,
+    _stop: StackGuard,
+    closed: std::sync::atomic::AtomicBool,
+    /// File data enters the stack here (the top); metadata enters below
+    /// compression (`Stack::meta`, given to the metadata store).
+    data: Arc<dyn Layer>,
+    st: Mutex<State>,
+    /// What reads share with their completions, which run without `st`.
+    rd: Arc<ReadSide>,
+    read_only: bool,
+    /// What redb's integrity check found at open (fsck, or after the
+    /// metadata store fell back to its older root copy).
+    store_problem: Option<String>,
+    /// The mount's atime and sync rules (remount can change them).
+    policy: Mutex<MountPolicy>,
+    pub pool: Pool,
+}
+
+/// The message of a caught panic.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unreadable data".into())
+}
+
+/// What the mount options ask of the daemon itself.
+#[derive(Clone, Copy, Debug)]
+pub struct MountPolicy {
+    pub atime: crate::atime::AtimeMode,
+    pub nodiratime: bool,
+    /// `sync` or `dirsync`: every metadata change is committed durably.
+    pub sync_metadata: bool,
+}
+
+pub struct FsOptions {
+    pub read_only: bool,
+    pub cache_bytes: u64,
+    /// Open even an inconsistent extent map (fsck).
+    pub lenient: bool,
+    /// The atime options given (relatime when none is).
+    pub atime: crate::atime::AtimePolicy,
+    pub sync_metadata: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            read_only: false,
+            cache_bytes: 256 << 20,
+            lenient: false,
+            atime: crate::atime::AtimePolicy::default(),
+            sync_metadata: false,
+        }
+    }
+}
+
+/// Bytes of file data, as written and as stored.
+pub struct Space {
+    pub logical: u64,
+    pub stored: u64,
+}
+
+/// Counters the statfs and info commands show.
+pub struct Usage {
+    pub total: u64,
+    pub free: u64,
+    pub inodes: u64,
+}
+
+impl Fs {
+    /// Open the filesystem in a pool; on a fresh pool, create the root.
+    ///
+    /// redb trusts what it reads: a store it cannot parse may make it panic
+    /// anywhere while the filesystem opens. That is damage to name, not a
+    /// crash: the panic is caught here and reported as such.
+    pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts)))
+        {
+            Ok(r) => r,
+            Err(p) => Err(FsError::damaged(format!(
+                "metadata store is damaged: {} (run stackfs fsck)",
+                panic_text(&*p)
+            ))),
+        }
+    }
+
+    pub(super) fn open_inner(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
+        let top = pool.stack.top.clone();
+        let meta_len = pool.sb.meta_len;
+        let store = MetaStore::open(
+            pool.stack.meta.clone(),
+            meta_len,
+            pool.sb.pool_uuid,
+            opts.read_only,
+        )
+        .map_err(FsError::damaged)?;
+        let watch = store.watch();
+        let mut db = Database::builder()
+            .set_cache_size(64 << 20)
+            .create_with_backend(store)
+            .map_err(|e| FsError::damaged(format!("metadata store: {e}")))?;
+        // After the store's root was read from its older copy (a torn root
+        // write, or damage), and for fsck and tools (lenient), redb checks
+        // every page first; the store holds its writes in memory until then.
+        let fell_back = watch.fell_back();
+        if let Some(why) = &fell_back {
+            log::warn!("metadata store: {why}; checking the database's integrity");
+        }
+        let mut store_problem = None;
+        if fell_back.is_some() || opts.lenient {
+            store_problem = match db.check_integrity() {
+                Ok(true) => None,
+                Ok(false) => Some("redb's integrity check found damage and repaired it".into()),
+                Err(e) => Some(format!("redb's integrity check failed: {e}")),
+            };
+            if let (Some(why), Some(p), false) = (&fell_back, &store_problem, opts.lenient) {
+                return Err(FsError::damaged(format!(
+                    "metadata store: {why}, and {p}; run stackfs fsck"
+                )));
+            }
+        }
+        watch.release();
+        let capacity = top.capacity();
+        let mut used = Vec::new();
+        let (mut next_ino, mut next_gen) = (ROOT + 1, 1);
+        {
+            let store_err = |e: redb::Error| FsError::damaged(format!("metadata store: {e}"));
+            let rtx = db.begin_read().map_err(|e| store_err(e.into()))?;
+            if let Ok(t) = rtx.open_table(EXTENTS) {
+                for row in t.iter().map_err(|e| store_err(e.into()))? {
+                    let (k, v) = row.map_err(|e| store_err(e.into()))?;
+                    let x = Extent::decode(v.value()).map_err(|_| {
+                        FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
+                    })?;
+                    used.push((x.phys, x.alloc as u64));
+                }
+            }
+            if let Ok(t) = rtx.open_table(COUNTERS) {
+                next_ino = t
+                    .get("next_ino")
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value())
+                    .unwrap_or(next_ino);
+                next_gen = t
+                    .get("next_gen")
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value())
+                    .unwrap_or(next_gen);
+            }
+        }
+        let alloc = match Allocator::from_used(meta_len, capacity, used.clone()) {
+            Ok(a) => a,
+            // fsck must open what it is asked to repair: take the union.
+            Err(_) if opts.lenient => Allocator::from_union(meta_len, capacity, used),
+            Err(e) => {
+                return Err(FsError::damaged(format!(
+                    "extent map is inconsistent: {e} (run stackfs fsck)"
+                )))
+            }
+        };
+        let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
+        let fs = Fs {
+            db,
+            _stop: StackGuard(top.clone()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            data: top,
+            st: Mutex::new(State {
+                alloc,
+                pending_free: Vec::new(),
+                pending_mark: 0,
+                deferred_free: Vec::new(),
+                free_gen: 0,
+                closed_dirty: 0,
+                files: HashMap::new(),
+                dirty_bytes: 0,
+                next_ino,
+                next_gen,
+                undurable: false,
+                dirs: HashMap::new(),
+            }),
+            rd: Arc::new(ReadSide {
+                cache: Mutex::new(LruCache::new(
+                    NonZeroUsize::new(cache_units).expect("non-zero"),
+                )),
+                cache_gen: std::sync::atomic::AtomicU64::new(0),
+                readers: Mutex::new(BTreeMap::new()),
+            }),
+            read_only: opts.read_only,
+            store_problem,
+            policy: Mutex::new({
+                let (atime, nodiratime) =
+                    opts.atime.over((crate::atime::AtimeMode::Relatime, false));
+                MountPolicy {
+                    atime,
+                    nodiratime,
+                    sync_metadata: opts.sync_metadata,
+                }
+            }),
+            pool,
+        };
+        if !fs.read_only {
+            // A damaged sector reaches us from redb as a bare I/O error: name it.
+            let named = |what: &str, e: Errno| match watch.damage() {
+                Some(d) => FsError::damaged(format!("{what}: {e}; {d}")),
+                None => FsError::io(what, e),
+            };
+            fs.init_root()
+                .map_err(|e| named("creating the root directory", e))?;
+            fs.purge_orphans()
+                .map_err(|e| named("removing orphaned files", e))?;
+        }
+        Ok(fs)
+    }
+
+    /// The metadata store's integrity problem found at open, if any (the
+    /// check runs when lenient, or after a fallback to the older root).
+    pub fn store_problem(&self) -> Option<&str> {
+        self.store_problem.as_deref()
+    }
+
+    pub(super) fn init_root(&self) -> R<()> {
+        let mut st = self.st.lock();
+        let tx = self.begin_tx(&mut *st)?;
+        {
+            let mut t = tx.open_table(INODES).map_err(db_err)?;
+            if t.get(ROOT).map_err(db_err)?.is_some() {
+                return Ok(());
+            }
+            let root = Inode::new_dir(ROOT, 0o755, ROOT);
+            t.insert(ROOT, root.encode().as_slice()).map_err(db_err)?;
+            tx.open_table(DIRENTS).map_err(db_err)?;
+            tx.open_table(COOKIES).map_err(db_err)?;
+            tx.open_table(EXTENTS).map_err(db_err)?;
+            tx.open_table(XATTRS).map_err(db_err)?;
+            tx.open_table(SYMLINKS).map_err(db_err)?;
+            tx.open_table(ORPHANS).map_err(db_err)?;
+            let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
+            c.insert("next_ino", st.next_ino).map_err(db_err)?;
+            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+        }
+        self.commit(&mut st, tx, true)
+    }
+
+    pub fn usage(&self) -> R<Usage> {
+        let st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        // A pool that was never mounted read-write has no tables yet.
+        let inodes = match rtx.open_table(INODES) {
+            Ok(t) => t.len().map_err(db_err)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(db_err(e)),
+        };
+        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum::<u64>()
+            + st.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
+        Ok(Usage {
+            total: st.alloc.total_bytes(),
+            free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
+            inodes,
+        })
+    }
+
+    /// File data as written (logical) and as stored in the pool: scans the extent map.
+    pub fn space(&self) -> R<Space> {
+        let _st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let mut sp = Space {
+            logical: 0,
+            stored: 0,
+        };
+        let t = match rtx.open_table(EXTENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(sp),
+            Err(e) => return Err(db_err(e)),
+        };
+        for row in t.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            let x = Extent::decode(v.value())?;
+            sp.logical += x.logical as u64;
+            sp.stored += x.alloc as u64;
+        }
+        Ok(sp)
+    }
+
+    /// Make everything durable and refuse further syncs; the stack stops
+    /// when the last handle on the filesystem is dropped.
+    pub fn shutdown(&self) -> R<()> {
+        if self.failed() {
+            // A member stopped answering: nothing more is written; the pool
+            // stays in its last durable state (fsck it after the member is back).
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Err(Errno::EIO);
+        }
+        // The session is over: nothing can hold a removed file any more.
+        if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            match self.purge_all_orphans() {
+                Ok(0) => {}
+                Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
+                Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
+            }
+        }
+        let r = self.sync();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        r
+    }
+}

@@ -1,0 +1,764 @@
+//! The namespace: lookup, create, link, unlink, rename, readdir, and the
+//! orphans (removed while still open or held by the kernel).
+
+use super::*;
+
+impl Fs {
+    pub(super) fn purge_orphans(&self) -> R<()> {
+        let n = self.purge_all_orphans()?;
+        if n > 0 {
+            log::info!("removed {n} orphaned file(s) left by an unclean shutdown");
+        }
+        Ok(())
+    }
+
+    /// Free every inode in `orphans` (removed while open or held by the
+    /// kernel): at mount, and at unmount once the session is over (the
+    /// kernel sends no forget for what it still caches then, and a release
+    /// or forget queued just before the unmount may never arrive).
+    pub(super) fn purge_all_orphans(&self) -> R<usize> {
+        let mut st = self.st.lock();
+        let orphans: Vec<u64> = {
+            let rtx = self.db.begin_read().map_err(db_err)?;
+            let t = rtx.open_table(ORPHANS).map_err(db_err)?;
+            t.iter()
+                .map_err(db_err)?
+                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+                .collect()
+        };
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.begin_tx(&mut *st)?;
+        for ino in &orphans {
+            self.purge(&mut st, &tx, *ino)?;
+            st.dirs.remove(ino);
+        }
+        self.commit(&mut st, tx, true)?;
+        Ok(orphans.len())
+    }
+
+    /// Look a name up for the kernel: a directory found counts one lookup
+    /// the kernel will forget (`forget`).
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
+        let mut st = self.st.lock();
+        let inode = self.lookup_in(&st, parent, name)?;
+        Self::count_lookup(&mut st, &inode);
+        Ok(inode)
+    }
+
+    pub(super) fn lookup_in(&self, st: &State, parent: u64, name: &[u8]) -> R<Inode> {
+        if name.len() > NAME_MAX {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        // The kernel asks for "." and ".." when it decodes an exported file
+        // handle (NFS, open_by_handle_at).
+        // ("." of any inode is itself: handles of files are decoded that way).
+        if name == b"." {
+            return self.load_inode(st, parent);
+        }
+        if name == b".." {
+            let dir = self.load_inode(st, parent)?;
+            if dir.kind != Kind::Dir {
+                return Err(err(libc::ENOTDIR));
+            }
+            return self.load_inode(st, dir.parent);
+        }
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((parent, name)).map_err(db_err)?;
+        let Some(v) = v else {
+            // Tell "no such entry" from "parent is not a directory".
+            let p = self.load_inode(st, parent)?;
+            return Err(err(if p.kind == Kind::Dir {
+                libc::ENOENT
+            } else {
+                libc::ENOTDIR
+            }));
+        };
+        let (ino, _, _) = dirent_decode(v.value())?;
+        self.shown_inode(st, ino)
+    }
+
+    /// The kernel got an entry for `inode` (lookup, mkdir, readdirplus): a
+    /// directory's lookup count goes up by one. Only directories are
+    /// counted: removed files live on through their open handles only.
+    pub(super) fn count_lookup(st: &mut State, inode: &Inode) {
+        if inode.kind == Kind::Dir {
+            st.dirs.entry(inode.ino).or_default().lookups += 1;
+        }
+    }
+
+    pub(super) fn find(
+        &self,
+        tx: &WriteTransaction,
+        parent: u64,
+        name: &[u8],
+    ) -> R<Option<(u64, Kind, u64)>> {
+        let t = tx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((parent, name)).map_err(db_err)?;
+        v.map(|v| dirent_decode(v.value())).transpose()
+    }
+
+    pub(super) fn add_entry(
+        &self,
+        tx: &WriteTransaction,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        kind: Kind,
+    ) -> R<()> {
+        // The name's own place in the readdir order (see `name_cookie`).
+        let cookie = {
+            let mut cookies = tx.open_table(COOKIES).map_err(db_err)?;
+            let mut c = name_cookie(name);
+            while cookies.get((dir.ino, c)).map_err(db_err)?.is_some() {
+                c = next_cookie(c);
+            }
+            cookies.insert((dir.ino, c), name).map_err(db_err)?;
+            c
+        };
+        tx.open_table(DIRENTS)
+            .map_err(db_err)?
+            .insert((dir.ino, name), dirent_val(ino, kind, cookie).as_slice())
+            .map_err(db_err)?;
+        let now = Ts::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        Ok(())
+    }
+
+    pub(super) fn remove_entry(
+        &self,
+        tx: &WriteTransaction,
+        dir: &mut Inode,
+        name: &[u8],
+    ) -> R<()> {
+        let old = tx
+            .open_table(DIRENTS)
+            .map_err(db_err)?
+            .remove((dir.ino, name))
+            .map_err(db_err)?
+            .map(|v| dirent_decode(v.value()));
+        if let Some(Ok((_, _, cookie))) = old {
+            tx.open_table(COOKIES)
+                .map_err(db_err)?
+                .remove((dir.ino, cookie))
+                .map_err(db_err)?;
+        }
+        let now = Ts::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        Ok(())
+    }
+
+    pub(super) fn check_name(name: &[u8]) -> R<()> {
+        if name.len() > NAME_MAX {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            return Err(err(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Create any kind of node.
+    pub fn mknod(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> R<Inode> {
+        Self::check_name(name)?;
+        let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
+        let mut st = self.st.lock();
+        let tx = self.begin_tx(&mut *st)?;
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if dir.nlink == 0 {
+            return Err(err(libc::ENOENT));
+        }
+        if self.find(&tx, parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let now = Ts::now();
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let generation = st.next_gen;
+        st.next_gen += 1;
+        // A default ACL on the parent replaces the umask (POSIX.1e): the new
+        // inode's access ACL is the default masked by the requested mode.
+        let default_acl = match kind {
+            Kind::Symlink => None,
+            _ => tx
+                .open_table(XATTRS)
+                .map_err(db_err)?
+                .get((parent, ACL_DEFAULT))
+                .map_err(db_err)?
+                .map(|v| v.value().to_vec()),
+        };
+        let mut access_acl = None;
+        let mut perm = match &default_acl {
+            Some(d) => {
+                let (bits, acl) = acl_create(d, mode & 0o777).ok_or(Errno::EIO)?;
+                access_acl = acl;
+                (mode & 0o7000) as u16 | bits
+            }
+            None => (mode & !umask & 0o7777) as u16,
+        };
+        let mut gid = c.gid;
+        if dir.perm & libc::S_ISGID as u16 != 0 {
+            // BSD group semantics under a setgid directory.
+            gid = dir.gid;
+            if kind == Kind::Dir {
+                perm |= libc::S_ISGID as u16;
+            }
+        }
+        let inode = Inode {
+            ino,
+            kind,
+            perm,
+            uid: c.uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: target.map(|t| t.len() as u64).unwrap_or(0),
+            stored: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev,
+            generation,
+            parent,
+            next_cookie: 3,
+        };
+        {
+            let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+            if let Some(a) = &access_acl {
+                x.insert((ino, ACL_ACCESS), a.as_slice()).map_err(db_err)?;
+            }
+            if let (Some(d), Kind::Dir) = (&default_acl, kind) {
+                x.insert((ino, ACL_DEFAULT), d.as_slice()).map_err(db_err)?;
+            }
+        }
+        if let Some(t) = target {
+            tx.open_table(SYMLINKS)
+                .map_err(db_err)?
+                .insert(ino, t)
+                .map_err(db_err)?;
+        }
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.add_entry(&tx, &mut dir, name, ino, kind)?;
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+        }
+        self.put_inode(&mut st, &tx, &dir)?;
+        self.commit(&mut st, tx, false)?;
+        // The reply is an entry the kernel counts (mkdir).
+        Self::count_lookup(&mut st, &inode);
+        Ok(inode)
+    }
+
+    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+        let _st = self.st.lock();
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::EINVAL))?;
+        Ok(v.value().to_vec())
+    }
+
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
+        Self::check_name(name)?;
+        let mut st = self.st.lock();
+        let tx = self.begin_tx(&mut *st)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(err(libc::EPERM));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if dir.nlink == 0 {
+            // A removed directory that is still open takes no new names.
+            return Err(err(libc::ENOENT));
+        }
+        if self.find(&tx, parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        if inode.nlink >= u32::MAX - 1 {
+            return Err(err(libc::EMLINK));
+        }
+        if inode.nlink == 0 {
+            // Relinking an open, unlinked file (linkat with AT_EMPTY_PATH) revives it.
+            tx.open_table(ORPHANS)
+                .map_err(db_err)?
+                .remove(ino)
+                .map_err(db_err)?;
+        }
+        inode.nlink += 1;
+        inode.ctime = Ts::now();
+        self.add_entry(&tx, &mut dir, name, ino, inode.kind)?;
+        self.put_inode(&mut st, &tx, &dir)?;
+        self.put_inode(&mut st, &tx, &inode)?;
+        self.commit(&mut st, tx, false)?;
+        Ok(inode)
+    }
+
+    /// Drop one link of `ino`; at zero, free it now or when its last opener
+    /// closes (a directory: when it is released and forgotten, `DirRefs`).
+    pub(super) fn drop_link(
+        &self,
+        st: &mut State,
+        tx: &WriteTransaction,
+        inode: &mut Inode,
+    ) -> R<()> {
+        inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
+            inode.nlink
+        } else {
+            1
+        });
+        inode.ctime = Ts::now();
+        if inode.nlink > 0 {
+            return self.put_inode(st, tx, inode);
+        }
+        let held = st.files.get(&inode.ino).is_some_and(|f| f.open > 0)
+            || st
+                .dirs
+                .get(&inode.ino)
+                .is_some_and(|d| d.open > 0 || d.lookups > 0);
+        if held {
+            if let Some(d) = st.dirs.get_mut(&inode.ino) {
+                d.removed = true;
+            }
+            tx.open_table(ORPHANS)
+                .map_err(db_err)?
+                .insert(inode.ino, ())
+                .map_err(db_err)?;
+            return self.put_inode(st, tx, inode);
+        }
+        self.purge(st, tx, inode.ino)
+    }
+
+    /// Remove an inode and everything it owns.
+    pub(super) fn purge(&self, st: &mut State, tx: &WriteTransaction, ino: u64) -> R<()> {
+        if let Some(f) = st.files.get_mut(&ino) {
+            let n = f.units.len() as u64 * UNIT;
+            f.units.clear();
+            f.inode = None;
+            if f.open == 0 {
+                st.files.remove(&ino);
+            }
+            st.dirty_bytes -= n.min(st.dirty_bytes);
+        }
+        self.drop_extents(st, tx, ino, 0)?;
+        tx.open_table(INODES)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        tx.open_table(SYMLINKS)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        tx.open_table(ORPHANS)
+            .map_err(db_err)?
+            .remove(ino)
+            .map_err(db_err)?;
+        let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+        let names: Vec<Vec<u8>> = x
+            .range((ino, &[][..])..)
+            .map_err(db_err)?
+            .map_while(|r| {
+                r.ok()
+                    .filter(|(k, _)| k.value().0 == ino)
+                    .map(|(k, _)| k.value().1.to_vec())
+            })
+            .collect();
+        for n in names {
+            x.remove((ino, n.as_slice())).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Drop extents of units >= `from_unit`; their space is freed once durable.
+    pub(super) fn drop_extents(
+        &self,
+        st: &mut State,
+        tx: &WriteTransaction,
+        ino: u64,
+        from_unit: u64,
+    ) -> R<u64> {
+        let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+        let doomed: Vec<(u64, Extent)> = t
+            .range((ino, from_unit)..=(ino, u64::MAX))
+            .map_err(db_err)?
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| Extent::decode(v.value()).ok().map(|x| (k.value().1, x)))
+            .collect();
+        let mut freed = 0;
+        for (unit, x) in doomed {
+            t.remove((ino, unit)).map_err(db_err)?;
+            st.pending_free.push((x.phys, x.alloc as u64));
+            freed += x.alloc as u64;
+            self.rd.uncache(ino, unit);
+        }
+        Ok(freed)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
+        let mut st = self.st.lock();
+        let tx = self.begin_tx(&mut *st)?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        if kind == Kind::Dir {
+            return Err(err(libc::EISDIR));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut dir, name)?;
+        self.put_inode(&mut st, &tx, &dir)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        self.drop_link(&mut st, &tx, &mut inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> R<bool> {
+        let t = tx.open_table(COOKIES).map_err(db_err)?;
+        let empty = t
+            .range((ino, 0)..=(ino, u64::MAX))
+            .map_err(db_err)?
+            .next()
+            .is_none();
+        Ok(empty)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
+        if name == b"." {
+            return Err(err(libc::EINVAL));
+        }
+        if name == b".." {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let mut st = self.st.lock();
+        let tx = self.begin_tx(&mut *st)?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        if kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if !self.is_empty_dir(&tx, ino)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut dir, name)?;
+        dir.nlink = dir.nlink.saturating_sub(1);
+        self.put_inode(&mut st, &tx, &dir)?;
+        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        self.drop_link(&mut st, &tx, &mut inode)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    /// Is `ancestor` on the path from `dir` up to the root?
+    pub(super) fn is_ancestor(
+        &self,
+        st: &State,
+        tx: &WriteTransaction,
+        ancestor: u64,
+        mut dir: u64,
+    ) -> R<bool> {
+        for _ in 0..100_000 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT {
+                return Ok(false);
+            }
+            dir = self.inode_tx(st, tx, dir)?.parent;
+        }
+        Err(Errno::EIO)
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> R<()> {
+        const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+        const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
+            return Err(err(libc::EINVAL));
+        }
+        Self::check_name(newname)?;
+        let mut st = self.st.lock();
+        // Write-then-rename replaces files safely only if the data lands no
+        // later than the rename (ext4's auto_da_alloc): write both files'
+        // dirty data first, so that no commit that makes the rename durable
+        // can leave the new name with the new size and no data.
+        for (dir, n) in [(parent, name), (newparent, newname)] {
+            if let Some(i) = self.entry_ino(dir, n)? {
+                if st.files.get(&i).is_some_and(|f| f.inode.is_some()) {
+                    self.flush_file(&mut st, i, false)?;
+                }
+            }
+        }
+        let tx = self.begin_tx(&mut *st)?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let target = self.find(&tx, newparent, newname)?;
+        let mut pdir = self.inode_tx(&st, &tx, parent)?;
+        let nd = self.inode_tx(&st, &tx, newparent)?;
+        if nd.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if nd.nlink == 0 {
+            // Into a removed directory (still open somewhere): as ext4.
+            return Err(err(libc::ENOENT));
+        }
+        if kind == Kind::Dir && parent != newparent && self.is_ancestor(&st, &tx, ino, newparent)? {
+            return Err(err(libc::EINVAL));
+        }
+        if flags & EXCHANGE != 0 {
+            let (tino, tkind, _) = target.ok_or(err(libc::ENOENT))?;
+            if tkind == Kind::Dir
+                && parent != newparent
+                && self.is_ancestor(&st, &tx, tino, parent)?
+            {
+                return Err(err(libc::EINVAL));
+            }
+            if tino == ino {
+                return self.commit(&mut st, tx, false);
+            }
+            self.remove_entry(&tx, &mut pdir, name)?;
+            self.put_inode(&mut st, &tx, &pdir)?;
+            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+            self.remove_entry(&tx, &mut ndir, newname)?;
+            self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
+            self.put_inode(&mut st, &tx, &ndir)?;
+            let mut pdir = self.inode_tx(&st, &tx, parent)?;
+            self.add_entry(&tx, &mut pdir, name, tino, tkind)?;
+            if parent != newparent {
+                // A directory that moves takes its ".." link along.
+                let d = (kind == Kind::Dir) as i64 - (tkind == Kind::Dir) as i64;
+                pdir.nlink = (pdir.nlink as i64 - d) as u32;
+                self.put_inode(&mut st, &tx, &pdir)?;
+                let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+                ndir.nlink = (ndir.nlink as i64 + d) as u32;
+                self.put_inode(&mut st, &tx, &ndir)?;
+            } else {
+                self.put_inode(&mut st, &tx, &pdir)?;
+            }
+            for (i, p) in [(ino, newparent), (tino, parent)] {
+                let mut n = self.inode_tx(&st, &tx, i)?;
+                if n.kind == Kind::Dir {
+                    n.parent = p;
+                }
+                n.ctime = Ts::now();
+                self.put_inode(&mut st, &tx, &n)?;
+            }
+            return self.commit(&mut st, tx, false);
+        }
+        if let Some((tino, tkind, _)) = target {
+            if flags & NOREPLACE != 0 {
+                return Err(err(libc::EEXIST));
+            }
+            if tino == ino {
+                // Two names of one inode: POSIX says do nothing.
+                return self.commit(&mut st, tx, false);
+            }
+            match (kind == Kind::Dir, tkind == Kind::Dir) {
+                (true, false) => return Err(err(libc::ENOTDIR)),
+                (false, true) => return Err(err(libc::EISDIR)),
+                (true, true) if !self.is_empty_dir(&tx, tino)? => return Err(err(libc::ENOTEMPTY)),
+                _ => {}
+            }
+            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+            self.remove_entry(&tx, &mut ndir, newname)?;
+            if tkind == Kind::Dir {
+                ndir.nlink = ndir.nlink.saturating_sub(1);
+            }
+            self.put_inode(&mut st, &tx, &ndir)?;
+            let mut t = self.inode_tx(&st, &tx, tino)?;
+            self.drop_link(&mut st, &tx, &mut t)?;
+        }
+        let mut pdir = self.inode_tx(&st, &tx, parent)?;
+        self.remove_entry(&tx, &mut pdir, name)?;
+        if kind == Kind::Dir && parent != newparent {
+            pdir.nlink = pdir.nlink.saturating_sub(1);
+        }
+        self.put_inode(&mut st, &tx, &pdir)?;
+        let mut ndir = self.inode_tx(&st, &tx, newparent)?;
+        self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
+        if kind == Kind::Dir && parent != newparent {
+            ndir.nlink += 1;
+        }
+        self.put_inode(&mut st, &tx, &ndir)?;
+        let mut n = self.inode_tx(&st, &tx, ino)?;
+        if kind == Kind::Dir {
+            n.parent = newparent;
+        }
+        n.ctime = Ts::now();
+        self.put_inode(&mut st, &tx, &n)?;
+        self.commit(&mut st, tx, false)
+    }
+
+    /// Entries after `offset` (a cookie; 0 = start, 1 = after ".", 2 = after "..").
+    pub fn readdir(&self, ino: u64, offset: u64, mut want: impl FnMut(&Entry) -> bool) -> R<()> {
+        let st = self.st.lock();
+        let dir = self.load_inode(&st, ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        drop(st);
+        if offset < 1
+            && !want(&Entry {
+                cookie: 1,
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            })
+        {
+            return Ok(());
+        }
+        if offset < 2
+            && !want(&Entry {
+                cookie: 2,
+                ino: dir.parent,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            })
+        {
+            return Ok(());
+        }
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let cookies = rtx.open_table(COOKIES).map_err(db_err)?;
+        let dirents = rtx.open_table(DIRENTS).map_err(db_err)?;
+        for row in cookies
+            .range((ino, offset.max(2).saturating_add(1))..=(ino, u64::MAX))
+            .map_err(db_err)?
+        {
+            let (k, name) = row.map_err(db_err)?;
+            let name = name.value().to_vec();
+            let Some(v) = dirents.get((ino, name.as_slice())).map_err(db_err)? else {
+                continue;
+            };
+            let (child, kind, _) = dirent_decode(v.value())?;
+            if !want(&Entry {
+                cookie: k.value().1,
+                ino: child,
+                kind,
+                name,
+            }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// opendir: a handle on a directory, which keeps it (with no links, in
+    /// `orphans`) if it is removed while open, until `release_dir`.
+    pub fn open_dir(&self, ino: u64) -> R<Inode> {
+        let mut st = self.st.lock();
+        let inode = self.load_inode(&st, ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        st.dirs.entry(ino).or_default().open += 1;
+        Ok(inode)
+    }
+
+    /// releasedir: the last handle of a removed directory frees it, unless
+    /// the kernel still holds it (lookups not yet forgotten).
+    pub fn release_dir(&self, ino: u64) -> R<()> {
+        let mut st = self.st.lock();
+        let Some(d) = st.dirs.get_mut(&ino) else {
+            return Ok(());
+        };
+        d.open = d.open.saturating_sub(1);
+        if Self::unheld(&mut st, ino) {
+            self.purge_dead_dirs(&mut st, &[ino])?;
+        }
+        Ok(())
+    }
+
+    /// readdirplus gave the kernel an entry (other than "." and ".."): it
+    /// counts as a lookup of that inode.
+    pub fn remember(&self, inode: &Inode) {
+        Self::count_lookup(&mut self.st.lock(), inode);
+    }
+
+    /// The kernel forgets `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.forget_many(&[(ino, n)])
+    }
+
+    /// The kernel forgets lookups, (inode, count) each. The directories
+    /// removed while held that nothing holds any more are freed together.
+    pub fn forget_many(&self, nodes: &[(u64, u64)]) {
+        let mut st = self.st.lock();
+        let mut dead = Vec::new();
+        for &(ino, n) in nodes {
+            let Some(d) = st.dirs.get_mut(&ino) else {
+                continue;
+            };
+            d.lookups = d.lookups.saturating_sub(n);
+            if Self::unheld(&mut st, ino) {
+                dead.push(ino);
+            }
+        }
+        if let Err(e) = self.purge_dead_dirs(&mut st, &dead) {
+            log::warn!(
+                "freeing {} removed directories: {e} (freed at unmount)",
+                dead.len()
+            );
+        }
+    }
+
+    /// Stop tracking a directory nothing holds any more; true if it was
+    /// removed (it is freed now).
+    pub(super) fn unheld(st: &mut State, ino: u64) -> bool {
+        match st.dirs.get(&ino) {
+            Some(d) if d.open == 0 && d.lookups == 0 => {
+                st.dirs.remove(&ino).is_some_and(|d| d.removed)
+            }
+            _ => false,
+        }
+    }
+
+    /// Free removed directories nothing holds (those that really have no
+    /// links: the removal may not have committed).
+    pub(super) fn purge_dead_dirs(&self, st: &mut State, inos: &[u64]) -> R<()> {
+        if inos.is_empty() || self.read_only {
+            return Ok(());
+        }
+        let tx = self.begin_tx(st)?;
+        let mut n = 0;
+        for &ino in inos {
+            if self
+                .inode_tx(st, &tx, ino)
+                .is_ok_and(|i| i.kind == Kind::Dir && i.nlink == 0)
+            {
+                self.purge(st, &tx, ino)?;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.commit(st, tx, false)
+    }
+
+    /// fsync: this file's data and all metadata so far, durably.
+    /// The inode a directory entry names (committed state).
+    pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> R<Option<u64>> {
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
+        let v = t.get((dir, name)).map_err(db_err)?;
+        v.map(|v| dirent_decode(v.value()).map(|(i, _, _)| i))
+            .transpose()
+    }
+}

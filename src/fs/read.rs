@@ -1,0 +1,287 @@
+//! The read side: committed extents, the unit cache, reads that complete in
+//! the device threads, and unit verification.
+
+use super::*;
+
+/// The part of the read path that completions reach from the device threads,
+/// without the filesystem lock.
+pub(super) struct ReadSide {
+    /// Decoded units as read from the pool (their stored length; bytes past
+    /// it read as zeros).
+    pub(super) cache: Mutex<LruCache<(u64, u64), Buf>>,
+    /// Bumped (under the cache lock) whenever a unit leaves the cache because
+    /// its data changed: a read that started before must not put its older
+    /// copy back.
+    pub(super) cache_gen: std::sync::atomic::AtomicU64,
+    /// Reads in flight by free-generation ticket (how many hold each).
+    pub(super) readers: Mutex<BTreeMap<u64, usize>>,
+}
+
+impl ReadSide {
+    pub(super) fn uncache(&self, ino: u64, unit: u64) {
+        let mut c = self.cache.lock();
+        self.cache_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.pop(&(ino, unit));
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        let _c = self.cache.lock();
+        self.cache_gen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cache a unit read from the pool, unless its data changed since `gen`.
+    pub(super) fn put(&self, key: (u64, u64), data: Buf, gen: u64) {
+        let mut c = self.cache.lock();
+        if self.cache_gen.load(std::sync::atomic::Ordering::Relaxed) == gen {
+            c.put(key, data);
+        }
+    }
+
+    pub(super) fn enter(&self, ticket: u64) {
+        *self.readers.lock().entry(ticket).or_default() += 1;
+    }
+
+    pub(super) fn leave(&self, ticket: u64) {
+        let mut r = self.readers.lock();
+        if let Some(n) = r.get_mut(&ticket) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&ticket);
+            }
+        }
+    }
+
+    /// The lowest ticket of a read in flight.
+    pub(super) fn oldest(&self) -> Option<u64> {
+        self.readers.lock().keys().next().copied()
+    }
+}
+
+impl Fs {
+    pub(super) fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
+        Ok(self.extents(ino, unit, unit)?.pop().map(|(_, x)| x))
+    }
+
+    /// The committed extents of units `first..=last`, with one range lookup.
+    pub(super) fn extents(&self, ino: u64, first: u64, last: u64) -> R<Vec<(u64, Extent)>> {
+        let rtx = self.db.begin_read().map_err(db_err)?;
+        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.range((ino, first)..=(ino, last)).map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value().1, Extent::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Read committed units from the pool in one batch and wait; verify each.
+    /// For callers holding the filesystem lock (partial overwrites, fsck).
+    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Buf>> {
+        let gen = self.rd.generation();
+        let mut out = vec![None; units.len()];
+        let mut ios = Vec::new();
+        let mut waits = Vec::new();
+        {
+            let mut cache = self.rd.cache.lock();
+            for (i, (u, x)) in units.iter().enumerate() {
+                if let Some(d) = cache.get(&(ino, *u)) {
+                    out[i] = Some(d.clone());
+                    continue;
+                }
+                let w = Waiter::new();
+                let io = Io::new(
+                    Op::Read,
+                    x.phys,
+                    Buf::zeroed(x.len as usize),
+                    Some(w.end_io()),
+                );
+                // The transform layers need back what they recorded at write time.
+                io.set_tag(x.tag());
+                waits.push((i, w, io.buf().clone()));
+                ios.push(io);
+            }
+        }
+        self.data.submit_batch(ios);
+        let mut first_err = None;
+        for (i, w, b) in waits {
+            let (u, x) = units[i];
+            match verify_unit(ino, u, &x, w.wait(), &b) {
+                Ok(d) => {
+                    self.rd.put((ino, u), d.clone(), gen);
+                    out[i] = Some(d);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    }
+
+    /// Read `size` bytes at `off` and hand the result to `done`. What is dirty
+    /// or cached is copied at once under the lock; units that must come from
+    /// the pool are read without it, and `done` then runs in the completion
+    /// chain of the last of them (the device thread that reaped it), so the
+    /// FUSE reply is sent from there and no thread waits for the I/O.
+    pub fn read_async(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        done: impl FnOnce(R<Vec<u8>>) + Send + 'static,
+    ) {
+        let plan = {
+            let st = self.st.lock();
+            self.plan_read(&st, ino, off, size)
+        };
+        let (mut out, fetch, ticket, gen) = match plan {
+            Err(e) => return done(Err(e)),
+            Ok(p) => p,
+        };
+        if fetch.is_empty() {
+            return done(Ok(out));
+        }
+        let rd = self.rd.clone();
+        let shared = Arc::new(Mutex::new(std::mem::take(&mut out)));
+        let result = shared.clone();
+        let group = Io::new(
+            Op::Read,
+            0,
+            Buf::zeroed(0),
+            Some(Box::new(move |_, r| {
+                rd.leave(ticket);
+                let data = std::mem::take(&mut *result.lock());
+                done(r.map(|_| data));
+                r
+            })),
+        );
+        let mut ios = Vec::with_capacity(fetch.len());
+        for (u, x) in fetch {
+            let (rd, out) = (self.rd.clone(), shared.clone());
+            let io = group.child(
+                Op::Read,
+                x.phys,
+                Buf::zeroed(x.len as usize),
+                Some(Box::new(move |io, r| {
+                    let d = verify_unit(ino, u, &x, r, io.buf())?;
+                    let ustart = u * UNIT;
+                    let from = off.max(ustart);
+                    let mut out = out.lock();
+                    let to = (off + out.len() as u64).min(ustart + UNIT);
+                    copy_clipped(
+                        &mut out[(from - off) as usize..(to - off) as usize],
+                        d.as_slice(),
+                        (from - ustart) as usize,
+                    );
+                    drop(out);
+                    rd.put((ino, u), d, gen);
+                    Ok(x.len as u64)
+                })),
+            );
+            io.set_tag(x.tag());
+            ios.push(io);
+        }
+        self.data.submit_batch(ios);
+        group.put();
+    }
+
+    /// Under the lock: the reply buffer with every dirty or cached byte in
+    /// place, the units still to read from the pool, and the read's ticket
+    /// (registered: it holds back the reuse of space freed from now on) and
+    /// cache generation.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn plan_read(
+        &self,
+        st: &State,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> R<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
+        let inode = self.load_inode(st, ino)?;
+        if off >= inode.size || size == 0 {
+            return Ok((Vec::new(), Vec::new(), 0, 0));
+        }
+        let end = (off + size as u64).min(inode.size);
+        let mut out = vec![0u8; (end - off) as usize];
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let file = st.files.get(&ino);
+        let mut fetch = Vec::new();
+        let place = |u: u64, src: &[u8], out: &mut [u8]| {
+            let ustart = u * UNIT;
+            let from = off.max(ustart);
+            let to = end.min(ustart + UNIT);
+            copy_clipped(
+                &mut out[(from - off) as usize..(to - off) as usize],
+                src,
+                (from - ustart) as usize,
+            );
+        };
+        let committed = self.extents(ino, first, last)?;
+        let mut cache = self.rd.cache.lock();
+        for (u, x) in committed {
+            if file.is_some_and(|f| f.units.contains_key(&u)) {
+                continue;
+            }
+            match cache.get(&(ino, u)) {
+                Some(d) => place(u, d.as_slice(), &mut out),
+                None => fetch.push((u, x)),
+            }
+        }
+        let gen = self.rd.cache_gen.load(std::sync::atomic::Ordering::Relaxed);
+        drop(cache);
+        if let Some(f) = file {
+            for (u, d) in f.units.range(first..=last) {
+                place(*u, d.data.as_slice(), &mut out);
+            }
+        }
+        let ticket = st.free_gen;
+        if !fetch.is_empty() {
+            self.rd.enter(ticket);
+        }
+        Ok((out, fetch, ticket, gen))
+    }
+
+    /// Read and wait (copy_file_range).
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.read_async(ino, off, size, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(Errno::EIO))
+    }
+}
+
+/// Copy `src[from..]` into `out`, as far as `src` reaches; the rest of `out`
+/// stays as it is (zeros: a unit's bytes past its stored length read as zeros).
+pub(super) fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
+    let n = src.len().saturating_sub(from).min(out.len());
+    if n > 0 {
+        out[..n].copy_from_slice(&src[from..from + n]);
+        stackfs_layers::buf::count_copy(n);
+    }
+}
+
+/// Check a unit read from the pool; its bytes up to the logical length.
+pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> R<Buf> {
+    if let Err(e) = r {
+        // A cancelled sibling of a failed read has nothing new to say.
+        if e != Errno::ECANCELED {
+            log::error!("inode {ino} offset {}: read failed: {e}", u * UNIT);
+        }
+        return Err(Errno::EIO);
+    }
+    if crc32c::crc32c(b.as_slice()) != x.crc {
+        log::error!(
+            "inode {ino} offset {}: checksum mismatch at pool address {}; data is corrupt",
+            u * UNIT,
+            x.phys
+        );
+        return Err(Errno::EIO);
+    }
+    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
+    Ok(b.slice(0, n))
+}
