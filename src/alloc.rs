@@ -6,11 +6,18 @@
 use std::collections::BTreeMap;
 
 pub const BLOCK: u64 = 4096;
+/// The largest single allocation writes make (a file unit, see `fs::UNIT`).
+pub const PIECE: u64 = 64 << 10;
 
 pub struct Allocator {
     free: BTreeMap<u64, u64>,
     cursor: u64,
     free_bytes: u64,
+    /// Free `piece`-sized allocations the free ranges hold (each range
+    /// counts its length divided by `piece`, rounded down): what writes
+    /// that need whole pieces can count on, however fragmented the space.
+    pieces: u64,
+    piece: u64,
     start: u64,
     end: u64,
 }
@@ -24,6 +31,8 @@ impl Allocator {
             free: BTreeMap::new(),
             cursor: start,
             free_bytes: 0,
+            pieces: 0,
+            piece: PIECE,
             start,
             end,
         };
@@ -35,14 +44,12 @@ impl Allocator {
                 ));
             }
             if s > at {
-                a.free.insert(at, s - at);
-                a.free_bytes += s - at;
+                a.add_range(at, s - at);
             }
             at = s + l;
         }
         if end > at {
-            a.free.insert(at, end - at);
-            a.free_bytes += end - at;
+            a.add_range(at, end - at);
         }
         Ok(a)
     }
@@ -67,6 +74,40 @@ impl Allocator {
         self.free_bytes
     }
 
+    /// Free whole `PIECE`s (64 KiB, a file unit) that can be allocated.
+    pub fn free_pieces(&self) -> u64 {
+        self.pieces
+    }
+
+    /// Whether allocations of every one of `sizes` could be made now
+    /// (first fit, largest first, over the free ranges' lengths).
+    pub fn fits(&self, sizes: &[u64]) -> bool {
+        let mut want: Vec<u64> = sizes.to_vec();
+        want.sort_unstable_by(|a, b| b.cmp(a));
+        let mut ranges: Vec<u64> = self.free.values().copied().collect();
+        ranges.sort_unstable_by(|a, b| b.cmp(a));
+        for w in want {
+            match ranges.iter_mut().find(|r| **r >= w) {
+                Some(r) => *r -= w,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    fn add_range(&mut self, start: u64, len: u64) {
+        self.free.insert(start, len);
+        self.free_bytes += len;
+        self.pieces += len / self.piece;
+    }
+
+    fn remove_range(&mut self, start: u64) -> Option<u64> {
+        let len = self.free.remove(&start)?;
+        self.free_bytes -= len;
+        self.pieces -= len / self.piece;
+        Some(len)
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.end - self.start
     }
@@ -89,11 +130,10 @@ impl Allocator {
                     .map(|(s, l)| (*s, *l))
             })?;
         let (s, l) = found;
-        self.free.remove(&s);
+        self.remove_range(s);
         if l > len {
-            self.free.insert(s + len, l - len);
+            self.add_range(s + len, l - len);
         }
-        self.free_bytes -= len;
         self.cursor = s + len;
         Some(s)
     }
@@ -106,17 +146,15 @@ impl Allocator {
         let mut l = len;
         if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
             if ps + pl == start {
-                self.free.remove(&ps);
+                self.remove_range(ps);
                 s = ps;
                 l += pl;
             }
         }
-        if let Some(&nl) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
+        if let Some(nl) = self.remove_range(start + len) {
             l += nl;
         }
-        self.free.insert(s, l);
-        self.free_bytes += len;
+        self.add_range(s, l);
     }
 }
 
@@ -135,6 +173,29 @@ mod tests {
         a.free(y, 4 * BLOCK);
         assert_eq!(a.free_bytes(), 10 * BLOCK);
         assert_eq!(a.alloc(10 * BLOCK), Some(0), "freed ranges merged");
+    }
+
+    #[test]
+    fn pieces_count_what_fragmented_space_can_hold() {
+        // 10 free ranges of 60 KiB: 600 KiB free, but not one 64 KiB piece.
+        let used: Vec<(u64, u64)> = (0..10)
+            .map(|i| (i * 16 * BLOCK + 15 * BLOCK, BLOCK))
+            .collect();
+        let mut a = Allocator::from_used(0, 160 * BLOCK, used).unwrap();
+        assert_eq!(a.free_bytes(), 150 * BLOCK);
+        assert_eq!(a.free_pieces(), 0);
+        assert!(a.alloc(PIECE).is_none());
+        assert!(a.fits(&[15 * BLOCK; 10]));
+        assert!(!a.fits(&[15 * BLOCK; 11]));
+        // Freeing the blocks between them joins the ranges into whole pieces.
+        for i in 0..10 {
+            a.free(i * 16 * BLOCK + 15 * BLOCK, BLOCK);
+        }
+        assert_eq!(a.free_pieces(), 10);
+        let x = a.alloc(PIECE).unwrap();
+        assert_eq!(a.free_pieces(), 9);
+        a.free(x, PIECE);
+        assert_eq!(a.free_pieces(), 10);
     }
 
     #[test]

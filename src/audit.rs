@@ -34,14 +34,14 @@ pub fn nonces(fs: &Fs) -> Result<Vec<String>, String> {
     }
     // Metadata enters the stack at `meta` (crypt, when encrypted); its
     // slots' headers are read from the layer below it.
-    let Some(below) = fs.pool.stack.meta.lowers().into_iter().next() else {
+    let Some(below) = fs.stack.meta.lowers().into_iter().next() else {
         return Ok(out);
     };
-    if !fs.pool.stack.meta.name().starts_with("crypt") {
+    if !fs.stack.meta.name().starts_with("crypt") {
         return Ok(out);
     }
     const SLOT: u64 = 8192;
-    for addr in (0..fs.pool.sb.meta_len).step_by(SLOT as usize) {
+    for addr in (0..fs.geometry.meta_len).step_by(SLOT as usize) {
         let buf = Buf::zeroed(4096);
         submit_wait(&*below, Op::Read, addr, buf.clone())
             .map_err(|e| format!("reading pool address {addr}: {e}"))?;

@@ -157,7 +157,11 @@ fn bad(what: impl Into<String>) -> Problem {
 /// Both superblock copies of every device of the pool.
 pub fn check_superblocks(fs: &Fs) -> Vec<Problem> {
     let mut out = Vec::new();
-    for (path, size) in fs.pool.paths.iter().zip(&fs.pool.sizes) {
+    // A filesystem opened over a bare stack (tests) has no superblocks.
+    let Some(pool) = &fs.pool else {
+        return out;
+    };
+    for (path, size) in pool.paths.iter().zip(&pool.sizes) {
         let Ok(f) = std::fs::File::open(path) else {
             continue;
         };
@@ -167,13 +171,13 @@ pub fn check_superblocks(fs: &Fs) -> Vec<Problem> {
                 Err(e) => Some(e.to_string()),
                 Ok(()) => match superblock::Superblock::decode(&raw) {
                     Err(e) => Some(e.to_string()),
-                    Ok(sb) if fs.pool.sb_key.is_some() && sb.version < 2 => {
+                    Ok(sb) if pool.sb_key.is_some() && sb.version < 2 => {
                         Some("format 1, without a MAC".into())
                     }
-                    Ok(sb) if fs.pool.sb_key.as_ref().is_some_and(|k| !sb.verify(k)) => {
+                    Ok(sb) if pool.sb_key.as_ref().is_some_and(|k| !sb.verify(k)) => {
                         Some("fails authentication (changed outside stackfs?)".into())
                     }
-                    Ok(sb) if sb.pool_uuid != fs.pool.sb.pool_uuid => {
+                    Ok(sb) if sb.pool_uuid != fs.geometry.pool_uuid => {
                         Some("belongs to another pool".into())
                     }
                     Ok(_) => None,
@@ -206,9 +210,9 @@ pub fn check(
     // Every sector the store's version table names, read back as it is on
     // disk now (a second, read-only view: the durable state).
     match crate::metastore::MetaStore::open(
-        fs.pool.stack.meta.clone(),
-        fs.pool.sb.meta_len,
-        fs.pool.sb.pool_uuid,
+        fs.stack.meta.clone(),
+        fs.geometry.meta_len,
+        fs.geometry.pool_uuid,
         true,
     ) {
         Ok(view) => problems.extend(
@@ -327,7 +331,7 @@ pub fn check(
         problems.push(bad("the root directory is missing"));
     }
     // Extents: inside the data region, no overlap, owned by a live file.
-    let (start, end) = (fs.pool.sb.meta_len, fs.pool.capacity());
+    let (start, end) = (fs.geometry.meta_len, fs.stack.top.capacity());
     let table = rtx.open_table(EXTENTS).map_err(|x| e(&x))?;
     let total = redb::ReadableTableMetadata::len(&table).map_err(|x| e(&x))?;
     let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new();
@@ -522,18 +526,17 @@ fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, FsError> {
         .map_err(|x| e(&x))?;
     tx.commit().map_err(|x| e(&x))?;
     // Superblock copies: rewrite both from the good one.
-    if problems
+    let copies = problems
         .iter()
-        .any(|p| matches!(p, Problem::SuperblockCopy { .. }))
-    {
-        let devices: Vec<_> = fs
-            .pool
+        .any(|p| matches!(p, Problem::SuperblockCopy { .. }));
+    if let (true, Some(pool)) = (copies, &fs.pool) {
+        let devices: Vec<_> = pool
             .paths
             .iter()
             .cloned()
-            .zip(fs.pool.sizes.iter().copied())
+            .zip(pool.sizes.iter().copied())
             .collect();
-        crate::pool::update_superblocks(&devices, fs.pool.sb_key.as_ref(), |_| {})
+        crate::pool::update_superblocks(&devices, pool.sb_key.as_ref(), |_| {})
             .map_err(|x| e(&x))?;
         fixed += problems
             .iter()
@@ -553,7 +556,7 @@ pub fn inject(fs: &Fs, what: &str) -> Result<(), String> {
                 // An extent record of an inode that does not exist.
                 let mut t = tx.open_table(EXTENTS).map_err(|x| e(&x))?;
                 // In free space at the end of the pool: referenced by no file.
-                let phys = fs.pool.capacity() - 4096;
+                let phys = fs.stack.top.capacity() - 4096;
                 let x = Extent {
                     phys,
                     alloc: 4096,

@@ -58,7 +58,6 @@ pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_jso
 /// Each member's state, for `stackfs info`.
 pub fn health_json(fs: &Fs) -> serde_json::Value {
     let members: Vec<serde_json::Value> = fs
-        .pool
         .stack
         .health
         .members()
@@ -276,7 +275,6 @@ impl FuseFs {
         }
         let f = self
             .fs
-            .pool
             .stack
             .fault
             .as_ref()
@@ -798,11 +796,11 @@ impl Filesystem for FuseFs {
             reply.error(Errno::EPERM);
             return;
         }
-        let r = match (ino.0, self.fs.pool.stack.fault.as_ref()) {
+        let r = match (ino.0, self.fs.stack.fault.as_ref()) {
             (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
-            (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)
-                .to_string()
-                .into_bytes()),
+            (ROOT, _) if name.as_bytes() == STATS_XATTR => {
+                Ok(stack_stats(&self.fs.stack.top).to_string().into_bytes())
+            }
             (ROOT, _) if name.as_bytes() == HEALTH_XATTR => {
                 Ok(health_json(&self.fs).to_string().into_bytes())
             }

@@ -22,7 +22,9 @@ impl DirtyUnit {
 }
 
 impl Fs {
-    /// The unit's current contents, for a partial overwrite.
+    /// The unit's current contents, for a partial overwrite. Bytes past the
+    /// file's size read as zeros, whatever the stored unit still holds there
+    /// (a truncate committed before a crash shortened the file, not the unit).
     pub(super) fn unit_for_write(&self, st: &mut State, ino: u64, u: u64) -> R<()> {
         if st.files.get(&ino).is_some_and(|f| f.units.contains_key(&u)) {
             return Ok(());
@@ -30,7 +32,10 @@ impl Fs {
         let mut data = Buf::zeroed(UNIT as usize);
         if let Some(x) = self.extent(ino, u)? {
             let old = self.read_units(ino, &[(u, x)])?.pop().expect("one");
-            copy_clipped(data.as_mut_slice(), old.as_slice(), 0);
+            let size = self.load_inode(st, ino)?.size;
+            let valid = size.saturating_sub(u * UNIT).min(UNIT) as usize;
+            let old = &old.as_slice()[..old.len().min(valid)];
+            copy_clipped(data.as_mut_slice(), old, 0);
         }
         st.files
             .entry(ino)
@@ -47,9 +52,30 @@ impl Fs {
         Ok(inode)
     }
 
-    /// Space that new dirty data may still claim.
-    pub(super) fn room(&self, st: &State) -> u64 {
-        st.alloc.free_bytes().saturating_sub(st.dirty_bytes)
+    /// Whether `new_units` more dirty units surely fit: every dirty unit
+    /// may need a whole unit in one piece when it is written (compression
+    /// only frees space after it). Counting free bytes instead would accept
+    /// data that fragmented space cannot hold.
+    pub(super) fn surely_fits(&self, st: &State, new_units: u64) -> bool {
+        let pieces = st.alloc.free_pieces().saturating_mul(UNIT);
+        pieces >= st.dirty_bytes + new_units * UNIT
+    }
+
+    /// After a flush: whether the new units of a write to `off..end` can be
+    /// placed exactly (a unit that ends the file needs only its blocks),
+    /// next to the dirty units that are still in memory.
+    pub(super) fn fits_exactly(&self, st: &State, ino: u64, off: u64, end: u64) -> R<bool> {
+        let size = self.load_inode(st, ino)?.size.max(end);
+        let dirty = st.files.get(&ino);
+        let mut sizes = vec![UNIT; (st.dirty_bytes / UNIT) as usize];
+        for u in off / UNIT..=(end - 1) / UNIT {
+            if dirty.is_some_and(|f| f.units.contains_key(&u)) {
+                continue;
+            }
+            let len = size.saturating_sub(u * UNIT).min(UNIT);
+            sizes.push(len.div_ceil(BLOCK) * BLOCK);
+        }
+        Ok(st.alloc.fits(&sizes))
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
@@ -72,21 +98,23 @@ impl Fs {
             return Ok(0);
         }
         let mut st = self.st.lock();
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let dirty = st.files.get(&ino);
+        let new_units = (first..=last)
+            .filter(|u| !dirty.is_some_and(|f| f.units.contains_key(u)))
+            .count() as u64;
+        if !self.surely_fits(&st, new_units) {
+            // Frees wait for a durable commit; make one before giving up.
+            // (Before the inode is taken: the flush commits the file's own.)
+            self.flush_all(&mut st, true)?;
+            self.drain_deferred(&mut st);
+            if !self.surely_fits(&st, new_units) && !self.fits_exactly(&st, ino, off, end)? {
+                return Err(err(libc::ENOSPC));
+            }
+        }
         let mut inode = self.file_inode(&mut st, ino)?;
         if let Some(who) = kill {
             inode.perm &= !setid_loss(&inode, SetidChange::Data, who);
-        }
-        let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let new_units = (first..=last)
-            .filter(|u| !st.files[&ino].units.contains_key(u))
-            .count() as u64;
-        if self.room(&st) < new_units * UNIT {
-            // Frees wait for a durable commit; make one before giving up.
-            self.flush_all(&mut st, true)?;
-            self.drain_deferred(&mut st);
-            if self.room(&st) < new_units * UNIT {
-                return Err(err(libc::ENOSPC));
-            }
         }
         for u in first..=last {
             let ustart = u * UNIT;
@@ -167,6 +195,12 @@ impl Fs {
             st.files.get_mut(&ino).expect("file").inode = Some(inode);
             self.commit(st, tx, false)?;
         } else {
+            // The unit holding the old end: what it stores past the end must
+            // read as zeros once the file is longer.
+            let tail = inode.size / UNIT;
+            if inode.size % UNIT != 0 && size > inode.size && self.extent(ino, tail)?.is_some() {
+                self.unit_for_write(st, ino, tail)?;
+            }
             inode.size = size;
             st.files.get_mut(&ino).expect("file").inode = Some(inode);
         }
@@ -272,12 +306,15 @@ impl Fs {
                         && stored.get(u).is_none_or(|x| (x.alloc as u64) < UNIT)
                 })
                 .collect();
-            if self.room(&st) < short.len() as u64 * UNIT {
+            // Preallocated units are stored whole: only whole pieces count.
+            if !self.surely_fits(&st, short.len() as u64) {
                 self.flush_all(&mut st, true)?;
                 self.drain_deferred(&mut st);
-                if self.room(&st) < short.len() as u64 * UNIT {
+                if !self.surely_fits(&st, short.len() as u64) {
                     return Err(err(libc::ENOSPC));
                 }
+                // The flush committed the file's inode: take it up again.
+                self.file_inode(&mut st, ino)?;
             }
             for u in short {
                 self.unit_for_write(&mut st, ino, u)?;

@@ -17,6 +17,7 @@ use redb::{
 };
 use stackfs_layers::io::IoResult;
 use stackfs_layers::io::{TAG_DETACHED, TAG_RAW};
+use stackfs_layers::Stack;
 use stackfs_layers::{Buf, Errno, ExtentTag, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -30,6 +31,9 @@ mod read;
 mod records;
 mod txn;
 mod writeback;
+
+#[cfg(test)]
+mod tests;
 
 use attr::{acl_create, ACL_ACCESS, ACL_DEFAULT};
 use dirty::DirtyUnit;
@@ -200,7 +204,10 @@ impl Drop for StackGuard {
 pub struct Fs {
     pub(crate) db: Database,
     _stop: StackGuard,
-    closed: std::sync::atomic::AtomicBool,
+    /// The outcome of `shutdown`, once it ran (later calls return it again).
+    closed: Mutex<Option<R<()>>>,
+    /// Set once, when a metadata failure turned the filesystem read-only.
+    failure: std::sync::OnceLock<String>,
     /// File data enters the stack here (the top); metadata enters below
     /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
@@ -213,7 +220,30 @@ pub struct Fs {
     store_problem: Option<String>,
     /// The mount's atime and sync rules (remount can change them).
     policy: Mutex<MountPolicy>,
-    pub pool: Pool,
+    /// The layers the filesystem runs over.
+    pub stack: Stack,
+    pub geometry: Geometry,
+    /// The pool (devices, superblocks, ownership), when opened from one.
+    pub pool: Option<Pool>,
+}
+
+/// Where the metadata store lives in a stack, and whose it is.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// The metadata region: bytes `0..meta_len` of the metadata layer.
+    pub meta_len: u64,
+    /// The pool's UUID, recorded in the store's root.
+    pub pool_uuid: [u8; 16],
+}
+
+/// A second handle on the same layers.
+pub fn share(stack: &Stack) -> Stack {
+    Stack {
+        top: stack.top.clone(),
+        meta: stack.meta.clone(),
+        fault: stack.fault.clone(),
+        health: stack.health.clone(),
+    }
 }
 
 /// The message of a caught panic.
@@ -275,8 +305,22 @@ impl Fs {
     /// anywhere while the filesystem opens. That is damage to name, not a
     /// crash: the panic is caught here and reported as such.
     pub fn open(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fs::open_inner(pool, opts)))
-        {
+        let geometry = Geometry {
+            meta_len: pool.sb.meta_len,
+            pool_uuid: pool.sb.pool_uuid,
+        };
+        let mut fs = Fs::open_on(share(&pool.stack), geometry, opts)?;
+        fs.pool = Some(pool);
+        Ok(fs)
+    }
+
+    /// Open the filesystem over any layer stack (a pool's, or `mem` and
+    /// `fault` stacks in tests) whose metadata region `geometry` describes.
+    pub fn open_on(stack: Stack, geometry: Geometry, opts: FsOptions) -> Result<Fs, FsError> {
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Fs::open_inner(stack, geometry, opts)
+        }));
+        match opened {
             Ok(r) => r,
             Err(p) => Err(FsError::damaged(format!(
                 "metadata store is damaged: {} (run stackfs fsck)",
@@ -285,13 +329,23 @@ impl Fs {
         }
     }
 
-    pub(super) fn open_inner(pool: Pool, opts: FsOptions) -> Result<Fs, FsError> {
-        let top = pool.stack.top.clone();
-        let meta_len = pool.sb.meta_len;
+    /// Write an empty metadata store (its first root) over a fresh stack.
+    pub fn format(stack: &Stack, geometry: Geometry) -> Result<(), FsError> {
+        MetaStore::format(stack.meta.clone(), geometry.meta_len, geometry.pool_uuid).map_err(|e| {
+            FsError::io(
+                format!("writing the metadata store's root: {e}"),
+                Errno::EIO,
+            )
+        })
+    }
+
+    fn open_inner(stack: Stack, geometry: Geometry, opts: FsOptions) -> Result<Fs, FsError> {
+        let top = stack.top.clone();
+        let meta_len = geometry.meta_len;
         let store = MetaStore::open(
-            pool.stack.meta.clone(),
+            stack.meta.clone(),
             meta_len,
-            pool.sb.pool_uuid,
+            geometry.pool_uuid,
             opts.read_only,
         )
         .map_err(FsError::damaged)?;
@@ -365,7 +419,8 @@ impl Fs {
         let fs = Fs {
             db,
             _stop: StackGuard(top.clone()),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: Mutex::new(None),
+            failure: std::sync::OnceLock::new(),
             data: top,
             st: Mutex::new(State {
                 alloc,
@@ -399,7 +454,9 @@ impl Fs {
                     sync_metadata: opts.sync_metadata,
                 }
             }),
-            pool,
+            stack,
+            geometry,
+            pool: None,
         };
         if !fs.read_only {
             // A damaged sector reaches us from redb as a bare I/O error: name it.
@@ -487,24 +544,38 @@ impl Fs {
     /// Make everything durable and refuse further syncs; the stack stops
     /// when the last handle on the filesystem is dropped.
     pub fn shutdown(&self) -> R<()> {
+        let mut closed = self.closed.lock();
+        if let Some(outcome) = *closed {
+            return outcome;
+        }
+        let outcome = self.shut_down();
+        if let Err(e) = outcome {
+            log::error!("unmount: dirty data or metadata could not be written: {e}");
+        }
+        *closed = Some(outcome);
+        outcome
+    }
+
+    fn shut_down(&self) -> R<()> {
+        if self.read_only {
+            return Ok(());
+        }
         if self.failed() {
-            // A member stopped answering: nothing more is written; the pool
-            // stays in its last durable state (fsck it after the member is back).
-            self.closed
-                .store(true, std::sync::atomic::Ordering::Release);
-            return Err(Errno::EIO);
+            // A member stopped answering or a commit failed: nothing more is
+            // written; the pool stays in its last durable state (fsck it).
+            return Err(if self.stack.health.any_faulted() {
+                Errno::EIO
+            } else {
+                Errno::EROFS
+            });
         }
         // The session is over: nothing can hold a removed file any more.
-        if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            match self.purge_all_orphans() {
-                Ok(0) => {}
-                Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
-                Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
-            }
+        match self.purge_all_orphans() {
+            Ok(0) => {}
+            Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
+            Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
         }
-        let r = self.sync();
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        r
+        let mut st = self.st.lock();
+        self.flush_all(&mut st, true)
     }
 }

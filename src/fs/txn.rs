@@ -17,23 +17,47 @@ impl Fs {
             return Err(Errno::EROFS);
         }
         self.writable()?;
-        self.db.begin_write().map_err(db_err)
+        self.db.begin_write().map_err(|e| {
+            self.fail(format!("the metadata store refuses new transactions ({e})"));
+            Errno::EROFS
+        })
     }
 
-    /// The failed state: once a member is faulted (it stopped answering),
-    /// nothing more is written, data or metadata, until the pool is mounted
-    /// again. Writes, fsync and changes fail with EIO; reads go on (those of
-    /// the faulted member fail with EIO from the watchdog).
+    /// The failed state: once a member is faulted (it stopped answering), or
+    /// a metadata commit failed (its outcome on disk is unknown), nothing
+    /// more is written or allocated, data or metadata, until the pool is
+    /// mounted again: the space a failed commit may have used is never
+    /// given out twice. Changes fail with EIO (a faulted member) or EROFS
+    /// (read-only after a metadata failure, as ext4's errors=remount-ro);
+    /// reads go on (those of a faulted member fail with EIO).
     pub fn writable(&self) -> R<()> {
-        if self.pool.stack.health.any_faulted() {
+        if self.stack.health.any_faulted() {
             return Err(Errno::EIO);
+        }
+        if self.failure.get().is_some() {
+            return Err(Errno::EROFS);
         }
         Ok(())
     }
 
     /// Whether the filesystem is in its failed state.
     pub fn failed(&self) -> bool {
-        self.pool.stack.health.any_faulted()
+        self.stack.health.any_faulted() || self.failure.get().is_some()
+    }
+
+    /// Why the filesystem turned read-only, if a metadata failure made it so.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(|s| s.as_str())
+    }
+
+    /// Enter the failed state, saying why once.
+    pub(super) fn fail(&self, why: String) {
+        let line = format!(
+            "{why}; the filesystem is read-only from now on (unmount it, then run stackfs fsck)"
+        );
+        if self.failure.set(line.clone()).is_ok() {
+            log::error!("{line}");
+        }
     }
 
     /// Commit a transaction. A durable commit first flushes the data below
@@ -47,15 +71,23 @@ impl Fs {
             c.insert("next_gen", st.next_gen).map_err(db_err)?;
         }
         if durable {
-            self.flush_device()?;
+            // Written data the device has not made durable may be lost:
+            // nothing can be committed over it.
+            if let Err(e) = self.flush_device() {
+                self.fail(format!("a device flush failed ({e})"));
+                return Err(Errno::EIO);
+            }
             tx.set_durability(Durability::Immediate).map_err(db_err)?;
         } else {
             tx.set_durability(Durability::None).map_err(db_err)?;
         }
         if let Err(e) = tx.commit() {
-            // Nothing of this transaction happened: neither do its frees.
-            st.pending_free.truncate(st.pending_mark);
-            return Err(db_err(e));
+            // Part of it may be on disk: its frees stay pending and its new
+            // extents stay allocated (the failed state allocates no more).
+            self.fail(format!(
+                "a metadata commit failed ({e}); whether it reached the disk is unknown"
+            ));
+            return Err(Errno::EIO);
         }
         if durable {
             // Reads that looked up their extents before this commit may still
@@ -121,16 +153,28 @@ impl Fs {
         Inode::decode(ino, v.value())
     }
 
+    /// Record an inode's metadata change in `tx`. A file with data still in
+    /// memory keeps, in the record, a size no larger than the one its
+    /// committed data has: the size written by a metadata-only operation
+    /// (chmod, link, xattrs, ...) is never ahead of its data, so a crash
+    /// cannot leave a zero-filled tail. The full size goes with the data's
+    /// own commit (`commit_units`).
     pub(super) fn put_inode(&self, st: &mut State, tx: &WriteTransaction, inode: &Inode) -> R<()> {
-        tx.open_table(INODES)
-            .map_err(db_err)?
-            .insert(inode.ino, inode.encode().as_slice())
-            .map_err(db_err)?;
+        let mut record = inode.clone();
+        let mut table = tx.open_table(INODES).map_err(db_err)?;
         if let Some(f) = st.files.get_mut(&inode.ino) {
             if f.inode.is_some() {
                 f.inode = Some(inode.clone());
+                let committed = match table.get(inode.ino).map_err(db_err)? {
+                    Some(v) => Inode::decode(inode.ino, v.value())?.size,
+                    None => 0,
+                };
+                record.size = record.size.min(committed);
             }
         }
+        table
+            .insert(inode.ino, record.encode().as_slice())
+            .map_err(db_err)?;
         Ok(())
     }
 

@@ -125,7 +125,13 @@ impl Fs {
         let mut waits = Vec::new();
         // Per file of the batch: (unit, its new extent, or None for a hole).
         let mut placed: Vec<Vec<(u64, Option<Extent>)>> = vec![Vec::new(); batch.len()];
+        // After a failure whose outcome is unknown (a timed-out write, a
+        // failed commit) the space stays taken: the failed state allocates
+        // nothing more, and the next mount rebuilds the allocator.
         let free_placed = |st: &mut State, placed: &[Vec<(u64, Option<Extent>)>]| {
+            if self.failed() {
+                return;
+            }
             for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
                 st.alloc.free(x.phys, x.alloc as u64);
             }
@@ -310,23 +316,28 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         st.closed_dirty = 0;
+        let mut first = None;
         if self.flush_files(st, &inos, false).is_err() {
             // One file's failure must not hold the others back: one by one.
-            let mut first = None;
             for ino in inos {
                 if let Err(e) = self.flush_file(st, ino, false) {
                     first.get_or_insert(e);
                 }
             }
-            if let Some(e) = first {
-                return Err(e);
-            }
         }
-        if durable && (st.undurable || !st.pending_free.is_empty() || !st.deferred_free.is_empty())
+        // What did get written is made durable even when some file failed.
+        let committed = if durable
+            && !self.failed()
+            && (st.undurable || !st.pending_free.is_empty() || !st.deferred_free.is_empty())
         {
-            self.commit_now(st, true)?;
+            self.commit_now(st, true)
+        } else {
+            Ok(())
+        };
+        match first {
+            Some(e) => Err(e),
+            None => committed,
         }
-        Ok(())
     }
 
     pub fn fsync(&self, ino: u64) -> R<()> {
@@ -345,7 +356,7 @@ impl Fs {
 
     /// Everything durable (timer, syncfs, unmount).
     pub fn sync(&self) -> R<()> {
-        if self.read_only || self.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if self.read_only || self.closed.lock().is_some() {
             return Ok(());
         }
         let mut st = self.st.lock();

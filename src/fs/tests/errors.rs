@@ -1,0 +1,104 @@
+//! Error semantics: a failed or unknown commit, metadata I/O errors, data
+//! write errors and unmount.
+
+use super::*;
+
+#[test]
+fn a_metadata_write_error_turns_the_filesystem_read_only() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let kept = create(&fs, ROOT, "kept");
+    write_all(&fs, kept, 0, &pattern(1, 0, 200_000));
+    fs.fsync(kept).unwrap();
+    rig.fail(Some(Op::Write), rig.meta_range(), Errno::EIO);
+    let made = fs.mknod(ME, ROOT, b"new", libc::S_IFREG | 0o644, 0, 0, None);
+    let synced = made.and_then(|i| fs.fsync(i.ino));
+    assert!(
+        synced.is_err(),
+        "a commit through failing metadata writes succeeded"
+    );
+    assert!(fs.failed(), "not in the failed state");
+    assert!(
+        fs.failure().unwrap().contains("read-only"),
+        "{:?}",
+        fs.failure()
+    );
+    // Said once; from now on every change is refused at once, the same way.
+    rig.ctl.clear();
+    let e = fs
+        .mknod(ME, ROOT, b"later", libc::S_IFREG | 0o644, 0, 0, None)
+        .unwrap_err();
+    assert_eq!(e, Errno::EROFS);
+    assert_eq!(fs.write(kept, 0, b"x").unwrap_err(), Errno::EROFS);
+    assert_eq!(fs.unlink(ROOT, b"kept").unwrap_err(), Errno::EROFS);
+    // Reads go on.
+    assert_eq!(read_all(&fs, kept), pattern(1, 0, 200_000));
+    assert!(
+        fs.shutdown().is_err(),
+        "unmount of a failed filesystem reported success"
+    );
+    drop(fs);
+    let fs = rig.open();
+    assert_eq!(
+        read_all(&fs, lookup(&fs, ROOT, "kept").unwrap().ino),
+        pattern(1, 0, 200_000)
+    );
+}
+
+#[test]
+fn an_unknown_commit_outcome_never_gives_its_space_out_again() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let ino = create(&fs, ROOT, "f");
+    write_all(&fs, ino, 0, &pattern(1, 0, 8 * UNIT as usize));
+    fs.fsync(ino).unwrap();
+    let free_before = fs.usage().unwrap().free;
+    // The rewrite's data is written; the flush before its commit fails:
+    // whether the commit would have reached the disk is unknown.
+    write_all(&fs, ino, 0, &pattern(2, 0, 8 * UNIT as usize));
+    rig.fail(Some(Op::Flush), None, Errno::EIO);
+    assert!(fs.fsync(ino).is_err());
+    rig.ctl.clear();
+    assert!(fs.failed());
+    let free_after = fs.usage().unwrap().free;
+    assert!(
+        free_after <= free_before - 8 * UNIT,
+        "the rewrite's space went back to use: {free_before} free before, {free_after} after"
+    );
+    assert_eq!(fs.write(ino, 0, b"y").unwrap_err(), Errno::EROFS);
+    assert!(fs.shutdown().is_err());
+    drop(fs);
+    // The durable state is the old file, whole.
+    let fs = rig.open();
+    let ino = lookup(&fs, ROOT, "f").unwrap().ino;
+    assert_eq!(read_all(&fs, ino), pattern(1, 0, 8 * UNIT as usize));
+}
+
+#[test]
+fn a_data_write_error_keeps_the_data_for_a_later_flush() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let ino = create(&fs, ROOT, "f");
+    write_all(&fs, ino, 0, &pattern(4, 0, 300_000));
+    rig.fail(Some(Op::Write), rig.data_range(), Errno::EIO);
+    assert_eq!(fs.fsync(ino).unwrap_err(), Errno::EIO);
+    assert!(!fs.failed(), "a refused data write is not a failed commit");
+    rig.ctl.clear();
+    fs.fsync(ino).unwrap();
+    let fs = rig.crash(fs);
+    let ino = lookup(&fs, ROOT, "f").unwrap().ino;
+    assert_eq!(read_all(&fs, ino), pattern(4, 0, 300_000));
+}
+
+#[test]
+fn unmount_never_reports_success_after_failing_to_write_data() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let a = create(&fs, ROOT, "a");
+    write_all(&fs, a, 0, &pattern(5, 0, 100_000));
+    fs.release(a).unwrap();
+    rig.fail(Some(Op::Write), rig.data_range(), Errno::EIO);
+    let first = fs.shutdown();
+    assert_eq!(first, Err(Errno::EIO), "unmount reported success");
+    assert_eq!(fs.shutdown(), first, "a second call forgot the failure");
+}
