@@ -30,8 +30,18 @@ impl Fs {
             return Ok(());
         }
         let mut data = Buf::zeroed(UNIT as usize);
-        if let Some(x) = self.extent(ino, u)? {
-            let old = self.read_units(ino, &[(u, x)])?.pop().expect("one");
+        let flying = st
+            .in_flight
+            .get(&ino)
+            .and_then(|f| f.units.get(&u))
+            .cloned();
+        let old = match (flying, self.extent(ino, u)?) {
+            // A flush is writing the unit: its bytes are the newest.
+            (Some(flying), _) => Some(flying),
+            (None, Some(x)) => self.read_units(ino, &[(u, x)])?.pop(),
+            (None, None) => None,
+        };
+        if let Some(old) = old {
             let size = self.load_inode(st, ino)?.size;
             let valid = size.saturating_sub(u * UNIT).min(UNIT) as usize;
             let old = &old.as_slice()[..old.len().min(valid)];
@@ -154,7 +164,9 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    pub(super) fn truncate(&self, st: &mut State, ino: u64, size: u64) -> R<()> {
+    pub(super) fn truncate(&self, st: &mut Guard, ino: u64, size: u64) -> R<()> {
+        // The units a flush is writing must be committed before they change.
+        self.wait_for_flush(st);
         let mut inode = self.file_inode(st, ino)?;
         if inode.kind != Kind::File {
             return Err(err(if inode.kind == Kind::Dir {
@@ -208,7 +220,7 @@ impl Fs {
     }
 
     /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
-    pub(super) fn zero_range(&self, st: &mut State, ino: u64, off: u64, len: u64) -> R<()> {
+    pub(super) fn zero_range(&self, st: &mut Guard, ino: u64, off: u64, len: u64) -> R<()> {
         let inode = self.file_inode(st, ino)?;
         let end = off + len;
         if len == 0 {
@@ -284,6 +296,7 @@ impl Fs {
             return Err(err(libc::EINVAL));
         }
         let mut st = self.st.lock();
+        self.wait_for_flush(&mut st);
         let inode = self.file_inode(&mut st, ino)?;
         if inode.kind != Kind::File {
             return Err(err(libc::ENODEV));
@@ -347,6 +360,10 @@ impl Fs {
             .into_iter()
             .map(|(u, x)| (u, x.map))
             .collect();
+        let flying = st.in_flight.get(&ino).into_iter();
+        for (u, data) in flying.flat_map(|f| f.units.range(first..=last)) {
+            maps.insert(*u, block_map(data.as_slice()));
+        }
         if let Some(f) = st.files.get(&ino) {
             for (u, d) in f.units.range(first..=last) {
                 maps.insert(*u, block_map(d.data.as_slice()));

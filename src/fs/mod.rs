@@ -39,6 +39,7 @@ use attr::{acl_create, ACL_ACCESS, ACL_DEFAULT};
 use dirty::DirtyUnit;
 use read::{copy_clipped, ReadSide};
 pub use records::*;
+use txn::Sync;
 
 /// Logical size of a file data unit: the granule of copy-on-write and of the
 /// extent map.
@@ -176,7 +177,22 @@ struct State {
     undurable: bool,
     /// Directories the kernel holds (see `DirRefs`).
     dirs: HashMap<u64, DirRefs>,
+    /// A flush is writing data with the lock released (one at a time).
+    flushing: bool,
+    /// What that flush is writing, by file: reads, stat and partial
+    /// overwrites take the inode and the units' bytes from here until the
+    /// commit.
+    in_flight: HashMap<u64, InFlight>,
 }
+
+/// A file's inode and units as a flush in progress took them.
+struct InFlight {
+    inode: Inode,
+    units: BTreeMap<u64, Buf>,
+}
+
+/// The filesystem lock, held: flushes release it around their I/O.
+type Guard<'a> = parking_lot::MutexGuard<'a, State>;
 
 /// What keeps a removed directory's inode alive, as on a kernel filesystem:
 /// open handles (opendir without releasedir) and the kernel's lookup count
@@ -212,6 +228,8 @@ pub struct Fs {
     /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
     st: Mutex<State>,
+    /// Signalled when a flush that released the lock has committed.
+    flush_done: parking_lot::Condvar,
     /// What reads share with their completions, which run without `st`.
     rd: Arc<ReadSide>,
     read_only: bool,
@@ -435,7 +453,10 @@ impl Fs {
                 next_gen,
                 undurable: false,
                 dirs: HashMap::new(),
+                flushing: false,
+                in_flight: HashMap::new(),
             }),
+            flush_done: parking_lot::Condvar::new(),
             rd: Arc::new(ReadSide {
                 cache: Mutex::new(LruCache::new(
                     NonZeroUsize::new(cache_units).expect("non-zero"),

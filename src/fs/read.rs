@@ -221,9 +221,13 @@ impl Fs {
             );
         };
         let committed = self.extents(ino, first, last)?;
+        // Units a flush is writing: newer than what is committed.
+        let flying = st.in_flight.get(&ino).map(|f| &f.units);
         let mut cache = self.rd.cache.lock();
         for (u, x) in committed {
-            if file.is_some_and(|f| f.units.contains_key(&u)) {
+            if file.is_some_and(|f| f.units.contains_key(&u))
+                || flying.is_some_and(|f| f.contains_key(&u))
+            {
                 continue;
             }
             match cache.get(&(ino, u)) {
@@ -233,6 +237,9 @@ impl Fs {
         }
         let gen = self.rd.cache_gen.load(std::sync::atomic::Ordering::Relaxed);
         drop(cache);
+        for (u, data) in flying.into_iter().flat_map(|f| f.range(first..=last)) {
+            place(*u, data.as_slice(), &mut out);
+        }
         if let Some(f) = file {
             for (u, d) in f.units.range(first..=last) {
                 place(*u, d.data.as_slice(), &mut out);

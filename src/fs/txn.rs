@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// How a commit reaches the disk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Sync {
+    /// Not durably: the next durable commit takes it along.
+    None,
+    /// Durably, after a device flush of the data it references.
+    Flush,
+    /// Durably; the caller flushed the device after its last data write
+    /// (data written since by others is not referenced: flushes take turns).
+    Flushed,
+}
+
 impl Fs {
     /// Begin a transaction under the filesystem lock. Frees recorded by a
     /// transaction that was abandoned (an error returned before its commit)
@@ -63,24 +75,41 @@ impl Fs {
     /// Commit a transaction. A durable commit first flushes the data below
     /// (so no committed extent points at bytes not yet on disk), then makes
     /// the pending frees reusable.
-    pub(super) fn commit(&self, st: &mut State, mut tx: WriteTransaction, durable: bool) -> R<()> {
-        let durable = durable || self.policy.lock().sync_metadata;
+    pub(super) fn commit(&self, st: &mut State, tx: WriteTransaction, durable: bool) -> R<()> {
+        self.commit_with(st, tx, if durable { Sync::Flush } else { Sync::None })
+    }
+
+    /// Commit, durably unless `sync` is `None` (and the mount is not `sync`).
+    pub(super) fn commit_with(
+        &self,
+        st: &mut State,
+        mut tx: WriteTransaction,
+        sync: Sync,
+    ) -> R<()> {
+        let sync = match sync {
+            Sync::None if self.policy.lock().sync_metadata => Sync::Flush,
+            other => other,
+        };
+        let durable = sync != Sync::None;
         {
             let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
             c.insert("next_ino", st.next_ino).map_err(db_err)?;
             c.insert("next_gen", st.next_gen).map_err(db_err)?;
         }
-        if durable {
+        if sync == Sync::Flush {
             // Written data the device has not made durable may be lost:
             // nothing can be committed over it.
             if let Err(e) = self.flush_device() {
                 self.fail(format!("a device flush failed ({e})"));
                 return Err(Errno::EIO);
             }
-            tx.set_durability(Durability::Immediate).map_err(db_err)?;
-        } else {
-            tx.set_durability(Durability::None).map_err(db_err)?;
         }
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        tx.set_durability(durability).map_err(db_err)?;
         if let Err(e) = tx.commit() {
             // Part of it may be on disk: its frees stay pending and its new
             // extents stay allocated (the failed state allocates no more).
@@ -134,8 +163,9 @@ impl Fs {
         stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0)).map(|_| ())
     }
 
+    /// The newest inode: changed in memory, being flushed, or committed.
     pub(super) fn load_inode(&self, st: &State, ino: u64) -> R<Inode> {
-        if let Some(i) = st.files.get(&ino).and_then(|f| f.inode.clone()) {
+        if let Some(i) = Self::inode_in_memory(st, ino) {
             return Ok(i);
         }
         let rtx = self.db.begin_read().map_err(db_err)?;
@@ -144,8 +174,13 @@ impl Fs {
         Inode::decode(ino, v.value())
     }
 
+    fn inode_in_memory(st: &State, ino: u64) -> Option<Inode> {
+        let changed = st.files.get(&ino).and_then(|f| f.inode.clone());
+        changed.or_else(|| st.in_flight.get(&ino).map(|f| f.inode.clone()))
+    }
+
     pub(super) fn inode_tx(&self, st: &State, tx: &WriteTransaction, ino: u64) -> R<Inode> {
-        if let Some(i) = st.files.get(&ino).and_then(|f| f.inode.clone()) {
+        if let Some(i) = Self::inode_in_memory(st, ino) {
             return Ok(i);
         }
         let t = tx.open_table(INODES).map_err(db_err)?;
@@ -162,15 +197,17 @@ impl Fs {
     pub(super) fn put_inode(&self, st: &mut State, tx: &WriteTransaction, inode: &Inode) -> R<()> {
         let mut record = inode.clone();
         let mut table = tx.open_table(INODES).map_err(db_err)?;
-        if let Some(f) = st.files.get_mut(&inode.ino) {
-            if f.inode.is_some() {
-                f.inode = Some(inode.clone());
-                let committed = match table.get(inode.ino).map_err(db_err)? {
-                    Some(v) => Inode::decode(inode.ino, v.value())?.size,
-                    None => 0,
-                };
-                record.size = record.size.min(committed);
-            }
+        let flying = st.in_flight.contains_key(&inode.ino);
+        let changed = st.files.get(&inode.ino).is_some_and(|f| f.inode.is_some());
+        if changed || flying {
+            // The change joins the file's in memory (a flush in progress
+            // took the inode: the next flush commits it again).
+            st.files.entry(inode.ino).or_default().inode = Some(inode.clone());
+            let committed = match table.get(inode.ino).map_err(db_err)? {
+                Some(v) => Inode::decode(inode.ino, v.value())?.size,
+                None => 0,
+            };
+            record.size = record.size.min(committed);
         }
         table
             .insert(inode.ino, record.encode().as_slice())

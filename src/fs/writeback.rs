@@ -59,16 +59,31 @@ impl Fs {
     }
 
     /// Write a file's dirty units to fresh space and commit the new extents.
-    pub(super) fn flush_file(&self, st: &mut State, ino: u64, durable: bool) -> R<()> {
+    pub(super) fn flush_file(&self, st: &mut Guard, ino: u64, durable: bool) -> R<()> {
         self.flush_files(st, &[ino], durable)
+    }
+
+    /// Wait until no flush is writing with the lock released: for a second
+    /// flush (commits of one file's units must not cross), and for truncate,
+    /// zero-range and fallocate, which change units a flush may be writing.
+    pub(super) fn wait_for_flush(&self, st: &mut Guard) {
+        while st.flushing {
+            self.flush_done.wait(st);
+        }
     }
 
     /// Write the dirty units of several files as one batch (compressed on
     /// every core, one submission per device) and commit all their new
     /// extents in one transaction: group commit for many small files.
-    pub(super) fn flush_files(&self, st: &mut State, inos: &[u64], durable: bool) -> R<()> {
+    ///
+    /// The data is written with the filesystem lock released: the units move
+    /// to `in_flight`, where reads and partial overwrites find them, and
+    /// lookups, getattr, readdir, reads and metadata changes go on meanwhile.
+    /// The lock is taken again to commit.
+    pub(super) fn flush_files(&self, st: &mut Guard, inos: &[u64], durable: bool) -> R<()> {
         // Failed: the dirty data stays in memory, unwritten (EIO to the caller).
         self.writable()?;
+        self.wait_for_flush(st);
         let mut batch = Vec::new();
         for ino in inos {
             let Some(f) = st.files.get_mut(ino) else {
@@ -85,119 +100,67 @@ impl Fs {
                 Ok(())
             };
         }
-        let res = self.write_units(st, &mut batch, durable);
         let units: u64 = batch.iter().map(|(_, u)| u.len() as u64).sum();
-        match res {
-            Ok(()) => {
-                st.dirty_bytes -= (units * UNIT).min(st.dirty_bytes);
-                // Closed files have nothing left to keep.
-                for (inode, _) in &batch {
-                    if let Some(f) = st.files.get_mut(&inode.ino) {
-                        f.counted = false;
-                        if f.open == 0 && f.units.is_empty() && f.inode.is_none() {
-                            st.files.remove(&inode.ino);
-                        }
+        st.dirty_bytes -= (units * UNIT).min(st.dirty_bytes);
+        for (inode, units) in &batch {
+            let flying = InFlight {
+                inode: inode.clone(),
+                units: units.iter().map(|(u, d)| (*u, d.data.clone())).collect(),
+            };
+            st.in_flight.insert(inode.ino, flying);
+        }
+        st.flushing = true;
+        let res = self.write_units(st, &mut batch, durable);
+        st.flushing = false;
+        if res.is_err() {
+            // Keep everything in memory: a later flush may succeed. Units
+            // written again meanwhile keep their newer data.
+            for (inode, units) in &mut batch {
+                let f = st.files.entry(inode.ino).or_default();
+                f.inode.get_or_insert(inode.clone());
+                let mut back = 0;
+                for (u, d) in std::mem::take(units) {
+                    if let std::collections::btree_map::Entry::Vacant(e) = f.units.entry(u) {
+                        e.insert(d);
+                        back += 1;
                     }
                 }
-                Ok(())
-            }
-            Err(e) => {
-                // Keep everything in memory: a later flush may succeed.
-                for (inode, units) in batch {
-                    let f = st.files.entry(inode.ino).or_default();
-                    f.inode.get_or_insert(inode);
-                    for (u, d) in units {
-                        f.units.entry(u).or_insert(d);
-                    }
-                }
-                Err(e)
+                st.dirty_bytes += back * UNIT;
             }
         }
+        for (inode, _) in &batch {
+            st.in_flight.remove(&inode.ino);
+            // Closed files have nothing left to keep.
+            if let (Ok(()), Some(f)) = (&res, st.files.get_mut(&inode.ino)) {
+                f.counted = false;
+                if f.open == 0 && f.units.is_empty() && f.inode.is_none() {
+                    st.files.remove(&inode.ino);
+                }
+            }
+        }
+        self.flush_done.notify_all();
+        res
     }
 
+    /// Place, write and commit a batch. Returns with the lock held again.
     pub(super) fn write_units(
         &self,
-        st: &mut State,
+        st: &mut Guard,
         batch: &mut [(Inode, BTreeMap<u64, DirtyUnit>)],
         durable: bool,
     ) -> R<()> {
-        let mut ios = Vec::new();
-        let mut waits = Vec::new();
-        // Per file of the batch: (unit, its new extent, or None for a hole).
-        let mut placed: Vec<Vec<(u64, Option<Extent>)>> = vec![Vec::new(); batch.len()];
-        // After a failure whose outcome is unknown (a timed-out write, a
-        // failed commit) the space stays taken: the failed state allocates
-        // nothing more, and the next mount rebuilds the allocator.
-        let free_placed = |st: &mut State, placed: &[Vec<(u64, Option<Extent>)>]| {
-            if self.failed() {
-                return;
-            }
-            for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
-                st.alloc.free(x.phys, x.alloc as u64);
-            }
-        };
-        for (fi, (inode, units)) in batch.iter().enumerate() {
-            for (&u, d) in units.iter() {
-                let ustart = u * UNIT;
-                // Units past EOF are kept only when fallocate reserved them.
-                if ustart >= inode.size && !d.keep {
-                    continue;
-                }
-                let logical = inode.size.saturating_sub(ustart).min(UNIT);
-                let len = if d.keep {
-                    UNIT
-                } else {
-                    logical.div_ceil(BLOCK) * BLOCK
-                };
-                // Crypt keeps nonce and MAC in the extent record (detached), so a
-                // unit needs at most its own length; what compression saves is freed below.
-                let alloc_len = len;
-                let bytes = &d.data.as_slice()[..logical as usize];
-                if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
-                    // An all-zero unit is stored as a hole.
-                    placed[fi].push((u, None));
-                    continue;
-                }
-                let Some(phys) = st.alloc.alloc(alloc_len) else {
-                    free_placed(st, &placed);
-                    return Err(err(libc::ENOSPC));
-                };
-                // The unit's own buffer goes down: past `logical` it holds zeros
-                // (truncate and writes past the end keep it so).
-                let b = d.data.slice(0, len as usize);
-                let x = Extent {
-                    phys,
-                    alloc: alloc_len as u32,
-                    logical: logical as u32,
-                    len: len as u32,
-                    codec: 0,
-                    stored: len as u32,
-                    nonce: [0; 24],
-                    mac: [0; 16],
-                    crc: crc32c::crc32c(b.as_slice()),
-                    map: block_map(bytes),
-                };
-                let w = Waiter::new();
-                let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
-                // Preallocated units claim their full space: no compression.
-                let flags = if d.keep {
-                    TAG_DETACHED | TAG_RAW
-                } else {
-                    TAG_DETACHED
-                };
-                io.set_tag(ExtentTag {
-                    flags,
-                    ..ExtentTag::default()
-                });
-                ios.push(io);
-                waits.push((fi, placed[fi].len(), w));
-                placed[fi].push((u, Some(x)));
-            }
-        }
-        self.data.submit_batch(ios);
+        let (mut placed, ios, waits) = self.place_units(st, batch)?;
+        // The data goes down without the lock; a durable flush also makes
+        // it durable there (the commit then needs no device flush of its own).
+        let (results, flushed) = Guard::unlocked(st, || {
+            self.data.submit_batch(ios);
+            let results: Vec<_> = waits.iter().map(|(_, _, w)| w.wait_tag()).collect();
+            let ok = results.iter().all(|(r, _)| r.is_ok());
+            let flushed = (durable && ok).then(|| self.flush_device());
+            (results, flushed)
+        });
         let mut failed = None;
-        for (fi, i, w) in &waits {
-            let (r, tag) = w.wait_tag();
+        for ((fi, i, _), (r, tag)) in waits.iter().zip(results) {
             if let Err(e) = r {
                 failed.get_or_insert((batch[*fi].0.ino, e));
                 continue;
@@ -222,90 +185,193 @@ impl Fs {
         }
         if let Some((ino, e)) = failed {
             log::error!("inode {ino}: data write failed: {e}");
-            free_placed(st, &placed);
+            self.free_placed(st, &placed);
             return Err(Errno::EIO);
         }
-        // The new inodes are staged and become the batch's only once the
-        // commit has succeeded; on any error the new extents are freed and
-        // the old ones stay (their frees are dropped with the transaction).
-        let mut staged: Vec<Inode> = batch.iter().map(|(i, _)| i.clone()).collect();
-        let res = self.commit_units(st, &mut staged, &placed, durable);
-        match res {
-            Ok(()) => {
-                for ((inode, _), new) in batch.iter_mut().zip(staged) {
-                    *inode = new;
-                }
-                Ok(())
+        let sync = match flushed {
+            None => Sync::None,
+            Some(Ok(())) => Sync::Flushed,
+            Some(Err(e)) => {
+                self.fail(format!("a device flush failed ({e})"));
+                return Err(Errno::EIO);
             }
-            Err(e) => {
-                free_placed(st, &placed);
-                Err(e)
-            }
+        };
+        let res = self.commit_units(st, batch, &placed, sync);
+        if res.is_err() {
+            self.free_placed(st, &placed);
+        }
+        res
+    }
+
+    /// Give back the space of a batch that was not committed. After a
+    /// failure whose outcome is unknown (a timed-out write, a failed commit)
+    /// the space stays taken: the failed state allocates nothing more, and
+    /// the next mount rebuilds the allocator.
+    fn free_placed(&self, st: &mut State, placed: &[Vec<(u64, Option<Extent>)>]) {
+        if self.failed() {
+            return;
+        }
+        for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
+            st.alloc.free(x.phys, x.alloc as u64);
         }
     }
 
-    /// One transaction for the new extents of a batch of files.
+    /// Under the lock: space for every unit of the batch and its write
+    /// request. Per file: (unit, its new extent, or None for a hole).
+    #[allow(clippy::type_complexity)]
+    fn place_units(
+        &self,
+        st: &mut State,
+        batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
+    ) -> R<(
+        Vec<Vec<(u64, Option<Extent>)>>,
+        Vec<Io>,
+        Vec<(usize, usize, Waiter)>,
+    )> {
+        let mut ios = Vec::new();
+        let mut waits = Vec::new();
+        let mut placed: Vec<Vec<(u64, Option<Extent>)>> = vec![Vec::new(); batch.len()];
+        for (fi, (inode, units)) in batch.iter().enumerate() {
+            for (&u, d) in units.iter() {
+                let ustart = u * UNIT;
+                // Units past EOF are kept only when fallocate reserved them.
+                if ustart >= inode.size && !d.keep {
+                    continue;
+                }
+                let logical = inode.size.saturating_sub(ustart).min(UNIT);
+                // Crypt keeps nonce and MAC in the extent record (detached), so a
+                // unit needs at most its own length; what compression saves is freed later.
+                let len = if d.keep {
+                    UNIT
+                } else {
+                    logical.div_ceil(BLOCK) * BLOCK
+                };
+                let bytes = &d.data.as_slice()[..logical as usize];
+                if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
+                    // An all-zero unit is stored as a hole.
+                    placed[fi].push((u, None));
+                    continue;
+                }
+                let Some(phys) = st.alloc.alloc(len) else {
+                    self.free_placed(st, &placed);
+                    return Err(err(libc::ENOSPC));
+                };
+                // The unit's own buffer goes down: past `logical` it holds zeros
+                // (truncate and writes past the end keep it so).
+                let b = d.data.slice(0, len as usize);
+                let x = Extent {
+                    phys,
+                    alloc: len as u32,
+                    logical: logical as u32,
+                    len: len as u32,
+                    codec: 0,
+                    stored: len as u32,
+                    nonce: [0; 24],
+                    mac: [0; 16],
+                    crc: crc32c::crc32c(b.as_slice()),
+                    map: block_map(bytes),
+                };
+                let w = Waiter::new();
+                let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
+                // Preallocated units claim their full space: no compression.
+                let raw = if d.keep { TAG_RAW } else { 0 };
+                io.set_tag(ExtentTag {
+                    flags: TAG_DETACHED | raw,
+                    ..ExtentTag::default()
+                });
+                ios.push(io);
+                waits.push((fi, placed[fi].len(), w));
+                placed[fi].push((u, Some(x)));
+            }
+        }
+        Ok((placed, ios, waits))
+    }
+
+    /// One transaction for the new extents of a batch of files. The record
+    /// written is the file's newest inode (a chmod or a write made while the
+    /// data was in flight stays), with the size whose data this commits.
     pub(super) fn commit_units(
         &self,
         st: &mut State,
-        inodes: &mut [Inode],
+        batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
         placed: &[Vec<(u64, Option<Extent>)>],
-        durable: bool,
+        sync: Sync,
     ) -> R<()> {
         let tx = self.begin_tx(&mut *st)?;
-        for (inode, placed) in inodes.iter_mut().zip(placed) {
-            let ino = inode.ino;
-            {
-                let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
-                for (u, x) in placed {
-                    let old = match x {
-                        Some(x) => t
-                            .insert((ino, *u), x.encode().as_slice())
-                            .map_err(db_err)?
-                            .map(|v| Extent::decode(v.value())),
-                        None => t
-                            .remove((ino, *u))
-                            .map_err(db_err)?
-                            .map(|v| Extent::decode(v.value())),
-                    };
-                    if let Some(Ok(old)) = old {
-                        st.pending_free.push((old.phys, old.alloc as u64));
-                        inode.stored -= (old.alloc as u64).min(inode.stored);
-                    }
-                    if let Some(x) = x {
-                        inode.stored += x.alloc as u64;
-                    }
-                }
-            }
-            // The inode may be gone (unlinked and purged meanwhile): then drop the extents again.
-            let exists = tx
+        for ((flushed, _), placed) in batch.iter().zip(placed) {
+            let ino = flushed.ino;
+            let committed = match tx
                 .open_table(INODES)
                 .map_err(db_err)?
                 .get(ino)
                 .map_err(db_err)?
-                .is_some();
-            if exists {
-                tx.open_table(INODES)
-                    .map_err(db_err)?
-                    .insert(ino, inode.encode().as_slice())
-                    .map_err(db_err)?;
-            } else {
+            {
+                Some(v) => Some(Inode::decode(ino, v.value())?),
+                None => None,
+            };
+            let Some(committed) = committed else {
+                // Unlinked and purged meanwhile: drop the extents again.
+                self.put_extents(st, &tx, ino, placed)?;
                 self.drop_extents(st, &tx, ino, 0)?;
-            }
+                continue;
+            };
+            let delta = self.put_extents(st, &tx, ino, placed)?;
+            let mut record = match st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
+                Some(newest) => {
+                    newest.stored = newest.stored.saturating_add_signed(delta);
+                    newest.clone()
+                }
+                None => Inode {
+                    stored: committed.stored.saturating_add_signed(delta),
+                    ..committed
+                },
+            };
+            record.size = flushed.size;
+            tx.open_table(INODES)
+                .map_err(db_err)?
+                .insert(ino, record.encode().as_slice())
+                .map_err(db_err)?;
         }
         // Out of the cache before the new extents are visible, but never
         // holding the cache lock over redb work: redb may read a metadata
         // sector through a device thread that is itself waiting for the
         // cache lock to finish a read.
-        for (inode, placed) in inodes.iter().zip(placed) {
+        for ((inode, _), placed) in batch.iter().zip(placed) {
             for (u, _) in placed {
                 self.rd.uncache(inode.ino, *u);
             }
         }
-        self.commit(st, tx, durable)
+        self.commit_with(st, tx, sync)
     }
 
-    pub(super) fn flush_all(&self, st: &mut State, durable: bool) -> R<()> {
+    /// Record a file's new extents (None: a hole) in `tx`; the change of
+    /// its stored bytes. The old extents' space is freed with the commit.
+    fn put_extents(
+        &self,
+        st: &mut State,
+        tx: &WriteTransaction,
+        ino: u64,
+        placed: &[(u64, Option<Extent>)],
+    ) -> R<i64> {
+        let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+        let mut delta = 0i64;
+        for (u, x) in placed {
+            let old = match x {
+                Some(x) => t.insert((ino, *u), x.encode().as_slice()).map_err(db_err)?,
+                None => t.remove((ino, *u)).map_err(db_err)?,
+            };
+            if let Some(Ok(old)) = old.map(|v| Extent::decode(v.value())) {
+                st.pending_free.push((old.phys, old.alloc as u64));
+                delta -= old.alloc as i64;
+            }
+            if let Some(x) = x {
+                delta += x.alloc as i64;
+            }
+        }
+        Ok(delta)
+    }
+
+    pub(super) fn flush_all(&self, st: &mut Guard, durable: bool) -> R<()> {
         // In inode order: files created one after another are laid out one
         // after another (and the layout does not depend on hash order).
         let mut inos: Vec<u64> = st

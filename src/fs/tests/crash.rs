@@ -228,5 +228,5 @@ fn a_truncate_that_reached_the_disk_never_brings_old_bytes_back() {
             "old bytes came back past the end"
         );
     }
-    assert_eq!(&data[..70_000], &pattern(3, 0, 70_000)[..]);
+    same(&data[..70_000], &pattern(3, 0, 70_000));
 }

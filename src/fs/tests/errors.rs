@@ -32,7 +32,7 @@ fn a_metadata_write_error_turns_the_filesystem_read_only() {
     assert_eq!(fs.write(kept, 0, b"x").unwrap_err(), Errno::EROFS);
     assert_eq!(fs.unlink(ROOT, b"kept").unwrap_err(), Errno::EROFS);
     // Reads go on.
-    assert_eq!(read_all(&fs, kept), pattern(1, 0, 200_000));
+    same(&read_all(&fs, kept), &pattern(1, 0, 200_000));
     assert!(
         fs.shutdown().is_err(),
         "unmount of a failed filesystem reported success"
@@ -71,7 +71,7 @@ fn an_unknown_commit_outcome_never_gives_its_space_out_again() {
     // The durable state is the old file, whole.
     let fs = rig.open();
     let ino = lookup(&fs, ROOT, "f").unwrap().ino;
-    assert_eq!(read_all(&fs, ino), pattern(1, 0, 8 * UNIT as usize));
+    same(&read_all(&fs, ino), &pattern(1, 0, 8 * UNIT as usize));
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn a_data_write_error_keeps_the_data_for_a_later_flush() {
     fs.fsync(ino).unwrap();
     let fs = rig.crash(fs);
     let ino = lookup(&fs, ROOT, "f").unwrap().ino;
-    assert_eq!(read_all(&fs, ino), pattern(4, 0, 300_000));
+    same(&read_all(&fs, ino), &pattern(4, 0, 300_000));
 }
 
 #[test]

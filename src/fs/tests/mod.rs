@@ -35,6 +35,8 @@ pub(super) struct Rig {
     keys: Arc<Keyring>,
     /// Each open writes under a new key id, as each mount does.
     opens: AtomicU8,
+    /// The fault layer of the last stack built (it holds hung requests).
+    fault: parking_lot::Mutex<Option<Arc<Fault>>>,
 }
 
 pub(super) const ME: Caller = Caller { uid: 0, gid: 0 };
@@ -49,6 +51,7 @@ impl Rig {
             layers,
             keys: Arc::new(Keyring::new(&[7; 32])),
             opens: AtomicU8::new(1),
+            fault: parking_lot::Mutex::new(None),
         };
         Fs::format(&rig.stack(), rig.geometry()).expect("format");
         rig
@@ -67,6 +70,7 @@ impl Rig {
 
     pub fn stack(&self) -> Stack {
         let fault = Fault::new(self.mem.clone(), self.ctl.clone(), Some(0));
+        *self.fault.lock() = Some(fault.clone());
         let bottom: Arc<dyn Layer> = Counted::wrap(fault);
         let (top, meta) = match self.layers {
             Layers::Plain => (bottom.clone(), bottom),
@@ -108,6 +112,14 @@ impl Rig {
         let mut rule = FaultRule::new(op, FaultAction::Error(errno));
         rule.range = range;
         self.ctl.add_rule(rule);
+    }
+
+    /// Let hung requests go on, and stop hanging new ones.
+    pub fn release(&self) {
+        self.ctl.clear();
+        if let Some(f) = &*self.fault.lock() {
+            f.release_hung();
+        }
     }
 
     /// The metadata region, for rules that hit only metadata.
@@ -177,5 +189,20 @@ pub(super) fn lookup(fs: &Fs, parent: u64, name: &str) -> Option<Inode> {
         Ok(i) => Some(i),
         Err(e) if e.0 == libc::ENOENT => None,
         Err(e) => panic!("lookup {name}: {e}"),
+    }
+}
+
+/// Two byte strings are equal; if not, say where they first differ (not
+/// the whole of both).
+#[track_caller]
+pub(super) fn same(got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{} bytes read, {} expected; first difference at {:?}",
+            got.len(),
+            want.len(),
+            at
+        );
     }
 }

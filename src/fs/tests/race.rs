@@ -58,3 +58,67 @@ fn reads_racing_rewrites_and_durable_commits_see_whole_versions() {
 fn the_same_through_compression_and_encryption() {
     rewrites_race_reads(Layers::Default);
 }
+
+#[test]
+fn the_filesystem_goes_on_while_a_flush_waits_for_its_writes() {
+    let rig = Rig::small();
+    let fs = Arc::new(rig.open());
+    let dir = fs
+        .mknod(ME, ROOT, b"d", libc::S_IFDIR | 0o755, 0, 0, None)
+        .unwrap()
+        .ino;
+    let b = create(&fs, dir, "b");
+    write_all(&fs, b, 0, &pattern(1, 0, 100_000));
+    fs.fsync(b).unwrap();
+    let a = create(&fs, ROOT, "a");
+    write_all(&fs, a, 0, &pattern(2, 0, 1 << 20));
+    // Data writes hang: the fsync below waits for them, lock released.
+    rig.ctl.add_rule(FaultRule {
+        range: rig.data_range(),
+        ..FaultRule::new(Some(Op::Write), FaultAction::Hang)
+    });
+    let syncing = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.fsync(a))
+    };
+    while rig.ctl.hung_count() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Everything else goes on meanwhile.
+    assert_eq!(lookup(&fs, dir, "b").unwrap().ino, b);
+    assert_eq!(fs.getattr(b).unwrap().size, 100_000);
+    let mut names = Vec::new();
+    fs.readdir(dir, 0, |e| {
+        names.push(e.name.clone());
+        true
+    })
+    .unwrap();
+    assert!(names.iter().any(|n| n == b"b"), "{names:?}");
+    same(&read_all(&fs, b), &pattern(1, 0, 100_000));
+    fs.setattr(
+        b,
+        SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    create(&fs, dir, "c");
+    // The data being written reads back, and can be written over.
+    same(&read_all(&fs, a), &pattern(2, 0, 1 << 20));
+    fs.write(a, 1000, b"over the data in flight").unwrap();
+    assert!(
+        !syncing.is_finished(),
+        "the flush did not wait for its writes"
+    );
+    rig.release();
+    syncing.join().unwrap().unwrap();
+    fs.fsync(a).unwrap();
+    let fs = rig.crash(Arc::into_inner(fs).expect("one owner"));
+    let a = lookup(&fs, ROOT, "a").unwrap().ino;
+    let mut want = pattern(2, 0, 1 << 20);
+    want[1000..1023].copy_from_slice(b"over the data in flight");
+    same(&read_all(&fs, a), &want);
+    let b = lookup(&fs, lookup(&fs, ROOT, "d").unwrap().ino, "b").unwrap();
+    assert_eq!(b.perm, 0o600);
+}

@@ -62,6 +62,6 @@ fn enospc_by_fragmentation_is_reported_at_write() {
     let got = read_all(&fs, ino);
     assert_eq!(got.len() as u64, accepted);
     for unit in got.chunks(UNIT as usize) {
-        assert_eq!(unit, &data[..]);
+        same(unit, &data);
     }
 }
