@@ -429,3 +429,62 @@ impl Fs {
         self.flush_all(&mut st, true)
     }
 }
+
+/// The commit thread of a mount (see `Fs::commit_every`); stopped and
+/// joined when dropped.
+pub struct CommitThread {
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Fs {
+    /// Start the thread that makes everything written durable within
+    /// `interval` of being written: one group commit (a flush of every
+    /// dirty file and one durable transaction) per interval in which
+    /// something changed, none while idle or failed.
+    pub fn commit_every(self: &Arc<Fs>, interval: Duration) -> std::io::Result<CommitThread> {
+        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+        let (fs, signal) = (self.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                let (stopped, wake) = &*signal;
+                let mut stopped = stopped.lock();
+                while !*stopped {
+                    wake.wait_for(&mut stopped, interval);
+                    if *stopped || fs.failed() || !fs.has_undurable() {
+                        continue;
+                    }
+                    let synced = parking_lot::MutexGuard::unlocked(&mut stopped, || fs.sync());
+                    if let Err(e) = synced {
+                        log::error!("periodic commit failed: {e}");
+                    }
+                }
+            })?;
+        Ok(CommitThread {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Whether anything written is not durable yet.
+    pub(super) fn has_undurable(&self) -> bool {
+        let st = self.st.lock();
+        st.undurable
+            || !st.pending_free.is_empty()
+            || st
+                .files
+                .values()
+                .any(|f| f.inode.is_some() || !f.units.is_empty())
+    }
+}
+
+impl Drop for CommitThread {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

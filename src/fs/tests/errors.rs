@@ -102,3 +102,23 @@ fn unmount_never_reports_success_after_failing_to_write_data() {
     assert_eq!(first, Err(Errno::EIO), "unmount reported success");
     assert_eq!(fs.shutdown(), first, "a second call forgot the failure");
 }
+
+#[test]
+fn the_commit_thread_makes_writes_durable_within_its_interval() {
+    let rig = Rig::small();
+    let fs = Arc::new(rig.open());
+    let committer = fs.commit_every(Duration::from_millis(50)).unwrap();
+    let ino = create(&fs, ROOT, "f");
+    write_all(&fs, ino, 0, &pattern(7, 0, 150_000));
+    fs.release(ino).unwrap();
+    // No fsync: the thread's group commit is what makes it durable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fs.has_undurable() {
+        assert!(std::time::Instant::now() < deadline, "nothing was committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(committer);
+    let fs = rig.crash(Arc::into_inner(fs).expect("the thread let go"));
+    let ino = lookup(&fs, ROOT, "f").expect("the file was committed").ino;
+    same(&read_all(&fs, ino), &pattern(7, 0, 150_000));
+}
