@@ -186,6 +186,8 @@ pub fn holder_of(path: &Path) -> Option<Holder> {
 /// One line of /proc/self/mountinfo.
 #[derive(Clone, Debug)]
 pub struct MountEntry {
+    /// The mount's device number, "MAJOR:MINOR" (its BDI in /sys/class/bdi).
+    pub device: String,
     pub mountpoint: PathBuf,
     /// Per-mount options (rw, nosuid, relatime...).
     pub options: String,
@@ -215,17 +217,24 @@ fn unescape(s: &str) -> String {
 
 /// Every mount of this namespace, in mount order.
 pub fn mounts() -> Vec<MountEntry> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+/// The lines of a mountinfo file; malformed ones are skipped.
+fn parse_mountinfo(info: &str) -> Vec<MountEntry> {
     info.lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
+            // "36 35 98:0 /root /mnt rw,noatime master:1 - ext3 /dev/root rw"
             let mut f = left.split(' ');
-            let mountpoint = f.nth(4)?;
+            let device = f.nth(2)?;
+            let mountpoint = f.nth(1)?;
             let options = f.next()?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
             Some(MountEntry {
+                device: device.to_string(),
                 mountpoint: PathBuf::from(unescape(mountpoint)),
                 options: options.to_string(),
                 fstype: fstype.to_string(),
@@ -359,6 +368,23 @@ mod tests {
         let _s2 = lock(std::slice::from_ref(&a), Mode::Shared, Duration::ZERO).unwrap();
         assert!(lock(std::slice::from_ref(&a), Mode::Exclusive, Duration::ZERO).is_err());
         drop(s1);
+    }
+
+    #[test]
+    fn mountinfo_lines() {
+        let info =
+            "36 35 98:0 /root /mnt/a\\040b rw,noatime master:1 - fuse /d/x.img:/d/y.img rw\n\
+                    garbage\n\
+                    40 36 0:52 / /proc rw,nosuid - proc proc rw\n";
+        let mounts = parse_mountinfo(info);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].device, "98:0");
+        assert_eq!(mounts[0].mountpoint, PathBuf::from("/mnt/a b"));
+        assert_eq!(mounts[0].options, "rw,noatime");
+        assert_eq!(mounts[0].fstype, "fuse");
+        assert_eq!(mounts[0].source, "/d/x.img:/d/y.img");
+        assert_eq!(mounts[1].device, "0:52");
+        assert_eq!(mounts[1].mountpoint, PathBuf::from("/proc"));
     }
 
     #[test]
