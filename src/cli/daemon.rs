@@ -9,9 +9,7 @@ use stackfs::keys::Secret;
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -204,37 +202,6 @@ fn unmount_on_signal(mountpoint: PathBuf) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-// The commit timer moves into the filesystem core (src/fs/writeback).
-/// Group commit: everything written is durable within `commit=` seconds
-/// (5 by default). Runs until `running` is cleared.
-fn commit_timer(
-    fs: Arc<Fs>,
-    interval: Duration,
-    running: Arc<AtomicBool>,
-) -> Result<JoinHandle<()>, String> {
-    let commit_ms = interval.as_millis() as u64;
-    std::thread::Builder::new()
-        .name("commit".into())
-        .spawn(move || {
-            let mut waited = 0;
-            while running.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(200));
-                waited += 200;
-                if waited >= commit_ms {
-                    waited = 0;
-                    // Failed (a member stopped answering): nothing to commit.
-                    if fs.failed() {
-                        continue;
-                    }
-                    if let Err(e) = fs.sync() {
-                        log::error!("periodic commit failed: {e}");
-                    }
-                }
-            }
-        })
-        .map_err(|e| e.to_string())
-}
-
 /// Serve a mounted session until it ends (an unmount, or a signal that
 /// makes one), committing periodically, then write everything and close.
 pub fn serve(
@@ -244,14 +211,16 @@ pub fn serve(
     commit: Duration,
 ) -> Result<(), String> {
     unmount_on_signal(mountpoint.to_path_buf())?;
-    let running = Arc::new(AtomicBool::new(true));
-    let timer = commit_timer(fs.clone(), commit, running.clone())?;
+    // Group commit: everything written is durable within `commit=` seconds.
+    let committer = fs
+        .commit_every(commit)
+        .map_err(|e| format!("starting the commit thread: {e}"))?;
     let result = session.run();
-    running.store(false, Ordering::Release);
-    let _ = timer.join();
-    if let Err(e) = fs.shutdown() {
-        log::error!("final commit failed: {e}");
-    }
+    drop(committer);
+    // The outcome of the unmount's flush (also when the session's destroy
+    // ran it first): data that could not be written is an error exit.
+    let flushed = fs.shutdown();
     drop(fs);
-    result.map_err(|e| format!("session ended with an error: {e}"))
+    result.map_err(|e| format!("session ended with an error: {e}"))?;
+    flushed.map_err(|e| format!("unmount: data or metadata could not be written: {e}"))
 }

@@ -58,7 +58,7 @@ impl Default for MountOptions {
             timeout: Some(pool::DEFAULT_TIMEOUT),
             readahead_kb: 4096,
             threads: 4,
-            commit: Duration::from_secs(5),
+            commit: Duration::from_secs(1),
         }
     }
 }

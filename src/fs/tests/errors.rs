@@ -114,7 +114,10 @@ fn the_commit_thread_makes_writes_durable_within_its_interval() {
     // No fsync: the thread's group commit is what makes it durable.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while fs.has_undurable() {
-        assert!(std::time::Instant::now() < deadline, "nothing was committed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was committed"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(committer);
