@@ -16,7 +16,7 @@ fn hex(b: &[u8]) -> String {
 /// (their clear header, read below the crypt layer).
 pub fn nonces(fs: &Fs) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
-    let rtx = fs.db.begin_read().map_err(|e| e.to_string())?;
+    let rtx = fs.db().begin_read().map_err(|e| e.to_string())?;
     if let Ok(t) = rtx.open_table(EXTENTS) {
         for row in t.iter().map_err(|e| e.to_string())? {
             let (k, v) = row.map_err(|e| e.to_string())?;

@@ -224,7 +224,7 @@ pub fn check(
             why: why.to_string(),
         }),
     }
-    let rtx = fs.db.begin_read().map_err(|x| e(&x))?;
+    let rtx = fs.db().begin_read().map_err(|x| e(&x))?;
     // Inodes.
     let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
     for row in rtx

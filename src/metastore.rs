@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use stackfs_layers::{Buf, Errno, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const SECTOR: usize = 4096;
@@ -263,6 +263,12 @@ pub struct StoreWatch {
     damage: Mutex<Option<String>>,
     /// Writes stay in memory (as when read-only) until released.
     hold: AtomicBool,
+    /// The store's length now, and the most it may grow to.
+    len: AtomicU64,
+    max_len: AtomicU64,
+    /// redb asked the store to grow past its region: redb refuses every
+    /// later operation, and the database must be opened again.
+    refused: AtomicBool,
 }
 
 impl StoreWatch {
@@ -278,6 +284,21 @@ impl StoreWatch {
     /// until its user has checked the database.
     pub fn release(&self) {
         self.hold.store(false, Ordering::Release);
+    }
+    /// The store's length, and the most it may grow to.
+    pub fn space(&self) -> (u64, u64) {
+        (
+            self.len.load(Ordering::Acquire),
+            self.max_len.load(Ordering::Acquire),
+        )
+    }
+    /// Forget a refused growth (the store is given up on anyway).
+    pub fn refuse_nothing_more(&self) {
+        self.refused.store(false, Ordering::Release);
+    }
+    /// Whether a growth past the region was refused (see `refused`).
+    pub fn refused_growth(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
     }
 }
 
@@ -422,6 +443,8 @@ impl MetaStore {
             RootRec::Versioned(root) => m.load_versioned(&mut st, root)?,
             RootRec::Legacy { len, high } => m.load_legacy(&mut st, len, high)?,
         }
+        m.watch.len.store(st.len, Ordering::Release);
+        m.watch.max_len.store(m.max_len(&st), Ordering::Release);
         drop(st);
         if m.watch.fell_back().is_some() {
             m.watch.hold.store(true, Ordering::Release);
@@ -1178,6 +1201,7 @@ impl redb::StorageBackend for MetaStore {
         let mut st = self.state.lock();
         let max = self.max_len(&st);
         if len > max {
+            self.watch.refused.store(true, Ordering::Release);
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 format!(
@@ -1209,6 +1233,7 @@ impl redb::StorageBackend for MetaStore {
             }
         }
         st.len = len;
+        self.watch.len.store(len, Ordering::Release);
         st.high = match st.format {
             Format::LegacyReadOnly => st.high.max(len),
             _ => len,

@@ -151,7 +151,7 @@ impl Fs {
             return Err(err(libc::E2BIG));
         }
         let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
+        let tx = self.begin_adding(&mut st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
@@ -190,7 +190,7 @@ impl Fs {
         }
         let st = self.st.lock();
         self.load_inode(&st, ino)?;
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let v = t
             .get((ino, name))
@@ -202,7 +202,7 @@ impl Fs {
     pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
         let st = self.st.lock();
         self.load_inode(&st, ino)?;
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.range((ino, &[][..])..).map_err(db_err)? {

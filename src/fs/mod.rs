@@ -7,7 +7,7 @@
 use crate::alloc::{Allocator, BLOCK};
 use crate::codec::{Dec, Enc};
 use crate::error::FsError;
-use crate::metastore::MetaStore;
+use crate::metastore::{MetaStore, StoreWatch};
 use crate::pool::Pool;
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -59,9 +59,20 @@ pub(crate) fn err(e: i32) -> Errno {
 }
 
 /// A metadata store failure is an I/O error for the caller, logged here.
-pub(crate) fn db_err(e: impl std::fmt::Display) -> Errno {
-    log::error!("metadata store: {e}");
-    Errno::EIO
+///
+/// A full metadata region is ENOSPC: redb asked the store to grow and the
+/// store refused (the filesystem then reopens the database, see `recover_store`).
+pub(crate) fn db_err<E: Into<redb::Error>>(e: E) -> Errno {
+    match e.into() {
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            log::warn!("metadata store: {io}");
+            Errno(libc::ENOSPC)
+        }
+        e => {
+            log::error!("metadata store: {e}");
+            Errno::EIO
+        }
+    }
 }
 
 /// Who is asking, for ownership of new files.
@@ -177,6 +188,10 @@ struct State {
     undurable: bool,
     /// Directories the kernel holds (see `DirRefs`).
     dirs: HashMap<u64, DirRefs>,
+    /// Nearly full metadata store: its free bytes as last counted, and the
+    /// transactions that added metadata since (see `begin_adding`).
+    meta_free: Option<u64>,
+    meta_checks: u32,
     /// A flush is writing data with the lock released (one at a time).
     flushing: bool,
     /// What that flush is writing, by file: reads, stat and partial
@@ -218,7 +233,11 @@ impl Drop for StackGuard {
 }
 
 pub struct Fs {
-    pub(crate) db: Database,
+    /// The metadata database. Replaced only when the store was full (see
+    /// `recover_store`); use `db()`.
+    db: parking_lot::RwLock<Database>,
+    /// What the metadata store tells about itself (space, damage).
+    store: Mutex<Arc<StoreWatch>>,
     _stop: StackGuard,
     /// The outcome of `shutdown`, once it ran (later calls return it again).
     closed: Mutex<Option<R<()>>>,
@@ -252,6 +271,27 @@ pub struct Geometry {
     pub meta_len: u64,
     /// The pool's UUID, recorded in the store's root.
     pub pool_uuid: [u8; 16],
+}
+
+/// The metadata store of a stack, and redb over it.
+fn open_database(
+    stack: &Stack,
+    geometry: Geometry,
+    read_only: bool,
+) -> Result<(Database, Arc<StoreWatch>), FsError> {
+    let store = MetaStore::open(
+        stack.meta.clone(),
+        geometry.meta_len,
+        geometry.pool_uuid,
+        read_only,
+    )
+    .map_err(FsError::damaged)?;
+    let watch = store.watch();
+    let db = Database::builder()
+        .set_cache_size(64 << 20)
+        .create_with_backend(store)
+        .map_err(|e| FsError::damaged(format!("metadata store: {e}")))?;
+    Ok((db, watch))
 }
 
 /// A second handle on the same layers.
@@ -360,18 +400,7 @@ impl Fs {
     fn open_inner(stack: Stack, geometry: Geometry, opts: FsOptions) -> Result<Fs, FsError> {
         let top = stack.top.clone();
         let meta_len = geometry.meta_len;
-        let store = MetaStore::open(
-            stack.meta.clone(),
-            meta_len,
-            geometry.pool_uuid,
-            opts.read_only,
-        )
-        .map_err(FsError::damaged)?;
-        let watch = store.watch();
-        let mut db = Database::builder()
-            .set_cache_size(64 << 20)
-            .create_with_backend(store)
-            .map_err(|e| FsError::damaged(format!("metadata store: {e}")))?;
+        let (mut db, watch) = open_database(&stack, geometry, opts.read_only)?;
         // After the store's root was read from its older copy (a torn root
         // write, or damage), and for fsck and tools (lenient), redb checks
         // every page first; the store holds its writes in memory until then.
@@ -435,7 +464,8 @@ impl Fs {
         };
         let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
         let fs = Fs {
-            db,
+            db: parking_lot::RwLock::new(db),
+            store: Mutex::new(watch.clone()),
             _stop: StackGuard(top.clone()),
             closed: Mutex::new(None),
             failure: std::sync::OnceLock::new(),
@@ -453,6 +483,8 @@ impl Fs {
                 next_gen,
                 undurable: false,
                 dirs: HashMap::new(),
+                meta_free: None,
+                meta_checks: 0,
                 flushing: false,
                 in_flight: HashMap::new(),
             }),
@@ -524,7 +556,7 @@ impl Fs {
 
     pub fn usage(&self) -> R<Usage> {
         let st = self.st.lock();
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         // A pool that was never mounted read-write has no tables yet.
         let inodes = match rtx.open_table(INODES) {
             Ok(t) => t.len().map_err(db_err)?,
@@ -543,7 +575,7 @@ impl Fs {
     /// File data as written (logical) and as stored in the pool: scans the extent map.
     pub fn space(&self) -> R<Space> {
         let _st = self.st.lock();
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let mut sp = Space {
             logical: 0,
             stored: 0,

@@ -19,7 +19,7 @@ impl Fs {
     pub(super) fn purge_all_orphans(&self) -> R<usize> {
         let mut st = self.st.lock();
         let orphans: Vec<u64> = {
-            let rtx = self.db.begin_read().map_err(db_err)?;
+            let rtx = self.db().begin_read().map_err(db_err)?;
             let t = rtx.open_table(ORPHANS).map_err(db_err)?;
             t.iter()
                 .map_err(db_err)?
@@ -64,7 +64,7 @@ impl Fs {
             }
             return self.load_inode(st, dir.parent);
         }
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         let Some(v) = v else {
@@ -176,7 +176,7 @@ impl Fs {
         Self::check_name(name)?;
         let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
         let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
+        let tx = self.begin_adding(&mut st)?;
         let mut dir = self.inode_tx(&st, &tx, parent)?;
         if dir.kind != Kind::Dir {
             return Err(err(libc::ENOTDIR));
@@ -267,7 +267,7 @@ impl Fs {
 
     pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
         let _st = self.st.lock();
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
         let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::EINVAL))?;
         Ok(v.value().to_vec())
@@ -276,7 +276,7 @@ impl Fs {
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
         Self::check_name(name)?;
         let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
+        let tx = self.begin_adding(&mut st)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         if inode.kind == Kind::Dir {
             return Err(err(libc::EPERM));
@@ -634,7 +634,7 @@ impl Fs {
         {
             return Ok(());
         }
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let cookies = rtx.open_table(COOKIES).map_err(db_err)?;
         let dirents = rtx.open_table(DIRENTS).map_err(db_err)?;
         for row in cookies
@@ -755,7 +755,7 @@ impl Fs {
     /// fsync: this file's data and all metadata so far, durably.
     /// The inode a directory entry names (committed state).
     pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> R<Option<u64>> {
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((dir, name)).map_err(db_err)?;
         v.map(|v| dirent_decode(v.value()).map(|(i, _, _)| i))

@@ -65,7 +65,7 @@ impl Fs {
 
     /// The committed extents of units `first..=last`, with one range lookup.
     pub(super) fn extents(&self, ino: u64, first: u64, last: u64) -> R<Vec<(u64, Extent)>> {
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.range((ino, first)..=(ino, last)).map_err(db_err)? {

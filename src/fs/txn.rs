@@ -29,10 +29,85 @@ impl Fs {
             return Err(Errno::EROFS);
         }
         self.writable()?;
-        self.db.begin_write().map_err(|e| {
+        self.db().begin_write().map_err(|e| {
             self.fail(format!("the metadata store refuses new transactions ({e})"));
             Errno::EROFS
         })
+    }
+
+    /// The metadata database, opened again first if the store refused to
+    /// grow (redb refuses everything after any storage error).
+    pub(crate) fn db(&self) -> parking_lot::RwLockReadGuard<'_, Database> {
+        if self.store.lock().refused_growth() {
+            self.recover_store();
+        }
+        self.db.read()
+    }
+
+    /// The metadata region is full: the transaction that asked for more was
+    /// dropped (its caller got ENOSPC), and redb, which now refuses every
+    /// operation, is opened again over the store as it is on disk. Nothing
+    /// else is lost: near full, every commit is durable (`near_full`).
+    fn recover_store(&self) {
+        let mut db = self.db.write();
+        let mut store = self.store.lock();
+        if !store.refused_growth() {
+            return; // another thread did it
+        }
+        match open_database(&self.stack, self.geometry, self.read_only) {
+            Ok((fresh, watch)) if watch.fell_back().is_none() => {
+                watch.release();
+                *db = fresh;
+                *store = watch;
+                log::warn!("metadata region full: an operation was refused with ENOSPC");
+            }
+            Ok((_, watch)) => {
+                *store = watch;
+                self.fail("the metadata store was full and its root could not be read back".into());
+            }
+            Err(e) => {
+                store.refuse_nothing_more();
+                self.fail(format!(
+                    "the metadata store was full and could not be opened again: {e}"
+                ));
+            }
+        }
+    }
+
+    /// Begin a transaction that adds metadata (a name, an inode, an
+    /// attribute): ENOSPC when the store is nearly full, so that the space
+    /// left stays for removals, which need some to make room (copy-on-write).
+    pub(super) fn begin_adding(&self, st: &mut State) -> R<WriteTransaction> {
+        let tx = self.begin_tx(st)?;
+        if self.near_full() {
+            let (len, _) = self.store.lock().space();
+            // redb's page count is a walk of every table: not for every call.
+            if st.meta_checks % 32 == 0 || st.meta_free.is_none() {
+                let stats = tx.stats().map_err(db_err)?;
+                let used = stats.allocated_pages() * stats.page_size() as u64;
+                st.meta_free = Some(len.saturating_sub(used));
+                log::debug!("metadata store nearly full: {len} bytes, {used} in use");
+            }
+            st.meta_checks = st.meta_checks.wrapping_add(1);
+            if st.meta_free.unwrap_or(0) < Self::meta_reserve(len) {
+                st.meta_free = None;
+                return Err(Errno(libc::ENOSPC));
+            }
+        }
+        Ok(tx)
+    }
+
+    /// Metadata space kept for removals when the store is nearly full.
+    fn meta_reserve(len: u64) -> u64 {
+        (len / 16).max(64 << 10)
+    }
+
+    /// Whether the metadata store cannot double again (redb grows it by
+    /// doubling): then every commit is made durable, so that a refused
+    /// growth can be recovered from the disk without losing anything.
+    pub(super) fn near_full(&self) -> bool {
+        let (len, max) = self.store.lock().space();
+        len.saturating_mul(2) > max
     }
 
     /// The failed state: once a member is faulted (it stopped answering), or
@@ -87,7 +162,7 @@ impl Fs {
         sync: Sync,
     ) -> R<()> {
         let sync = match sync {
-            Sync::None if self.policy.lock().sync_metadata => Sync::Flush,
+            Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,
             other => other,
         };
         let durable = sync != Sync::None;
@@ -111,6 +186,12 @@ impl Fs {
         };
         tx.set_durability(durability).map_err(db_err)?;
         if let Err(e) = tx.commit() {
+            if self.store.lock().refused_growth() {
+                // The store refused to grow before anything was written:
+                // nothing of this transaction happened (see `recover_store`).
+                st.pending_free.truncate(st.pending_mark);
+                return Err(db_err(e));
+            }
             // Part of it may be on disk: its frees stay pending and its new
             // extents stay allocated (the failed state allocates no more).
             self.fail(format!(
@@ -168,7 +249,7 @@ impl Fs {
         if let Some(i) = Self::inode_in_memory(st, ino) {
             return Ok(i);
         }
-        let rtx = self.db.begin_read().map_err(db_err)?;
+        let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(INODES).map_err(db_err)?;
         let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
         Inode::decode(ino, v.value())

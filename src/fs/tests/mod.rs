@@ -44,6 +44,7 @@ pub(super) const ME: Caller = Caller { uid: 0, gid: 0 };
 impl Rig {
     /// A formatted pool of `capacity` bytes, `meta_len` of them metadata.
     pub fn new(layers: Layers, capacity: u64, meta_len: u64) -> Rig {
+        let _ = env_logger::builder().is_test(true).try_init();
         let rig = Rig {
             mem: Arc::new(Mem::new(capacity)),
             ctl: FaultControl::new(),

@@ -65,3 +65,42 @@ fn enospc_by_fragmentation_is_reported_at_write() {
         same(unit, &data);
     }
 }
+
+#[test]
+fn a_full_metadata_region_is_enospc_and_nothing_else_is_lost() {
+    // A small metadata region: it fills after some thousands of names.
+    let rig = Rig::new(Layers::Plain, 64 << 20, 2 << 20);
+    let fs = rig.open();
+    let dir = fs
+        .mknod(ME, ROOT, b"d", libc::S_IFDIR | 0o755, 0, 0, None)
+        .unwrap()
+        .ino;
+    let long = "n".repeat(200);
+    let mut made = 0usize;
+    let refused = loop {
+        let name = format!("{long}{made}");
+        match fs.mknod(ME, dir, name.as_bytes(), libc::S_IFREG | 0o644, 0, 0, None) {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 1_000_000, "the metadata region never filled");
+    };
+    assert_eq!(refused, Errno(libc::ENOSPC), "after {made} files");
+    assert!(!fs.failed(), "{:?}", fs.failure());
+    // Removing names makes room again.
+    for i in 0..made / 2 {
+        fs.unlink(dir, format!("{long}{i}").as_bytes()).unwrap();
+    }
+    fs.sync().unwrap();
+    let again = fs.mknod(ME, dir, b"again", libc::S_IFREG | 0o644, 0, 0, None);
+    assert!(again.is_ok(), "no room after removing half: {again:?}");
+    let fs = rig.crash(fs);
+    // Every name whose creation succeeded and was not removed is there.
+    for i in (made / 2..made).step_by(97) {
+        assert!(
+            lookup(&fs, dir, &format!("{long}{i}")).is_some(),
+            "file {i} is lost"
+        );
+    }
+    assert!(lookup(&fs, dir, "again").is_some());
+}
