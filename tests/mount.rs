@@ -88,6 +88,36 @@ fn fsynced_data_survives_sigkill() {
     p.umount();
 }
 
+/// `sync MOUNTPOINT` (fsync of a directory) makes everything written before
+/// it durable, as a journal commit does on ext4: files copied in, the
+/// directory synced, the daemon killed at once (the commit timer is set far
+/// off, so only the sync can have made them durable).
+#[test]
+fn directory_fsync_makes_everything_before_it_durable() {
+    let p = Pool::new(1, "256M");
+    p.mount_with("commit=3600");
+    fs::create_dir(p.mnt.join("d")).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("d/f{i}"), random(10_000 + i * 7_919, i as u64)))
+        .collect();
+    for (name, data) in &files {
+        fs::write(p.mnt.join(name), data).unwrap();
+    }
+    let st = Command::new("sync").arg(&p.mnt).status().unwrap();
+    assert!(st.success(), "sync {}", p.mnt.display());
+    let pid = p.daemon_pid().expect("daemon pid");
+    // SAFETY: plain kill(2) on the daemon's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = Command::new("umount").arg("-l").arg(&p.mnt).status();
+    p.wait_daemon_gone();
+    p.mount();
+    for (name, data) in &files {
+        let got = fs::read(p.mnt.join(name)).unwrap_or_default();
+        assert!(&got == data, "{name} was not durable after sync of the mount point");
+    }
+    p.umount();
+}
+
 /// SIGTERM unmounts cleanly and flushes what was written.
 #[test]
 fn sigterm_flushes_and_unmounts() {

@@ -124,7 +124,17 @@ impl Pool {
     }
 
     pub fn mount(&self) {
+        self.mount_with("");
+    }
+
+    /// Mount with extra options (`-o`, comma-separated).
+    pub fn mount_with(&self, options: &str) {
         let log = format!("log_file={}", self.log().display());
+        let log = if options.is_empty() {
+            log
+        } else {
+            format!("{log},{options}")
+        };
         ok(stackfs(&[
             "mount",
             "-o",
