@@ -123,8 +123,9 @@ fn compress_rate(text: &[u8], unit: usize, zstd_level: Option<i32>) -> (f64, f64
 /// The default stack (`compress=zstd:1,crypt=aes-256-gcm,stripe=64k`, a
 /// watchdog over each of 3 image files), as the filesystem drives it: batches
 /// of 16 detached 64 KiB units written, then read back with their tags.
-/// MB/s of logical bytes, writes then reads; `data` is cycled to fill units.
-fn default_stack_rate(dir: &std::path::Path, data: &[u8], total: u64) -> (f64, f64) {
+/// MB/s of logical bytes, writes then reads, and the devices' kernel entries
+/// per batch; `data` is cycled to fill units.
+fn default_stack_rate(dir: &std::path::Path, data: &[u8], total: u64) -> (f64, f64, f64) {
     const UNIT: usize = 64 << 10;
     const BATCH: usize = 16;
     let size = 256u64 << 20;
@@ -203,8 +204,18 @@ fn default_stack_rate(dir: &std::path::Path, data: &[u8], total: u64) -> (f64, f
         }
     }
     let read = total as f64 / 1e6 / start.elapsed().as_secs_f64();
+    let (mut batches, mut entries) = (0, 0);
+    for (_, layer) in stackfs_layers::spec::walk(&stack.top) {
+        if let Some(s) = layer
+            .stats()
+            .filter(|_| layer.name().starts_with("device:"))
+        {
+            let s = s.snapshot();
+            (batches, entries) = (batches + s.batches, entries + s.kernel_entries);
+        }
+    }
     stack.top.shutdown();
-    (write, read)
+    (write, read, entries as f64 / batches.max(1) as f64)
 }
 
 /// A tar of /usr/include (the workload of issue 4), first 64 MiB, if tar works.
@@ -226,12 +237,13 @@ fn default_stack_rows() {
         source_text().unwrap_or_else(|| b"stackfs default stack bench text ".repeat(1 << 16));
     let noise = stackfs_layers::mem::noise(16 << 20, 3);
     for (name, data) in [("source text", &text), ("random bytes", &noise)] {
-        let runs: Vec<(f64, f64)> = (0..5)
+        let runs: Vec<(f64, f64, f64)> = (0..5)
             .map(|_| default_stack_rate(dir.path(), data, 128 << 20))
             .collect();
         let write = median(runs.iter().map(|r| r.0).collect());
         let read = median(runs.iter().map(|r| r.1).collect());
-        println!("default stack over 3 image files, batches of 16 x 64 KiB, {name}: write {write:.0} MB/s, read {read:.0} MB/s (logical bytes, median of 5)");
+        let entries = median(runs.iter().map(|r| r.2).collect());
+        println!("default stack over 3 image files, batches of 16 x 64 KiB, {name}: write {write:.0} MB/s, read {read:.0} MB/s (logical bytes, median of 5); {entries:.2} kernel entries per batch per device");
     }
 }
 
