@@ -532,6 +532,37 @@ mod tests {
         assert_eq!(w.wait(), Err(Errno::EIO));
     }
 
+    /// What a child's layers record in its tag reaches the parent; an
+    /// unchanged sibling does not undo it, a failed child records nothing.
+    #[test]
+    fn changes_to_a_childs_tag_are_merged_into_the_parent() {
+        let w = Waiter::new();
+        let p = Io::new(Op::Write, 0, Buf::zeroed(8192), Some(w.end_io()));
+        p.set_tag(ExtentTag {
+            codec: 1,
+            ..ExtentTag::default()
+        });
+        let (a, b) = p.buf().split_at(4096);
+        let stamped = p.child(Op::Write, 0, a, None);
+        let unchanged = p.child(Op::Write, 4096, b.clone(), None);
+        let failed = p.child(Op::Write, 4096, b, None);
+        stamped.set_tag(ExtentTag {
+            mac: [9; 16],
+            ..stamped.tag()
+        });
+        failed.set_tag(ExtentTag {
+            nonce: [5; 24],
+            ..failed.tag()
+        });
+        p.put();
+        stamped.finish(Ok(4096));
+        unchanged.finish(Ok(4096));
+        failed.finish(Err(Errno::EIO));
+        let (res, tag) = w.wait_tag();
+        assert_eq!(res, Err(Errno::EIO));
+        assert_eq!((tag.codec, tag.mac, tag.nonce), (1, [9; 16], [0; 24]));
+    }
+
     #[test]
     fn finish_counts_once() {
         let w = Waiter::new();
