@@ -120,7 +120,137 @@ fn compress_rate(text: &[u8], unit: usize, zstd_level: Option<i32>) -> (f64, f64
     )
 }
 
+/// The default stack (`compress=zstd:1,crypt=aes-256-gcm,stripe=64k`, a
+/// watchdog over each of 3 image files), as the filesystem drives it: batches
+/// of 16 detached 64 KiB units written, then read back with their tags.
+/// MB/s of logical bytes, writes then reads, and the devices' kernel entries
+/// per batch; `data` is cycled to fill units.
+fn default_stack_rate(dir: &std::path::Path, data: &[u8], total: u64) -> (f64, f64, f64) {
+    const UNIT: usize = 64 << 10;
+    const BATCH: usize = 16;
+    let size = 256u64 << 20;
+    let devices = (0..3)
+        .map(|i| {
+            let p = dir.join(format!("default.{i}"));
+            std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+            Arc::new(Device::open(&p, 0, size, false).unwrap())
+        })
+        .collect();
+    let keys = CryptKeys {
+        keyring: Arc::new(Keyring::new(&[7u8; 32])),
+        write_key: Some([1; 12]),
+    };
+    let stack = StackSpec::parse("compress=zstd:1,crypt=aes-256-gcm,stripe=64k")
+        .unwrap()
+        .build_with(
+            devices,
+            Some(&keys),
+            Some(std::time::Duration::from_secs(30)),
+        )
+        .unwrap();
+    let units: Vec<Buf> = (0..BATCH)
+        .map(|i| {
+            let piece: Vec<u8> = data
+                .iter()
+                .cycle()
+                .skip(i * 4099)
+                .take(UNIT)
+                .copied()
+                .collect();
+            Buf::copy_from(&piece)
+        })
+        .collect();
+    let detached = ExtentTag {
+        flags: stackfs_layers::io::TAG_DETACHED,
+        ..Default::default()
+    };
+    let batches = total / (UNIT * BATCH) as u64;
+    let mut tags = Vec::new();
+    let start = Instant::now();
+    for b in 0..batches {
+        let waiters: Vec<Waiter> = (0..BATCH).map(|_| Waiter::new()).collect();
+        let ios: Vec<Io> = (0..BATCH)
+            .map(|i| {
+                let addr = (b * BATCH as u64 + i as u64) * UNIT as u64 % size;
+                let io = Io::new(Op::Write, addr, units[i].clone(), Some(waiters[i].end_io()));
+                io.set_tag(detached);
+                io
+            })
+            .collect();
+        stack.top.submit_batch(ios);
+        for w in waiters {
+            let (r, tag) = w.wait_tag();
+            r.expect("bench write");
+            tags.push(tag);
+        }
+    }
+    let write = total as f64 / 1e6 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for (b, batch_tags) in tags.chunks(BATCH).enumerate() {
+        let waiters: Vec<Waiter> = (0..BATCH).map(|_| Waiter::new()).collect();
+        let ios: Vec<Io> = batch_tags
+            .iter()
+            .enumerate()
+            .map(|(i, tag)| {
+                let addr = (b * BATCH + i) as u64 * UNIT as u64 % size;
+                let io = Io::new(Op::Read, addr, Buf::zeroed(UNIT), Some(waiters[i].end_io()));
+                io.set_tag(*tag);
+                io
+            })
+            .collect();
+        stack.top.submit_batch(ios);
+        for w in waiters {
+            w.wait().expect("bench read");
+        }
+    }
+    let read = total as f64 / 1e6 / start.elapsed().as_secs_f64();
+    let (mut batches, mut entries) = (0, 0);
+    for (_, layer) in stackfs_layers::spec::walk(&stack.top) {
+        if let Some(s) = layer
+            .stats()
+            .filter(|_| layer.name().starts_with("device:"))
+        {
+            let s = s.snapshot();
+            (batches, entries) = (batches + s.batches, entries + s.kernel_entries);
+        }
+    }
+    stack.top.shutdown();
+    (write, read, entries as f64 / batches.max(1) as f64)
+}
+
+/// A tar of /usr/include (the workload of issue 4), first 64 MiB, if tar works.
+fn source_text() -> Option<Vec<u8>> {
+    let tar = std::process::Command::new("tar")
+        .args(["cf", "-", "-C", "/usr", "include"])
+        .output()
+        .ok()?;
+    let mut text = tar.stdout;
+    text.truncate(64 << 20);
+    (!text.is_empty()).then_some(text)
+}
+
+/// `cargo bench -p stackfs-layers -- default`: the default stack's rows only.
+fn default_stack_rows() {
+    let dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(dir).unwrap();
+    let text =
+        source_text().unwrap_or_else(|| b"stackfs default stack bench text ".repeat(1 << 16));
+    let noise = stackfs_layers::mem::noise(16 << 20, 3);
+    for (name, data) in [("source text", &text), ("random bytes", &noise)] {
+        let runs: Vec<(f64, f64, f64)> = (0..5)
+            .map(|_| default_stack_rate(dir.path(), data, 128 << 20))
+            .collect();
+        let write = median(runs.iter().map(|r| r.0).collect());
+        let read = median(runs.iter().map(|r| r.1).collect());
+        let entries = median(runs.iter().map(|r| r.2).collect());
+        println!("default stack over 3 image files, batches of 16 x 64 KiB, {name}: write {write:.0} MB/s, read {read:.0} MB/s (logical bytes, median of 5); {entries:.2} kernel entries per batch per device");
+    }
+}
+
 fn main() {
+    if std::env::args().skip(1).any(|a| a == "default") {
+        return default_stack_rows();
+    }
     println!(
         "AES-256-GCM (ring), 64 KiB units: {:.1} GB/s (median of 5, one core)",
         median((0..5).map(|_| aes_gcm_rate()).collect())

@@ -8,8 +8,8 @@
 use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED, TAG_RAW};
-use crate::layer::{transform, Layer};
-use rayon::prelude::*;
+use crate::layer::Layer;
+use crate::map::{self, Map, Mapping};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -143,14 +143,10 @@ impl Compress {
         }
     }
 
-    fn write(&self, io: Io) {
-        let child = self.write_child(io);
-        self.lower.submit(child);
-    }
-
-    /// Compress a write and make the child that carries it below (the
-    /// parent's own reference is dropped: the child completes it).
-    fn write_child(&self, io: Io) -> Io {
+    /// Compress a write and make the child that carries it below. Codec and
+    /// lengths go into the request's tag (and so into the child's); what the
+    /// layers below add (crypt's nonce and MAC) comes back up by itself.
+    fn write_child(&self, io: &Io) -> Io {
         let len = io.len();
         let mut tag = io.tag();
         let over = if tag.flags & TAG_DETACHED != 0 {
@@ -180,29 +176,21 @@ impl Compress {
             p
         });
         io.set_tag(tag);
-        // What the layers below record (crypt's nonce and MAC) goes back up.
-        let parent = io.clone();
-        let end_io = Box::new(move |child: &Io, r: Result<u64, Errno>| {
-            let below = child.tag();
-            let mut t = parent.tag();
-            (t.nonce, t.mac) = (below.nonce, below.mac);
-            parent.set_tag(t);
-            r.map(|_| len)
-        });
         let buf = match packed {
             Some(p) => p,
             None => io.buf().clone(),
         };
-        let child = io.child(Op::Write, io.addr(), buf, Some(end_io));
-        io.put();
-        child
+        // The child writes the stored bytes; the caller wrote `len`.
+        let end_io = Box::new(move |_: &Io, r: Result<u64, Errno>| r.map(|_| len));
+        io.child(Op::Write, io.addr(), buf, Some(end_io))
     }
 
-    fn read(&self, io: Io) {
+    /// A raw unit is read where it is; a compressed one into a buffer of
+    /// its stored size, decompressed into the caller's on completion.
+    fn read_mapping(&self, io: &Io) -> Mapping {
         let tag = io.tag();
         if tag.codec == RAW {
-            self.lower.submit(io);
-            return;
+            return Mapping::Pass(0);
         }
         let (len, dst, codec, addr) = (io.len(), io.buf().clone(), tag.codec, io.addr());
         let stored = tag.stored_len as usize;
@@ -228,8 +216,25 @@ impl Compress {
             Buf::zeroed(Self::stored_read_len(tag.codec, tag.stored_len)),
             Some(end_io),
         );
-        self.lower.submit(child);
-        io.put();
+        Mapping::Split(vec![(0, child)])
+    }
+}
+
+impl Map for Compress {
+    fn below(&self) -> &[Arc<dyn Layer>] {
+        std::slice::from_ref(&self.lower)
+    }
+    fn map(&self, io: &Io) -> Mapping {
+        match io.op() {
+            Op::Write => Mapping::Split(vec![(0, self.write_child(io))]),
+            Op::Read => self.read_mapping(io),
+            Op::Flush | Op::Discard => Mapping::Pass(0),
+        }
+    }
+    /// zstd is the dominant cost of a write: a batch's writes are compressed
+    /// on every core.
+    fn parallel(&self, io: &Io) -> bool {
+        io.op() == Op::Write
     }
 }
 
@@ -244,30 +249,10 @@ impl Layer for Compress {
         self.lower.capacity()
     }
     fn submit(&self, io: Io) {
-        transform(io, &*self.lower, |io| self.write(io), |io| self.read(io));
+        map::submit(self, io);
     }
-    /// Writes of a batch are compressed on every core (zstd is the dominant
-    /// cost of a write), then go below as one batch.
     fn submit_batch(&self, ios: Vec<Io>) {
-        let (writes, others): (Vec<Io>, Vec<Io>) = ios
-            .into_iter()
-            .partition(|io| io.op() == Op::Write && !io.is_cancelled());
-        let children: Vec<Io> = if writes.len() > 1 {
-            writes
-                .into_par_iter()
-                .map(|io| self.write_child(io))
-                .collect()
-        } else {
-            writes.into_iter().map(|io| self.write_child(io)).collect()
-        };
-        if !children.is_empty() {
-            self.lower.submit_batch(children);
-        }
-        // Reads, flushes and discards after the writes: a flush in the
-        // batch must not overtake them.
-        for io in others {
-            self.submit(io);
-        }
+        map::submit_batch(self, ios);
     }
     fn overhead(&self) -> u64 {
         self.lower.overhead()

@@ -31,7 +31,8 @@
 use crate::buf::Buf;
 use crate::errno::Errno;
 use crate::io::{Io, Op, TAG_DETACHED};
-use crate::layer::{transform, Layer};
+use crate::layer::Layer;
+use crate::map::{self, Map, Mapping};
 use parking_lot::RwLock;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use std::collections::HashMap;
@@ -173,7 +174,9 @@ impl Crypt {
         Ok((nonce, w.id, tag))
     }
 
-    fn write(&self, io: Io) {
+    /// Seal a write into the child that carries it below; nonce, key id and
+    /// MAC of a detached write go into the request's tag.
+    fn write(&self, io: &Io) -> Mapping {
         let len = io.len();
         let mut tag = io.tag();
         if tag.flags & TAG_DETACHED != 0 {
@@ -190,19 +193,13 @@ impl Crypt {
             let plain = unsafe { out.as_mut_slice_unchecked() };
             let (nonce, id, mac) = match self.seal(io.addr(), len, plain) {
                 Ok(s) => s,
-                Err(e) => {
-                    io.finish(Err(e));
-                    return;
-                }
+                Err(e) => return Mapping::Fail(e),
             };
             tag.nonce[..NONCE_LEN].copy_from_slice(&nonce);
             tag.nonce[NONCE_LEN..].copy_from_slice(&id);
             tag.mac.copy_from_slice(mac.as_ref());
             io.set_tag(tag);
-            let child = io.child(Op::Write, io.addr(), out, None);
-            self.lower.submit(child);
-            io.put();
-            return;
+            return Mapping::Split(vec![(0, io.child(Op::Write, io.addr(), out, None))]);
         }
         let mut out = Buf::zeroed(round4k(len + OVERHEAD) as usize);
         let s = out.as_mut_slice();
@@ -211,10 +208,7 @@ impl Crypt {
         body.copy_from_slice(io.buf().as_slice());
         let (nonce, id, mac) = match self.seal(io.addr(), len, body) {
             Ok(x) => x,
-            Err(e) => {
-                io.finish(Err(e));
-                return;
-            }
+            Err(e) => return Mapping::Fail(e),
         };
         s[..NONCE_LEN].copy_from_slice(&nonce);
         s[NONCE_LEN..head].copy_from_slice(&id);
@@ -225,11 +219,12 @@ impl Crypt {
             out,
             Some(Box::new(move |_, r| r.map(|_| len))),
         );
-        self.lower.submit(child);
-        io.put();
+        Mapping::Split(vec![(0, child)])
     }
 
-    fn read(&self, io: Io) {
+    /// A read goes below whole (detached: into the caller's buffer; inline:
+    /// into a buffer for the sealed block) and is opened on completion.
+    fn read(&self, io: &Io) -> Mapping {
         let len = io.len();
         let keys = self.keys.clone();
         let (addr, dst) = (io.addr(), io.buf().clone());
@@ -257,9 +252,7 @@ impl Crypt {
                 }
             });
             let child = io.child(Op::Read, addr, io.buf().clone(), Some(end_io));
-            self.lower.submit(child);
-            io.put();
-            return;
+            return Mapping::Split(vec![(0, child)]);
         }
         let raw = Buf::zeroed(round4k(len + OVERHEAD) as usize);
         let end_io = Box::new(move |child: &Io, r: Result<u64, Errno>| {
@@ -281,8 +274,20 @@ impl Crypt {
             Ok(len)
         });
         let child = io.child(Op::Read, addr, raw, Some(end_io));
-        self.lower.submit(child);
-        io.put();
+        Mapping::Split(vec![(0, child)])
+    }
+}
+
+impl Map for Crypt {
+    fn below(&self) -> &[Arc<dyn Layer>] {
+        std::slice::from_ref(&self.lower)
+    }
+    fn map(&self, io: &Io) -> Mapping {
+        match io.op() {
+            Op::Write => self.write(io),
+            Op::Read => self.read(io),
+            Op::Flush | Op::Discard => Mapping::Pass(0),
+        }
     }
 }
 
@@ -321,7 +326,10 @@ impl Layer for Crypt {
         self.lower.capacity()
     }
     fn submit(&self, io: Io) {
-        transform(io, &*self.lower, |io| self.write(io), |io| self.read(io));
+        map::submit(self, io);
+    }
+    fn submit_batch(&self, ios: Vec<Io>) {
+        map::submit_batch(self, ios);
     }
     fn overhead(&self) -> u64 {
         OVERHEAD + self.lower.overhead()

@@ -47,6 +47,31 @@ pub struct ExtentTag {
     pub flags: u8,
 }
 
+impl ExtentTag {
+    /// Take over every field that differs between `before` and `after`: what
+    /// the layers below a request recorded while it was in flight.
+    fn take_changes(&mut self, before: &ExtentTag, after: &ExtentTag) {
+        if before.codec != after.codec {
+            self.codec = after.codec;
+        }
+        if before.logical_len != after.logical_len {
+            self.logical_len = after.logical_len;
+        }
+        if before.stored_len != after.stored_len {
+            self.stored_len = after.stored_len;
+        }
+        if before.nonce != after.nonce {
+            self.nonce = after.nonce;
+        }
+        if before.mac != after.mac {
+            self.mac = after.mac;
+        }
+        if before.flags != after.flags {
+            self.flags = after.flags;
+        }
+    }
+}
+
 pub const TAG_DETACHED: u8 = 1;
 /// `TAG_RAW`: store the bytes uncompressed (space the caller wants claimed,
 /// such as preallocated zeros).
@@ -74,7 +99,12 @@ struct IoInner {
     /// A vectored request's buffers in order (`buf` is the first); empty otherwise.
     segs: Vec<Buf>,
     tag: Mutex<ExtentTag>,
+    /// The tag the request was made with: what changed since then goes up.
+    initial_tag: ExtentTag,
     parent: Option<Io>,
+    /// For a detached copy (`Io::detached`): the request it does the I/O of.
+    /// Not a parent (no completion reference); only its tag is updated.
+    origin: Option<Io>,
     children: Mutex<Vec<Weak<IoInner>>>,
     remaining: AtomicUsize,
     bytes: AtomicU64,
@@ -148,7 +178,9 @@ impl Io {
             buf,
             segs,
             tag: Mutex::new(tag),
+            initial_tag: tag,
             parent,
+            origin: None,
             children: Mutex::new(Vec::new()),
             remaining: AtomicUsize::new(1),
             bytes: AtomicU64::new(0),
@@ -165,9 +197,12 @@ impl Io {
     /// address, buffers, tag) but tied to it by nothing: this one may complete
     /// while the copy is still in flight, holding its buffers. The watchdog
     /// uses it to fail a request above without waiting for the device.
+    /// What the layers below record in the copy's tag reaches this request's
+    /// tag when the copy completes (before the copy's `end_io`), as long as
+    /// this one has not finished.
     pub fn detached(&self, end_io: Option<EndIo>) -> Io {
         let i = &self.0;
-        Io::build(
+        let mut copy = Io::build(
             i.op,
             i.addr,
             i.len,
@@ -176,7 +211,11 @@ impl Io {
             None,
             end_io,
             *i.tag.lock(),
-        )
+        );
+        Arc::get_mut(&mut copy.0)
+            .expect("a request just built has one handle")
+            .origin = Some(self.clone());
+        copy
     }
 
     /// A child request over (usually) a clone of part of this request's
@@ -332,6 +371,9 @@ impl Io {
         for obs in observers {
             obs(self, &res);
         }
+        if res.is_ok() {
+            self.merge_tag_up();
+        }
         if let Some(end_io) = self.0.end_io.lock().take() {
             // A panicking hook must not leave its parent waiting forever
             // (a FUSE reply never sent, a waiter never woken): it fails the
@@ -346,6 +388,21 @@ impl Io {
         if let Some(parent) = &self.0.parent {
             parent.record(res);
             parent.put();
+        }
+    }
+
+    /// Carry what the layers below changed in this request's tag up to its
+    /// parent (or, for a detached copy, to the request it copies): the
+    /// framework's one place for it, so that no layer copies tags by hand.
+    fn merge_tag_up(&self) {
+        let target = match (&self.0.parent, &self.0.origin) {
+            (Some(parent), _) => parent,
+            (None, Some(origin)) if !origin.is_finished() => origin,
+            _ => return,
+        };
+        let now = self.tag();
+        if now != self.0.initial_tag {
+            target.0.tag.lock().take_changes(&self.0.initial_tag, &now);
         }
     }
 
@@ -473,6 +530,37 @@ mod tests {
         c1.finish(Err(Errno::EIO));
         assert!(c2.is_cancelled());
         assert_eq!(w.wait(), Err(Errno::EIO));
+    }
+
+    /// What a child's layers record in its tag reaches the parent; an
+    /// unchanged sibling does not undo it, a failed child records nothing.
+    #[test]
+    fn changes_to_a_childs_tag_are_merged_into_the_parent() {
+        let w = Waiter::new();
+        let p = Io::new(Op::Write, 0, Buf::zeroed(8192), Some(w.end_io()));
+        p.set_tag(ExtentTag {
+            codec: 1,
+            ..ExtentTag::default()
+        });
+        let (a, b) = p.buf().split_at(4096);
+        let stamped = p.child(Op::Write, 0, a, None);
+        let unchanged = p.child(Op::Write, 4096, b.clone(), None);
+        let failed = p.child(Op::Write, 4096, b, None);
+        stamped.set_tag(ExtentTag {
+            mac: [9; 16],
+            ..stamped.tag()
+        });
+        failed.set_tag(ExtentTag {
+            nonce: [5; 24],
+            ..failed.tag()
+        });
+        p.put();
+        stamped.finish(Ok(4096));
+        unchanged.finish(Ok(4096));
+        failed.finish(Err(Errno::EIO));
+        let (res, tag) = w.wait_tag();
+        assert_eq!(res, Err(Errno::EIO));
+        assert_eq!((tag.codec, tag.mac, tag.nonce), (1, [9; 16], [0; 24]));
     }
 
     #[test]

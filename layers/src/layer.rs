@@ -23,7 +23,8 @@ pub trait Layer: Send + Sync {
     /// Hand one request to the layer; the caller's reference moves with it.
     fn submit(&self, io: Io);
     /// Hand many requests at once; layers that can batch (one syscall, one
-    /// lock) override this.
+    /// lock) override this. Mapping layers (`Map`) forward one batch to each
+    /// layer below.
     fn submit_batch(&self, ios: Vec<Io>) {
         for io in ios {
             self.submit(io);
@@ -48,6 +49,11 @@ pub trait Layer: Send + Sync {
     fn stats(&self) -> Option<Arc<Stats>> {
         None
     }
+    /// The count of this layer's own entries into the kernel to submit
+    /// (io_uring_enter calls), for layers that make them (`device`).
+    fn kernel_entries(&self) -> Option<Arc<AtomicU64>> {
+        None
+    }
     /// Stop background work (completion threads); pending requests are cancelled.
     fn shutdown(&self) {
         for l in self.lowers() {
@@ -68,6 +74,11 @@ pub struct Stats {
     pub errors: AtomicU64,
     pub in_flight: AtomicU64,
     pub latency_us: [AtomicU64; LATENCY_BUCKETS],
+    /// Calls of `submit` or `submit_batch` (a lone request is a batch of one).
+    pub batches: AtomicU64,
+    /// Entries into the kernel to submit (io_uring_enter), shared with the
+    /// layer that makes them (`Layer::kernel_entries`); stays 0 for others.
+    pub kernel_entries: Arc<AtomicU64>,
 }
 
 /// A copy of `Stats` at one moment.
@@ -79,9 +90,19 @@ pub struct StatsSnapshot {
     pub errors: u64,
     pub in_flight: u64,
     pub latency_us: Vec<u64>,
+    pub batches: u64,
+    pub kernel_entries: u64,
 }
 
 impl StatsSnapshot {
+    /// Kernel entries per batch received (1.0: one io_uring_enter per batch).
+    pub fn kernel_entries_per_batch(&self) -> f64 {
+        if self.batches == 0 {
+            return 0.0;
+        }
+        self.kernel_entries as f64 / self.batches as f64
+    }
+
     /// Upper bound of the bucket holding the q-th quantile, in microseconds.
     pub fn latency_quantile_us(&self, q: f64) -> u64 {
         let total: u64 = self.latency_us.iter().sum();
@@ -113,6 +134,8 @@ impl Stats {
                 .iter()
                 .map(|a| a.load(Ordering::Relaxed))
                 .collect(),
+            batches: self.batches.load(Ordering::Relaxed),
+            kernel_entries: self.kernel_entries.load(Ordering::Relaxed),
         }
     }
 
@@ -158,9 +181,13 @@ pub struct Counted {
 
 impl Counted {
     pub fn wrap(inner: Arc<dyn Layer>) -> Arc<dyn Layer> {
+        let stats = Stats {
+            kernel_entries: inner.kernel_entries().unwrap_or_default(),
+            ..Stats::default()
+        };
         Arc::new(Counted {
             inner,
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(stats),
         })
     }
 }
@@ -176,10 +203,12 @@ impl Layer for Counted {
         self.inner.alignment()
     }
     fn submit(&self, io: Io) {
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.start(&io);
         self.inner.submit(io);
     }
     fn submit_batch(&self, ios: Vec<Io>) {
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         for io in &ios {
             self.stats.start(io);
         }
@@ -196,6 +225,9 @@ impl Layer for Counted {
     }
     fn stats(&self) -> Option<Arc<Stats>> {
         Some(self.stats.clone())
+    }
+    fn kernel_entries(&self) -> Option<Arc<AtomicU64>> {
+        self.inner.kernel_entries()
     }
     fn shutdown(&self) {
         self.inner.shutdown();
@@ -222,21 +254,6 @@ pub fn submit_wait_tag(
     io.set_tag(tag);
     layer.submit(io);
     w.wait_tag()
-}
-
-/// How a transforming layer (compress, crypt) takes a request: a cancelled
-/// one never starts, writes and reads go to the layer's own code, flushes
-/// and discards pass through unchanged.
-pub fn transform(io: Io, lower: &dyn Layer, write: impl FnOnce(Io), read: impl FnOnce(Io)) {
-    if io.is_cancelled() {
-        io.finish(Err(Errno::ECANCELED));
-        return;
-    }
-    match io.op() {
-        Op::Write => write(io),
-        Op::Read => read(io),
-        Op::Flush | Op::Discard => lower.submit(io),
-    }
 }
 
 /// Join a layer's background thread on shutdown, unless shutdown runs on that

@@ -1,10 +1,12 @@
 //! `stripe`: RAID-0 over N lower layers. Like dm-stripe's map function, it
 //! only remaps: a request is carved at chunk boundaries into children that are
-//! clones over the parent's buffer, and each lower gets its children as one batch.
+//! clones over the parent's buffer; the framework (map.rs) gives each lower
+//! the children of a whole batch as one batch.
 
 use crate::buf::Buf;
 use crate::io::{Io, Op};
 use crate::layer::{check_range, Layer};
+use crate::map::{self, Map, Mapping};
 use crate::spec::SpecError;
 use std::sync::Arc;
 
@@ -56,13 +58,13 @@ impl Stripe {
     /// vectored lowers, the chunks that follow each other on one lower (chunk
     /// k and k+N of an N-way stripe) become one child over several buffers, so
     /// a 1 MiB request reaches each device as one request, not as 64 KiB pieces.
-    fn carve(&self, io: &Io, batches: &mut [Vec<Io>]) {
+    fn carve(&self, io: &Io) -> Vec<(usize, Io)> {
         if io.op() == Op::Flush {
-            for b in batches.iter_mut() {
-                b.push(io.child(Op::Flush, 0, io.buf().clone(), None));
-            }
-            return;
+            return (0..self.lowers.len())
+                .map(|dev| (dev, io.child(Op::Flush, 0, io.buf().clone(), None)))
+                .collect();
         }
+        let mut children = Vec::new();
         let mut runs: Vec<Option<Run>> = (0..self.lowers.len()).map(|_| None).collect();
         let mut done = 0u64;
         while done < io.len() {
@@ -82,7 +84,7 @@ impl Stripe {
                     continue;
                 }
                 let run = slot.take().expect("checked");
-                batches[dev].push(Self::child_of(io, run));
+                children.push((dev, Self::child_of(io, run)));
             }
             *slot = Some(Run {
                 addr: dev_addr,
@@ -92,9 +94,10 @@ impl Stripe {
         }
         for (dev, run) in runs.into_iter().enumerate() {
             if let Some(run) = run {
-                batches[dev].push(Self::child_of(io, run));
+                children.push((dev, Self::child_of(io, run)));
             }
         }
+        children
     }
 
     fn child_of(io: &Io, run: Run) -> Io {
@@ -124,32 +127,26 @@ impl Layer for Stripe {
     }
 
     fn submit(&self, io: Io) {
-        self.submit_batch(vec![io]);
+        map::submit(self, io);
     }
 
-    /// All children of all requests go to each lower as one batch.
     fn submit_batch(&self, ios: Vec<Io>) {
-        let mut batches: Vec<Vec<Io>> = vec![Vec::new(); self.lowers.len()];
-        let mut parents = Vec::with_capacity(ios.len());
-        for io in ios {
-            if let Err(e) = check_range(io.addr(), io.len(), self.capacity()) {
-                io.finish(Err(e));
-                continue;
-            }
-            self.carve(&io, &mut batches);
-            parents.push(io);
-        }
-        for (lower, batch) in self.lowers.iter().zip(batches) {
-            if !batch.is_empty() {
-                lower.submit_batch(batch);
-            }
-        }
-        for io in parents {
-            io.put();
-        }
+        map::submit_batch(self, ios);
     }
 
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
         self.lowers.clone()
+    }
+}
+
+impl Map for Stripe {
+    fn below(&self) -> &[Arc<dyn Layer>] {
+        &self.lowers
+    }
+    fn map(&self, io: &Io) -> Mapping {
+        match check_range(io.addr(), io.len(), self.capacity()) {
+            Ok(()) => Mapping::Split(self.carve(io)),
+            Err(e) => Mapping::Fail(e),
+        }
     }
 }

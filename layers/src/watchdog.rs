@@ -5,25 +5,36 @@
 //! *detached* copy (`Io::detached`): the same operation over the same
 //! buffers, tied to the request above by nothing but this layer. When the
 //! copy answers, the request above completes with its result. When it has
-//! not answered within the timeout, the request above completes with EIO
-//! at once, the member is marked faulted in the pool's `Health` (one log
-//! line naming it), and a cancel is sent below. The copy stays in flight,
+//! not answered within the timeout, the request above completes with
+//! ETIMEDOUT at once, the member is marked faulted in the pool's `Health`
+//! (one log line naming it), and a cancel is sent below. The copy stays in flight,
 //! owning its buffers (and the device its iovec), until the device really
 //! answers: a request blocked in an io-wq worker (a hung disk, a stopped
 //! NBD or FUSE server) cannot be taken back, and nothing may be written into
 //! memory that has been reused. Its late answer is logged and dropped.
 //!
+//! What the caller sees: ETIMEDOUT means the request went to the device and
+//! has not answered; it may still be carried out (a write may still land,
+//! so the space it fills must stay reserved until the device has answered,
+//! which for the filesystem means this session). EIO means the device
+//! answered with a failure, or the request never reached it.
+//!
 //! A faulted member gets no more requests: they fail with EIO at once, so
 //! reads of what it holds fail fast and nothing piles up behind it (with a
 //! mirror, another copy answers).
 //!
-//! Flushes are timed like everything else, but a flush that times out
-//! faults the member too: the filesystem then stops writing (its failed
-//! state), so no commit's outcome is ever left unknown and acted upon.
+//! Flushes are never timed out: a flush may legitimately take long (it
+//! writes back everything the device caches). A flush sent to a faulted
+//! member fails with EIO at once, like any request; a flush in flight when
+//! the member faults (through another request's timeout) completes with EIO
+//! then, its outcome unknown: the filesystem is in its failed state by then
+//! and acts on no commit. Its copy stays in flight below (not cancelled: it
+//! holds no buffer, and may still make earlier writes durable).
 
 use crate::errno::Errno;
-use crate::io::Io;
+use crate::io::{Io, Op};
 use crate::layer::Layer;
+use crate::map::{self, Map, Mapping};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -122,6 +133,8 @@ struct Tracked {
     lower: Io,
     /// Set by whichever completes the request above first.
     done: Arc<AtomicBool>,
+    /// False for flushes, which are never timed out.
+    timed: bool,
 }
 
 struct Shared {
@@ -132,7 +145,8 @@ struct Shared {
 }
 
 pub struct Watchdog {
-    lower: Arc<dyn Layer>,
+    /// The one layer below (a slice, for `Map::below`).
+    lower: [Arc<dyn Layer>; 1],
     timeout: Duration,
     member: usize,
     health: Arc<Health>,
@@ -160,7 +174,7 @@ impl Watchdog {
             .spawn(move || watch(s, timeout, member, h))
             .expect("spawn watchdog thread");
         Arc::new(Watchdog {
-            lower,
+            lower: [lower],
             timeout,
             member,
             health,
@@ -175,10 +189,10 @@ impl Watchdog {
         let done = Arc::new(AtomicBool::new(false));
         let (shared, health, member) = (self.shared.clone(), self.health.clone(), self.member);
         let (up, flag) = (upper.clone(), done.clone());
+        // The copy's tag reaches the request above by itself (`Io::detached`).
         let end_io = Box::new(move |low: &Io, r: Result<u64, Errno>| {
             shared.inflight.lock().remove(&id);
             if !flag.swap(true, Ordering::AcqRel) {
-                up.set_tag(low.tag());
                 up.finish(r);
             } else {
                 health.late(member);
@@ -192,6 +206,7 @@ impl Watchdog {
         let lower = upper.detached(Some(end_io));
         let cancel_below = lower.clone();
         upper.set_canceller(move || cancel_below.cancel());
+        let timed = upper.op() != Op::Flush;
         self.shared.inflight.lock().insert(
             id,
             Tracked {
@@ -199,9 +214,24 @@ impl Watchdog {
                 upper,
                 lower: lower.clone(),
                 done,
+                timed,
             },
         );
         lower
+    }
+}
+
+impl Map for Watchdog {
+    fn below(&self) -> &[Arc<dyn Layer>] {
+        &self.lower
+    }
+    /// A faulted member is not asked again (until the pool is mounted
+    /// again): its requests would only pile up behind the ones it holds.
+    fn map(&self, io: &Io) -> Mapping {
+        if self.health.is_faulted(self.member) {
+            return Mapping::Fail(Errno::EIO);
+        }
+        Mapping::Detached(0, self.track(io.clone()))
     }
 }
 
@@ -218,27 +248,34 @@ fn watch(s: Arc<Shared>, timeout: Duration, member: usize, health: Arc<Health>) 
                 return;
             }
         }
-        let now = Instant::now();
-        // Requests above whose copy has not answered in time; the copies
-        // stay tracked until they answer.
-        let expired: Vec<(Io, Io)> = s
-            .inflight
-            .lock()
-            .values()
-            .filter(|t| {
-                now.duration_since(t.started) >= timeout && !t.done.swap(true, Ordering::AcqRel)
-            })
-            .map(|t| (t.upper.clone(), t.lower.clone()))
-            .collect();
-        if expired.is_empty() {
-            continue;
+        let expired = claim(&s, |t| t.timed && t.started.elapsed() >= timeout);
+        if !expired.is_empty() {
+            health.fault(member, format!("no answer within {timeout:?}"));
+            for (upper, lower) in expired {
+                upper.finish(Err(Errno::ETIMEDOUT));
+                lower.cancel();
+            }
         }
-        health.fault(member, format!("no answer within {timeout:?}"));
-        for (upper, lower) in expired {
-            upper.finish(Err(Errno::EIO));
-            lower.cancel();
+        // Flushes in flight on a faulted member (also one that slipped in
+        // while it faulted) fail now; their copies stay below.
+        if health.is_faulted(member) {
+            for (upper, _) in claim(&s, |t| !t.timed) {
+                upper.finish(Err(Errno::EIO));
+            }
         }
     }
+}
+
+/// The tracked requests that `pick` selects and whose request above nobody
+/// has completed yet, now claimed for completion here; the copies stay
+/// tracked until they answer.
+fn claim(s: &Shared, pick: impl Fn(&Tracked) -> bool) -> Vec<(Io, Io)> {
+    s.inflight
+        .lock()
+        .values()
+        .filter(|t| pick(t) && !t.done.swap(true, Ordering::AcqRel))
+        .map(|t| (t.upper.clone(), t.lower.clone()))
+        .collect()
 }
 
 impl Layer for Watchdog {
@@ -246,40 +283,31 @@ impl Layer for Watchdog {
         format!("watchdog={}s", self.timeout.as_secs_f32())
     }
     fn capacity(&self) -> u64 {
-        self.lower.capacity()
+        self.lower[0].capacity()
     }
     fn alignment(&self) -> usize {
-        self.lower.alignment()
+        self.lower[0].alignment()
     }
     fn vectored(&self) -> bool {
-        self.lower.vectored()
+        self.lower[0].vectored()
     }
     fn submit(&self, io: Io) {
-        self.submit_batch(vec![io]);
+        map::submit(self, io);
     }
     fn submit_batch(&self, ios: Vec<Io>) {
-        // A faulted member is not asked again (until the pool is mounted
-        // again): its requests would only pile up behind the ones it holds.
-        if self.health.is_faulted(self.member) {
-            for io in ios {
-                io.finish(Err(Errno::EIO));
-            }
-            return;
-        }
-        let copies: Vec<Io> = ios.into_iter().map(|io| self.track(io)).collect();
-        self.lower.submit_batch(copies);
+        map::submit_batch(self, ios);
     }
     fn overhead(&self) -> u64 {
-        self.lower.overhead()
+        self.lower[0].overhead()
     }
     fn lowers(&self) -> Vec<Arc<dyn Layer>> {
-        vec![self.lower.clone()]
+        self.lower.to_vec()
     }
     fn shutdown(&self) {
         *self.shared.stop.lock() = true;
         self.shared.wake.notify_all();
         crate::layer::join_unless_current(self.thread.lock().take());
-        self.lower.shutdown();
+        self.lower[0].shutdown();
     }
 }
 
@@ -287,5 +315,110 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         *self.shared.stop.lock() = true;
         self.shared.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::Buf;
+    use crate::fault::{Fault, FaultAction, FaultControl, FaultRule};
+    use crate::io::{ExtentTag, Waiter};
+    use crate::mem::Mem;
+
+    const TIMEOUT: Duration = Duration::from_millis(100);
+
+    /// A watchdog over a fault layer over memory: member 0 of a one-member pool.
+    fn watched() -> (Arc<FaultControl>, Arc<Health>, Arc<Watchdog>) {
+        let control = FaultControl::new();
+        let fault = Fault::new(Arc::new(Mem::new(1 << 20)), control.clone(), Some(0));
+        let health = Health::new(vec!["mem".into()]);
+        let watchdog = Watchdog::new(fault, TIMEOUT, 0, health.clone());
+        (control, health, watchdog)
+    }
+
+    fn start(layer: &dyn Layer, op: Op) -> Waiter {
+        let waiter = Waiter::new();
+        layer.submit(Io::new(op, 0, Buf::zeroed(4096), Some(waiter.end_io())));
+        waiter
+    }
+
+    fn delay(control: &FaultControl, op: Op, ms: u64) {
+        let action = FaultAction::Delay(Duration::from_millis(ms));
+        control.add_rule(FaultRule::new(Some(op), action));
+    }
+
+    #[test]
+    fn a_slow_flush_is_never_timed_out() {
+        let (control, health, watchdog) = watched();
+        delay(&control, Op::Flush, 4 * TIMEOUT.as_millis() as u64);
+        let started = Instant::now();
+        assert_eq!(start(&*watchdog, Op::Flush).wait(), Ok(0));
+        assert!(
+            started.elapsed() >= 4 * TIMEOUT,
+            "the flush went through the delay"
+        );
+        assert!(!health.any_faulted());
+        watchdog.shutdown();
+    }
+
+    /// A write that does not answer fails with ETIMEDOUT (sent, outcome
+    /// unknown) and faults the member; the flush in flight then fails with
+    /// EIO at once, and so does every later request, without reaching below.
+    #[test]
+    fn a_timeout_fails_with_etimedout_and_fails_the_flushes_in_flight() {
+        let (control, health, watchdog) = watched();
+        delay(&control, Op::Flush, 30_000);
+        delay(&control, Op::Write, 1_000);
+        let flush = start(&*watchdog, Op::Flush);
+        let started = Instant::now();
+        assert_eq!(start(&*watchdog, Op::Write).wait(), Err(Errno::ETIMEDOUT));
+        assert!(health.is_faulted(0));
+        assert_eq!(flush.wait(), Err(Errno::EIO));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the flush did not wait for the device"
+        );
+        let injected = control.injected.load(Ordering::SeqCst);
+        for op in [Op::Flush, Op::Read, Op::Write] {
+            assert_eq!(start(&*watchdog, op).wait(), Err(Errno::EIO), "{op:?}");
+        }
+        assert_eq!(
+            control.injected.load(Ordering::SeqCst),
+            injected,
+            "requests to a faulted member stop at the watchdog"
+        );
+        watchdog.shutdown();
+    }
+
+    /// What the layers below record in the detached copy's tag reaches the
+    /// request above (the framework merges it; the watchdog copies nothing).
+    #[test]
+    fn the_tag_recorded_below_reaches_the_request_above() {
+        struct Stamp;
+        impl Layer for Stamp {
+            fn name(&self) -> String {
+                "stamp".into()
+            }
+            fn capacity(&self) -> u64 {
+                1 << 20
+            }
+            fn submit(&self, io: Io) {
+                let mut tag = io.tag();
+                tag.mac = [7; 16];
+                io.set_tag(tag);
+                io.finish(Ok(io.len()));
+            }
+        }
+        let health = Health::new(vec!["stamp".into()]);
+        let watchdog = Watchdog::new(Arc::new(Stamp), TIMEOUT, 0, health);
+        let sent = ExtentTag {
+            codec: 2,
+            ..ExtentTag::default()
+        };
+        let (res, tag) = crate::submit_wait_tag(&*watchdog, Op::Write, 0, Buf::zeroed(4096), sent);
+        assert_eq!(res, Ok(4096));
+        assert_eq!((tag.codec, tag.mac), (2, [7; 16]));
+        watchdog.shutdown();
     }
 }
