@@ -113,7 +113,10 @@ fn directory_fsync_makes_everything_before_it_durable() {
     p.mount();
     for (name, data) in &files {
         let got = fs::read(p.mnt.join(name)).unwrap_or_default();
-        assert!(&got == data, "{name} was not durable after sync of the mount point");
+        assert!(
+            &got == data,
+            "{name} was not durable after sync of the mount point"
+        );
     }
     p.umount();
 }

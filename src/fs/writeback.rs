@@ -185,7 +185,11 @@ impl Fs {
         }
         if let Some((ino, e)) = failed {
             log::error!("inode {ino}: data write failed: {e}");
-            self.free_placed(st, &placed);
+            // A write that timed out may still land: its space stays taken
+            // until the next mount (the member is faulted meanwhile).
+            if e != Errno(libc::ETIMEDOUT) {
+                self.free_placed(st, &placed);
+            }
             return Err(Errno::EIO);
         }
         let sync = match flushed {

@@ -125,3 +125,37 @@ fn the_commit_thread_makes_writes_durable_within_its_interval() {
     let ino = lookup(&fs, ROOT, "f").expect("the file was committed").ino;
     same(&read_all(&fs, ino), &pattern(7, 0, 150_000));
 }
+
+#[test]
+fn a_timed_out_write_keeps_its_space_until_the_next_mount() {
+    let mut rig = Rig::small();
+    rig.timeout = Some(Duration::from_millis(200));
+    let fs = rig.open();
+    let ino = create(&fs, ROOT, "f");
+    write_all(&fs, ino, 0, &pattern(1, 0, 4 * UNIT as usize));
+    fs.fsync(ino).unwrap();
+    let free_before = fs.usage().unwrap().free;
+    write_all(&fs, ino, 0, &pattern(2, 0, 4 * UNIT as usize));
+    // The device stops answering writes: the watchdog fails them (the
+    // requests below may still land later) and faults the member.
+    rig.ctl.add_rule(FaultRule {
+        range: rig.data_range(),
+        ..FaultRule::new(Some(Op::Write), FaultAction::Hang)
+    });
+    assert_eq!(fs.fsync(ino).unwrap_err(), Errno::EIO);
+    assert!(
+        fs.failed(),
+        "a member that stopped answering is not faulted"
+    );
+    let free_after = fs.usage().unwrap().free;
+    assert!(
+        free_after <= free_before - 4 * UNIT,
+        "the timed-out writes' space went back to use: {free_before} free before, {free_after} after"
+    );
+    // The late writes land; nothing was committed over the old data.
+    rig.release();
+    drop(fs);
+    let fs = rig.open();
+    let ino = lookup(&fs, ROOT, "f").unwrap().ino;
+    same(&read_all(&fs, ino), &pattern(1, 0, 4 * UNIT as usize));
+}

@@ -12,7 +12,7 @@ use super::*;
 use stackfs_layers::compress::Codec;
 use stackfs_layers::compress::Compress;
 use stackfs_layers::crypt::Crypt;
-use stackfs_layers::watchdog::Health;
+use stackfs_layers::watchdog::{Health, Watchdog};
 use stackfs_layers::{Counted, Fault, FaultAction, FaultControl, FaultRule, Keyring, Mem};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -33,6 +33,8 @@ pub(super) struct Rig {
     pub meta_len: u64,
     layers: Layers,
     keys: Arc<Keyring>,
+    /// A watchdog over the fault layer fails requests older than this.
+    pub timeout: Option<Duration>,
     /// Each open writes under a new key id, as each mount does.
     opens: AtomicU8,
     /// The fault layer of the last stack built (it holds hung requests).
@@ -51,6 +53,7 @@ impl Rig {
             meta_len,
             layers,
             keys: Arc::new(Keyring::new(&[7; 32])),
+            timeout: None,
             opens: AtomicU8::new(1),
             fault: parking_lot::Mutex::new(None),
         };
@@ -72,7 +75,11 @@ impl Rig {
     pub fn stack(&self) -> Stack {
         let fault = Fault::new(self.mem.clone(), self.ctl.clone(), Some(0));
         *self.fault.lock() = Some(fault.clone());
-        let bottom: Arc<dyn Layer> = Counted::wrap(fault);
+        let health = Health::new(vec!["mem".into()]);
+        let mut bottom: Arc<dyn Layer> = Counted::wrap(fault);
+        if let Some(t) = self.timeout {
+            bottom = Counted::wrap(Watchdog::new(bottom, t, 0, health.clone()));
+        }
         let (top, meta) = match self.layers {
             Layers::Plain => (bottom.clone(), bottom),
             Layers::Default => {
@@ -87,7 +94,7 @@ impl Rig {
             top,
             meta,
             fault: Some(self.ctl.clone()),
-            health: Health::new(vec!["mem".into()]),
+            health,
         }
     }
 
