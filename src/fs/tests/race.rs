@@ -122,3 +122,56 @@ fn the_filesystem_goes_on_while_a_flush_waits_for_its_writes() {
     let b = lookup(&fs, lookup(&fs, ROOT, "d").unwrap().ino, "b").unwrap();
     assert_eq!(b.perm, 0o600);
 }
+
+/// Cost of a create over the plain mem stack (not a test: `cargo test
+/// --release -p stackfs --lib create_cost -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn create_cost() {
+    let rig = Rig::new(Layers::Plain, 2 << 30, 1 << 30);
+    let fs = Arc::new(rig.open());
+    let n = 20_000;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        create(&fs, ROOT, &format!("f{i}"));
+    }
+    let one = t.elapsed();
+    let dirs: Vec<u64> = (0..2)
+        .map(|d| fs.mknod(ME, ROOT, format!("d{d}").as_bytes(), libc::S_IFDIR | 0o755, 0, 0, None).unwrap().ino)
+        .collect();
+    let t = std::time::Instant::now();
+    let threads: Vec<_> = dirs
+        .into_iter()
+        .map(|d| {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                for i in 0..n / 2 {
+                    create(&fs, d, &format!("f{i}"));
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let two = t.elapsed();
+    println!(
+        "{n} creates: one thread {:.1} us each; two threads {:.1} us each; ratio {:.2}",
+        one.as_secs_f64() * 1e6 / n as f64,
+        two.as_secs_f64() * 1e6 / n as f64,
+        two.as_secs_f64() / one.as_secs_f64()
+    );
+}
+
+/// Cost of an empty non-durable commit (see `create_cost`).
+#[test]
+#[ignore]
+fn commit_cost() {
+    let rig = Rig::new(Layers::Plain, 2 << 30, 1 << 30);
+    let fs = rig.open();
+    let n = 20_000;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let mut st = fs.st.lock();
+        fs.commit_now(&mut st, false).unwrap();
+    }
+    println!("{n} empty commits: {:.1} us each", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+}
