@@ -44,22 +44,112 @@ unsafe impl Sync for Pages {}
 impl Pages {
     fn alloc(cap: usize, pool: Option<Arc<PoolInner>>) -> Pages {
         let cap = cap.max(PAGE).div_ceil(PAGE) * PAGE;
+        if let Some(ptr) = recycled::take(cap) {
+            // SAFETY: a recycled chunk of exactly `cap` bytes that nothing else uses.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, cap) };
+            return Pages { ptr, cap, pool };
+        }
         let layout = Layout::from_size_align(cap, PAGE).expect("page layout");
         // SAFETY: layout has a non-zero size (at least one page).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         Pages { ptr, cap, pool }
     }
+
+    /// `cap` bytes whose contents the caller overwrites at once.
+    fn alloc_uninit(cap: usize) -> Pages {
+        if let Some(ptr) = recycled::take(cap) {
+            return Pages {
+                ptr,
+                cap,
+                pool: None,
+            };
+        }
+        let layout = Layout::from_size_align(cap, PAGE).expect("page layout");
+        // SAFETY: the layout has a non-zero size; the caller writes every
+        // byte before any slice is made over the memory.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Pages {
+            ptr,
+            cap,
+            pool: None,
+        }
+    }
 }
 
 impl Drop for Pages {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.cap, PAGE).expect("page layout");
-        // SAFETY: allocated in `Pages::alloc` with this very layout.
-        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+        if !recycled::give(self.ptr, self.cap) {
+            let layout = Layout::from_size_align(self.cap, PAGE).expect("page layout");
+            // SAFETY: allocated in `Pages::alloc*` with this very layout.
+            unsafe { dealloc(self.ptr.as_ptr(), layout) };
+        }
         if let Some(pool) = &self.pool {
             pool.release(self.cap);
         }
+    }
+}
+
+/// Give back the memory of freed buffers kept for reuse (see `recycled`).
+pub fn release_kept() {
+    recycled::release_all();
+}
+
+/// Freed chunks kept for the next buffers of the same size. Unit buffers
+/// (64 KiB, and their compressed and sealed forms) come and go at every
+/// write; memory the allocator gives back and takes again costs a page
+/// fault and a page clear per 4 KiB, which was two fifths of the daemon's
+/// CPU on a sequential write. A chunk taken from here is warm.
+mod recycled {
+    use super::PAGE;
+    use parking_lot::Mutex;
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Sizes kept: up to this many pages (a unit with crypt overhead fits).
+    const MAX_PAGES: usize = 32;
+    /// Bytes kept at most, over all sizes.
+    const MAX_BYTES: usize = 256 << 20;
+
+    static KEPT: AtomicUsize = AtomicUsize::new(0);
+    /// Chunk addresses by size in pages (index 0 unused).
+    static CHUNKS: [Mutex<Vec<usize>>; MAX_PAGES + 1] =
+        [const { Mutex::new(Vec::new()) }; MAX_PAGES + 1];
+
+    /// Free every kept chunk (an idle filesystem gives its memory back).
+    pub fn release_all() {
+        for (pages, class) in CHUNKS.iter().enumerate() {
+            let chunks = std::mem::take(&mut *class.lock());
+            let cap = pages * PAGE;
+            for addr in chunks {
+                KEPT.fetch_sub(cap, Ordering::Relaxed);
+                let layout = std::alloc::Layout::from_size_align(cap, PAGE).expect("page layout");
+                // SAFETY: a chunk of `cap` bytes allocated with this layout,
+                // given back by its last owner and taken by nobody since.
+                unsafe { std::alloc::dealloc(addr as *mut u8, layout) };
+            }
+        }
+    }
+
+    pub(super) fn take(cap: usize) -> Option<NonNull<u8>> {
+        let class = CHUNKS.get(cap / PAGE)?;
+        let addr = class.lock().pop()?;
+        KEPT.fetch_sub(cap, Ordering::Relaxed);
+        NonNull::new(addr as *mut u8)
+    }
+
+    /// Keep a chunk for reuse; false when it is not kept (then free it).
+    pub(super) fn give(ptr: NonNull<u8>, cap: usize) -> bool {
+        let Some(class) = CHUNKS.get(cap / PAGE) else {
+            return false;
+        };
+        if KEPT.fetch_add(cap, Ordering::Relaxed) + cap > MAX_BYTES {
+            KEPT.fetch_sub(cap, Ordering::Relaxed);
+            return false;
+        }
+        class.lock().push(ptr.as_ptr() as usize);
+        true
     }
 }
 
@@ -95,21 +185,15 @@ impl Buf {
     /// A buffer holding a copy of `data` (counted in `copied_bytes`).
     pub fn copy_from(data: &[u8]) -> Buf {
         let cap = data.len().max(PAGE).div_ceil(PAGE) * PAGE;
-        let layout = Layout::from_size_align(cap, PAGE).expect("page layout");
-        // SAFETY: the layout has a non-zero size. Every byte is written below
-        // before any slice is made over the memory: `data` fills the window,
-        // zeros the rest of the last page.
-        let pages = unsafe {
-            let raw = std::alloc::alloc(layout);
-            let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let pages = Pages::alloc_uninit(cap);
+        // SAFETY: `cap` bytes owned by `pages` alone; every byte is written
+        // before any slice is made over them: `data` fills the window, zeros
+        // the rest.
+        unsafe {
+            let raw = pages.ptr.as_ptr();
             std::ptr::copy_nonoverlapping(data.as_ptr(), raw, data.len());
             std::ptr::write_bytes(raw.add(data.len()), 0, cap - data.len());
-            Pages {
-                ptr,
-                cap,
-                pool: None,
-            }
-        };
+        }
         count_copy(data.len());
         Buf {
             pages: Arc::new(pages),

@@ -456,7 +456,12 @@ impl Fs {
                 let mut stopped = stopped.lock();
                 while !*stopped {
                     wake.wait_for(&mut stopped, interval);
-                    if *stopped || fs.failed() || !fs.has_undurable() {
+                    if *stopped || fs.failed() {
+                        continue;
+                    }
+                    if !fs.has_undurable() {
+                        // Idle: the buffers kept for the next writes go back.
+                        stackfs_layers::buf::release_kept();
                         continue;
                     }
                     let synced = parking_lot::MutexGuard::unlocked(&mut stopped, || fs.sync());

@@ -137,7 +137,19 @@ fn create_cost() {
     }
     let one = t.elapsed();
     let dirs: Vec<u64> = (0..2)
-        .map(|d| fs.mknod(ME, ROOT, format!("d{d}").as_bytes(), libc::S_IFDIR | 0o755, 0, 0, None).unwrap().ino)
+        .map(|d| {
+            fs.mknod(
+                ME,
+                ROOT,
+                format!("d{d}").as_bytes(),
+                libc::S_IFDIR | 0o755,
+                0,
+                0,
+                None,
+            )
+            .unwrap()
+            .ino
+        })
         .collect();
     let t = std::time::Instant::now();
     let threads: Vec<_> = dirs
@@ -173,5 +185,8 @@ fn commit_cost() {
         let mut st = fs.st.lock();
         fs.commit_now(&mut st, false).unwrap();
     }
-    println!("{n} empty commits: {:.1} us each", t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    println!(
+        "{n} empty commits: {:.1} us each",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
 }
