@@ -13,73 +13,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+mod control;
+mod privs;
+
+pub use control::{health_json, stack_stats};
+use control::{is_admin, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, MOUNT_XATTR, STATS_XATTR};
+use privs::ReqPrivs;
+
 /// How long the kernel may trust attributes and names: we are the only writer.
 const TTL: Duration = Duration::from_secs(1);
-const FAULT_XATTR: &[u8] = b"stackfs.fault";
-const STATS_XATTR: &[u8] = b"stackfs.stats";
-/// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
-const COPIED_XATTR: &[u8] = b"stackfs.copied";
-/// The members' health (online, faulted), JSON; `stackfs info` shows it.
-const HEALTH_XATTR: &[u8] = b"stackfs.health";
-/// Set by `stackfs mount -o remount,...`: the atime and sync options the
-/// daemon applies itself (the kernel keeps the other flags).
-const MOUNT_XATTR: &[u8] = b"stackfs.mount";
-
-/// Who may read and set the control xattrs: root, and the user running the
-/// daemon (a user's own mount).
-fn is_admin(req: &Request) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    req.uid() == 0 || req.uid() == unsafe { libc::geteuid() }
-}
-
-/// Every layer of the stack with its counters, as JSON (`stackfs info` of a
-/// mounted pool reads it from the root's `stackfs.stats` xattr).
-pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
-    let nodes: Vec<serde_json::Value> = stackfs_layers::spec::walk(top)
-        .into_iter()
-        .map(|(depth, l)| {
-            let s = l.stats().map(|s| s.snapshot()).unwrap_or_default();
-            serde_json::json!({
-                "depth": depth,
-                "layer": l.name(),
-                "requests": s.requests,
-                "read_bytes": s.read_bytes,
-                "write_bytes": s.write_bytes,
-                "errors": s.errors,
-                "in_flight": s.in_flight,
-                "latency_p50_us": s.latency_quantile_us(0.5),
-                "latency_p99_us": s.latency_quantile_us(0.99),
-            })
-        })
-        .collect();
-    serde_json::Value::Array(nodes)
-}
-
-/// Each member's state, for `stackfs info`.
-pub fn health_json(fs: &Fs) -> serde_json::Value {
-    let members: Vec<serde_json::Value> = fs
-        .pool
-        .stack
-        .health
-        .members()
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            serde_json::json!({
-                "index": i,
-                "path": m.name,
-                "state": if m.faulted.is_some() { "faulted" } else { "online" },
-                "why": m.faulted,
-                "timeouts": m.timeouts,
-                "late_answers": m.late,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "state": if fs.failed() { "failed" } else { "online" },
-        "members": members,
-    })
-}
 
 pub struct FuseFs {
     pub fs: Arc<Fs>,
@@ -129,70 +71,6 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
-    }
-}
-
-const CAP_FSETID: u32 = 4;
-
-/// The caller of a request, for the set-id rules (`fs::setid_loss`). Its
-/// capabilities and supplementary groups come from /proc/PID/status, read
-/// once and only when a file has set-id bits to lose. The requests that use
-/// this come from the caller's own system call (the kernel waits for the
-/// reply), so PID is the caller. One we cannot see there (another PID
-/// namespace) has CAP_FSETID iff it is root, and only its own group.
-struct ReqPrivs {
-    uid: u32,
-    gid: u32,
-    pid: u32,
-    /// The kernel found the caller without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID).
-    no_fsetid: bool,
-    /// (CAP_FSETID in the effective set, supplementary groups)
-    status: std::cell::OnceCell<Option<(bool, Vec<u32>)>>,
-}
-
-impl ReqPrivs {
-    fn new(req: &Request) -> ReqPrivs {
-        ReqPrivs {
-            uid: req.uid(),
-            gid: req.gid(),
-            pid: req.pid(),
-            no_fsetid: false,
-            status: std::cell::OnceCell::new(),
-        }
-    }
-
-    fn status(&self) -> Option<&(bool, Vec<u32>)> {
-        self.status
-            .get_or_init(|| {
-                if self.pid == 0 {
-                    return None;
-                }
-                let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-                let (mut caps, mut groups) = (None, None);
-                for line in text.lines() {
-                    if let Some(v) = line.strip_prefix("CapEff:") {
-                        caps = u64::from_str_radix(v.trim(), 16).ok();
-                    } else if let Some(v) = line.strip_prefix("Groups:") {
-                        groups = Some(
-                            v.split_whitespace()
-                                .filter_map(|g| g.parse().ok())
-                                .collect(),
-                        );
-                    }
-                }
-                Some((caps? & (1 << CAP_FSETID) != 0, groups?))
-            })
-            .as_ref()
-    }
-}
-
-impl Privs for ReqPrivs {
-    fn fsetid(&self) -> bool {
-        !self.no_fsetid && self.status().map_or(self.uid == 0, |s| s.0)
-    }
-
-    fn in_group(&self, gid: u32) -> bool {
-        gid == self.gid || self.status().is_some_and(|s| s.1.contains(&gid))
     }
 }
 
@@ -246,46 +124,6 @@ impl FuseFs {
             Ok(false) => {}
             Err(e) => log::warn!("atime of inode {ino}: {e}"),
         }
-    }
-
-    /// A remount's options for the daemon (`stackfs.mount`), root only.
-    fn mount_policy(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
-        let opts = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
-        let atime = crate::atime::AtimePolicy::decode(opts);
-        let mut sync = None;
-        for o in opts.split(',') {
-            match o {
-                "sync" | "dirsync" => sync = Some(true),
-                "async" => sync = Some(false),
-                _ => {}
-            }
-        }
-        self.fs.set_policy(atime, sync);
-        log::info!("remount: {opts} -> {:?}", self.fs.policy());
-        Ok(())
-    }
-
-    /// Tests steer a stack's fault layers through the root directory's
-    /// `stackfs.fault` xattr (root only; pools without a fault layer refuse).
-    fn fault_command(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
-        let f = self
-            .fs
-            .pool
-            .stack
-            .fault
-            .as_ref()
-            .ok_or(stackfs_layers::Errno(libc::ENOTSUP))?;
-        let cmd = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
-        f.command(cmd).map_err(|e| {
-            log::warn!("fault command {cmd:?}: {e}");
-            stackfs_layers::Errno::EINVAL
-        })
     }
 
     fn empty(reply: ReplyEmpty, r: Result<(), stackfs_layers::Errno>) {
@@ -943,104 +781,5 @@ mod tests {
         );
         let later = std::time::UNIX_EPOCH + Duration::new(5, 7);
         assert_eq!(from_kernel(later), Ts { sec: 5, nsec: 7 });
-    }
-
-    struct P {
-        fsetid: bool,
-        groups: Vec<u32>,
-    }
-
-    impl Privs for P {
-        fn fsetid(&self) -> bool {
-            self.fsetid
-        }
-        fn in_group(&self, gid: u32) -> bool {
-            self.groups.contains(&gid)
-        }
-    }
-
-    #[test]
-    fn setid_bits_go_where_ext4_drops_them() {
-        use crate::fs::setid_loss;
-        use SetidChange::*;
-        let dir = |perm: u16| Inode {
-            perm,
-            gid: 50,
-            ..Inode::new_dir(2, 0, 1)
-        };
-        let file = |perm: u16| Inode {
-            kind: Kind::File,
-            ..dir(perm)
-        };
-        let user = P {
-            fsetid: false,
-            groups: vec![],
-        };
-        let member = P {
-            fsetid: false,
-            groups: vec![50],
-        };
-        let root = P {
-            fsetid: true,
-            groups: vec![],
-        };
-        // Data: set-group-id without group execute goes only for outsiders.
-        assert_eq!(setid_loss(&file(0o6777), Data, &user), 0o6000);
-        assert_eq!(setid_loss(&file(0o6766), Data, &user), 0o6000);
-        assert_eq!(setid_loss(&file(0o6766), Data, &member), 0o4000);
-        assert_eq!(setid_loss(&file(0o2776), Data, &member), 0o2000);
-        assert_eq!(setid_loss(&file(0o6777), Data, &root), 0);
-        assert_eq!(setid_loss(&file(0o0777), Data, &user), 0);
-        assert_eq!(setid_loss(&dir(0o2777), Data, &user), 0);
-        // chown: set-user-id even for root.
-        assert_eq!(setid_loss(&file(0o6755), Chown, &root), 0o6000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &root), 0o4000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &member), 0o4000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &user), 0o6000);
-        assert_eq!(setid_loss(&dir(0o6755), Chown, &root), 0);
-        // An access ACL: set-group-id for outsiders, directories too.
-        assert_eq!(setid_loss(&file(0o6755), Acl, &user), 0o2000);
-        assert_eq!(setid_loss(&dir(0o2755), Acl, &user), 0o2000);
-        assert_eq!(setid_loss(&file(0o6755), Acl, &member), 0);
-        assert_eq!(setid_loss(&file(0o6755), Acl, &root), 0);
-    }
-
-    #[test]
-    fn a_callers_groups_and_capabilities_come_from_proc() {
-        // SAFETY: these have no preconditions.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let me = |pid: u32| ReqPrivs {
-            uid,
-            gid: gid + 1,
-            pid,
-            no_fsetid: false,
-            status: std::cell::OnceCell::new(),
-        };
-        let mut groups = vec![0 as libc::gid_t; 256];
-        // SAFETY: the buffer holds 256 entries.
-        let n = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
-        assert!(n >= 0);
-        let p = me(std::process::id());
-        assert!(p.status().is_some());
-        for g in &groups[..n as usize] {
-            assert!(p.in_group(*g), "group {g}");
-        }
-        assert!(p.in_group(gid + 1), "the request's group");
-        assert!(!p.in_group(0xfffe_fffe));
-        let caps = std::fs::read_to_string("/proc/self/status").unwrap();
-        let eff = caps
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .unwrap();
-        let fsetid = u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << CAP_FSETID) != 0;
-        assert_eq!(p.fsetid(), fsetid);
-        // The kernel's word wins; a caller we cannot see is capable iff root.
-        assert!(!ReqPrivs {
-            no_fsetid: true,
-            ..me(std::process::id())
-        }
-        .fsetid());
-        assert_eq!(me(0).fsetid(), uid == 0);
-        assert!(me(0).in_group(gid + 1) && !me(0).in_group(0xfffe_fffe));
     }
 }
