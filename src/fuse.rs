@@ -15,10 +15,14 @@ use std::time::{Duration, SystemTime};
 
 mod control;
 mod privs;
+mod requests;
 
 pub use control::{health_json, stack_stats};
-use control::{is_admin, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, MOUNT_XATTR, STATS_XATTR};
+use control::{
+    is_admin, stats_json, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, MOUNT_XATTR, STATS_XATTR,
+};
 use privs::ReqPrivs;
+use requests::{Op, REQUESTS};
 
 /// How long the kernel may trust attributes and names: we are the only writer.
 const TTL: Duration = Duration::from_secs(1);
@@ -170,10 +174,12 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        REQUESTS.count(Op::Lookup);
         self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()))
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        REQUESTS.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
             Err(e) => reply.error(errno(e)),
@@ -198,6 +204,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        REQUESTS.count(Op::Setattr);
         let a = SetAttr {
             mode,
             uid,
@@ -246,6 +253,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        REQUESTS.count(Op::Readlink);
         Self::data(reply, self.fs.readlink(ino.0))
     }
 
@@ -259,6 +267,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Mknod);
         self.entry(
             reply,
             self.fs.mknod(
@@ -282,6 +291,7 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Mkdir);
         let mode = libc::S_IFDIR | (mode & 0o7777);
         self.entry(
             reply,
@@ -291,10 +301,12 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Unlink);
         Self::empty(reply, self.fs.unlink(parent.0, name.as_bytes()))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Rmdir);
         Self::empty(reply, self.fs.rmdir(parent.0, name.as_bytes()))
     }
 
@@ -306,6 +318,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Symlink);
         let t = target.as_os_str().as_bytes();
         self.entry(
             reply,
@@ -331,6 +344,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Rename);
         Self::empty(
             reply,
             self.fs.rename(
@@ -351,10 +365,12 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Link);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        REQUESTS.count(Op::Open);
         // An open for reading is an access (atime.rs): reads served from the
         // page cache never reach us.
         if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
@@ -378,6 +394,7 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        REQUESTS.count(Op::Create);
         let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self
             .fs
@@ -414,6 +431,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        REQUESTS.count(Op::Read);
         // The reply is sent from the read's completion chain.
         self.fs
             .read_async(ino.0, offset, size, move |r| Self::data(reply, r));
@@ -431,6 +449,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        REQUESTS.count(Op::Write);
         // Writes from the page cache (writeback) never carry the flag: the
         // kernel sends a write that must drop set-id bits straight through.
         let kill = write_flags
@@ -456,6 +475,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Flush);
         reply.ok()
     }
 
@@ -469,6 +489,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Release);
         Self::empty(reply, self.fs.release(ino.0))
     }
 
@@ -480,6 +501,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fsync);
         Self::empty(reply, self.fs.fsync(ino.0))
     }
 
@@ -491,10 +513,12 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fsyncdir);
         Self::empty(reply, self.fs.sync())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        REQUESTS.count(Op::Opendir);
         self.touch_atime(ino.0, true);
         // The handle keeps the directory if it is removed while open.
         match self.fs.open_dir(ino.0) {
@@ -511,12 +535,30 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Releasedir);
         Self::empty(reply, self.fs.release_dir(ino.0))
     }
 
     /// The kernel drops lookups (a removed directory it held is freed here).
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        REQUESTS.count(Op::Forget);
         self.fs.forget(ino.0, nlookup)
+    }
+
+    /// No ioctls: counted, so that a workload that tries them shows it.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        REQUESTS.count(Op::Ioctl);
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(
@@ -527,6 +569,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        REQUESTS.count(Op::Readdir);
         let r = self.fs.readdir(ino.0, offset, |e| {
             !reply.add(
                 INodeNo(e.ino),
@@ -549,6 +592,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        REQUESTS.count(Op::Readdirplus);
         let fs = &self.fs;
         let r = fs.readdir(ino.0, offset, |e| {
             let Ok(i) = fs.getattr(e.ino) else {
@@ -576,6 +620,7 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        REQUESTS.count(Op::Statfs);
         match self.fs.usage() {
             Ok(u) => {
                 // Inodes live in the metadata store: one per 4 KiB of data
@@ -606,6 +651,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Setxattr);
         if ino.0 == ROOT && name.as_bytes() == FAULT_XATTR {
             return Self::empty(reply, self.fault_command(req, value));
         }
@@ -624,6 +670,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        REQUESTS.count(Op::Getxattr);
         let control = [
             FAULT_XATTR,
             STATS_XATTR,
@@ -638,9 +685,9 @@ impl Filesystem for FuseFs {
         }
         let r = match (ino.0, self.fs.pool.stack.fault.as_ref()) {
             (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
-            (ROOT, _) if name.as_bytes() == STATS_XATTR => Ok(stack_stats(&self.fs.pool.stack.top)
-                .to_string()
-                .into_bytes()),
+            (ROOT, _) if name.as_bytes() == STATS_XATTR => {
+                Ok(stats_json(&self.fs.pool.stack.top).to_string().into_bytes())
+            }
             (ROOT, _) if name.as_bytes() == HEALTH_XATTR => {
                 Ok(health_json(&self.fs).to_string().into_bytes())
             }
@@ -658,6 +705,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        REQUESTS.count(Op::Listxattr);
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -667,10 +715,12 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Removexattr);
         Self::empty(reply, self.fs.removexattr(ino.0, name.as_bytes()))
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Access);
         // Permissions are checked by the kernel (default_permissions); this
         // only answers whether the inode exists.
         Self::empty(reply, self.fs.getattr(ino.0).map(|_| ()))
@@ -686,6 +736,7 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fallocate);
         // A data change: the kernel leaves dropping set-id bits to us, as
         // ext4 drops them (before the change), and does not say so.
         let r = self
@@ -704,6 +755,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        REQUESTS.count(Op::Lseek);
         if offset < 0 {
             return reply.error(Errno::EINVAL);
         }
@@ -726,6 +778,7 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        REQUESTS.count(Op::CopyFileRange);
         // A write to `ino_out`, which the kernel does not flag (see fallocate).
         let who = ReqPrivs::new(req);
         if let Err(e) = self.fs.drop_setid(ino_out.0, SetidChange::Data, &who) {

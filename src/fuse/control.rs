@@ -45,6 +45,23 @@ pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_jso
     serde_json::Value::Array(nodes)
 }
 
+/// What `stackfs.stats` answers: the FUSE front end with its requests by
+/// opcode (`opcodes`), then every layer of the stack (`stack_stats`).
+pub(super) fn stats_json(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
+    let (opcodes, total) = super::requests::REQUESTS.snapshot();
+    let front = serde_json::json!({
+        "depth": 0,
+        "layer": "fuse",
+        "requests": total,
+        "opcodes": opcodes,
+    });
+    let mut nodes = vec![front];
+    if let serde_json::Value::Array(layers) = stack_stats(top) {
+        nodes.extend(layers);
+    }
+    serde_json::Value::Array(nodes)
+}
+
 /// Each member's state, for `stackfs info`.
 pub fn health_json(fs: &Fs) -> serde_json::Value {
     let members: Vec<serde_json::Value> = fs
