@@ -51,6 +51,27 @@ fn kind(k: Kind) -> FileType {
     }
 }
 
+/// The attributes of a negative entry (inode 0): the kernel reads none.
+fn missing() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 pub fn attr(i: &Inode) -> FileAttr {
     FileAttr {
         ino: INodeNo(i.ino),
@@ -149,6 +170,9 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_BIG_WRITES
+            // A symlink's target never changes (a new target is a new
+            // inode): the kernel keeps it in the page cache, no READLINK.
+            | InitFlags::FUSE_CACHE_SYMLINKS
             // Set-id bits are ours to drop on writes, truncates and chowns
             // (`fs::setid_loss`, as ext4 drops them): the kernel flags the
             // writes that must drop them and, in writeback mode, sends those
@@ -175,7 +199,18 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         REQUESTS.count(Op::Lookup);
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()))
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            // A miss is an entry of inode 0 (as libfuse's negative_timeout):
+            // the kernel keeps the negative dentry for the TTL instead of
+            // asking again. Every name is made through this mount, and the
+            // kernel turns that very dentry positive when it makes one
+            // (create, mknod, mkdir, symlink, link, rename), so the miss it
+            // caches cannot go stale. It counts no lookup (no FORGET comes).
+            Err(e) if e.0 == libc::ENOENT => {
+                reply.entry_with_ttls(&Duration::ZERO, &TTL, &missing(), Generation(0))
+            }
+            r => self.entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -476,7 +511,12 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         REQUESTS.count(Op::Flush);
-        reply.ok()
+        // Nothing to do at close: the kernel has written the dirty pages
+        // (and reported their errors) before it sends FLUSH, and closed
+        // files are flushed in groups from `release`. ENOSYS makes the
+        // kernel stop sending FLUSH (fc->no_flush): one round trip less per
+        // close, its writeback at close stays.
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(
