@@ -107,6 +107,23 @@ fn a_kept_page_cache_never_shows_old_data() {
     want[40_960..49_152].fill(0);
     assert!(fs::read(&f).unwrap() == want, "overwrite not seen");
 
+    // ... with O_DIRECT, around the page cache.
+    run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={name}"),
+            "bs=4096",
+            "seek=4",
+            "count=1",
+            "conv=notrunc",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    want[16_384..20_480].fill(0);
+    assert!(fs::read(&f).unwrap() == want, "direct write not seen");
+
     // ... punches a hole, which goes around the page cache.
     run("fallocate", &["-p", "-o", "65536", "-l", "65536", name]);
     want[65_536..131_072].fill(0);
