@@ -433,15 +433,7 @@ impl Filesystem for FuseFs {
         let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self
             .fs
-            .mknod(
-                caller(req),
-                parent.0,
-                name.as_bytes(),
-                mode,
-                umask as u32,
-                0,
-                None,
-            )
+            .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, 0, None)
             .and_then(|i| self.fs.open_file(i.ino));
         match r {
             Ok(i) => reply.created(
