@@ -1,11 +1,11 @@
 //! The FUSE front end: a thin adapter from fuser's callbacks to `Fs`.
 
-use crate::fs::{Caller, Fs, Inode, Kind, Privs, SetAttr, SetidChange, Ts, ROOT};
+use crate::fs::{Caller, Fs, Inode, Privs, SetAttr, SetidChange, ROOT};
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -13,72 +13,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+mod attr;
+mod control;
+mod privs;
+mod requests;
+
+pub use attr::attr;
+use attr::{from_kernel, kind, missing, time};
+pub use control::{health_json, stack_stats};
+use control::{
+    is_admin, stats_json, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, MOUNT_XATTR, STATS_XATTR,
+};
+use privs::ReqPrivs;
+use requests::{Op, REQUESTS};
+
 /// How long the kernel may trust attributes and names: we are the only writer.
 const TTL: Duration = Duration::from_secs(1);
-const FAULT_XATTR: &[u8] = b"stackfs.fault";
-const STATS_XATTR: &[u8] = b"stackfs.stats";
-/// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
-const COPIED_XATTR: &[u8] = b"stackfs.copied";
-/// The members' health (online, faulted), JSON; `stackfs info` shows it.
-const HEALTH_XATTR: &[u8] = b"stackfs.health";
-/// Set by `stackfs mount -o remount,...`: the atime and sync options the
-/// daemon applies itself (the kernel keeps the other flags).
-const MOUNT_XATTR: &[u8] = b"stackfs.mount";
-
-/// Who may read and set the control xattrs: root, and the user running the
-/// daemon (a user's own mount).
-fn is_admin(req: &Request) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    req.uid() == 0 || req.uid() == unsafe { libc::geteuid() }
-}
-
-/// Every layer of the stack with its counters, as JSON (`stackfs info` of a
-/// mounted pool reads it from the root's `stackfs.stats` xattr).
-pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
-    let nodes: Vec<serde_json::Value> = stackfs_layers::spec::walk(top)
-        .into_iter()
-        .map(|(depth, l)| {
-            let s = l.stats().map(|s| s.snapshot()).unwrap_or_default();
-            serde_json::json!({
-                "depth": depth,
-                "layer": l.name(),
-                "requests": s.requests,
-                "read_bytes": s.read_bytes,
-                "write_bytes": s.write_bytes,
-                "errors": s.errors,
-                "in_flight": s.in_flight,
-                "latency_p50_us": s.latency_quantile_us(0.5),
-                "latency_p99_us": s.latency_quantile_us(0.99),
-            })
-        })
-        .collect();
-    serde_json::Value::Array(nodes)
-}
-
-/// Each member's state, for `stackfs info`.
-pub fn health_json(fs: &Fs) -> serde_json::Value {
-    let members: Vec<serde_json::Value> = fs
-        .stack
-        .health
-        .members()
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            serde_json::json!({
-                "index": i,
-                "path": m.name,
-                "state": if m.faulted.is_some() { "faulted" } else { "online" },
-                "why": m.faulted,
-                "timeouts": m.timeouts,
-                "late_answers": m.late,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "state": if fs.failed() { "failed" } else { "online" },
-        "members": members,
-    })
-}
 
 pub struct FuseFs {
     pub fs: Arc<Fs>,
@@ -92,126 +42,10 @@ fn errno(e: stackfs_layers::Errno) -> Errno {
     Errno::from_i32(e.0)
 }
 
-fn kind(k: Kind) -> FileType {
-    match k {
-        Kind::File => FileType::RegularFile,
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        Kind::Fifo => FileType::NamedPipe,
-        Kind::Socket => FileType::Socket,
-        Kind::Char => FileType::CharDevice,
-        Kind::Block => FileType::BlockDevice,
-    }
-}
-
-pub fn attr(i: &Inode) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(i.ino),
-        size: i.size,
-        blocks: i.blocks(),
-        atime: i.atime.to_system(),
-        mtime: i.mtime.to_system(),
-        ctime: i.ctime.to_system(),
-        crtime: i.crtime.to_system(),
-        kind: kind(i.kind),
-        perm: i.perm,
-        nlink: i.nlink,
-        uid: i.uid,
-        gid: i.gid,
-        rdev: i.rdev,
-        blksize: 65536,
-        flags: 0,
-    }
-}
-
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
-    }
-}
-
-const CAP_FSETID: u32 = 4;
-
-/// The caller of a request, for the set-id rules (`fs::setid_loss`). Its
-/// capabilities and supplementary groups come from /proc/PID/status, read
-/// once and only when a file has set-id bits to lose. The requests that use
-/// this come from the caller's own system call (the kernel waits for the
-/// reply), so PID is the caller. One we cannot see there (another PID
-/// namespace) has CAP_FSETID iff it is root, and only its own group.
-struct ReqPrivs {
-    uid: u32,
-    gid: u32,
-    pid: u32,
-    /// The kernel found the caller without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID).
-    no_fsetid: bool,
-    /// (CAP_FSETID in the effective set, supplementary groups)
-    status: std::cell::OnceCell<Option<(bool, Vec<u32>)>>,
-}
-
-impl ReqPrivs {
-    fn new(req: &Request) -> ReqPrivs {
-        ReqPrivs {
-            uid: req.uid(),
-            gid: req.gid(),
-            pid: req.pid(),
-            no_fsetid: false,
-            status: std::cell::OnceCell::new(),
-        }
-    }
-
-    fn status(&self) -> Option<&(bool, Vec<u32>)> {
-        self.status
-            .get_or_init(|| {
-                if self.pid == 0 {
-                    return None;
-                }
-                let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-                let (mut caps, mut groups) = (None, None);
-                for line in text.lines() {
-                    if let Some(v) = line.strip_prefix("CapEff:") {
-                        caps = u64::from_str_radix(v.trim(), 16).ok();
-                    } else if let Some(v) = line.strip_prefix("Groups:") {
-                        groups = Some(
-                            v.split_whitespace()
-                                .filter_map(|g| g.parse().ok())
-                                .collect(),
-                        );
-                    }
-                }
-                Some((caps? & (1 << CAP_FSETID) != 0, groups?))
-            })
-            .as_ref()
-    }
-}
-
-impl Privs for ReqPrivs {
-    fn fsetid(&self) -> bool {
-        !self.no_fsetid && self.status().map_or(self.uid == 0, |s| s.0)
-    }
-
-    fn in_group(&self, gid: u32) -> bool {
-        gid == self.gid || self.status().is_some_and(|s| s.1.contains(&gid))
-    }
-}
-
-fn time(t: TimeOrNow) -> Ts {
-    match t {
-        TimeOrNow::Now => Ts::now(),
-        TimeOrNow::SpecificTime(t) => from_kernel(t),
-    }
-}
-
-/// A time the kernel sent, as fuser 0.18 hands it over. For times before
-/// 1970 fuser builds `EPOCH - (|sec| + nsec)` from the kernel's (sec, nsec),
-/// where the kernel means `sec + nsec`; undo that to get the kernel's pair.
-fn from_kernel(t: SystemTime) -> Ts {
-    match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(_) => Ts::from(t),
-        Err(e) => Ts {
-            sec: -(e.duration().as_secs() as i64),
-            nsec: e.duration().subsec_nanos(),
-        },
     }
 }
 
@@ -247,45 +81,6 @@ impl FuseFs {
         }
     }
 
-    /// A remount's options for the daemon (`stackfs.mount`), root only.
-    fn mount_policy(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
-        let opts = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
-        let atime = crate::atime::AtimePolicy::decode(opts);
-        let mut sync = None;
-        for o in opts.split(',') {
-            match o {
-                "sync" | "dirsync" => sync = Some(true),
-                "async" => sync = Some(false),
-                _ => {}
-            }
-        }
-        self.fs.set_policy(atime, sync);
-        log::info!("remount: {opts} -> {:?}", self.fs.policy());
-        Ok(())
-    }
-
-    /// Tests steer a stack's fault layers through the root directory's
-    /// `stackfs.fault` xattr (root only; pools without a fault layer refuse).
-    fn fault_command(&self, req: &Request, value: &[u8]) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
-        let f = self
-            .fs
-            .stack
-            .fault
-            .as_ref()
-            .ok_or(stackfs_layers::Errno(libc::ENOTSUP))?;
-        let cmd = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
-        f.command(cmd).map_err(|e| {
-            log::warn!("fault command {cmd:?}: {e}");
-            stackfs_layers::Errno::EINVAL
-        })
-    }
-
     fn empty(reply: ReplyEmpty, r: Result<(), stackfs_layers::Errno>) {
         match r {
             Ok(()) => reply.ok(),
@@ -305,6 +100,9 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_BIG_WRITES
+            // A symlink's target never changes (a new target is a new
+            // inode): the kernel keeps it in the page cache, no READLINK.
+            | InitFlags::FUSE_CACHE_SYMLINKS
             // Set-id bits are ours to drop on writes, truncates and chowns
             // (`fs::setid_loss`, as ext4 drops them): the kernel flags the
             // writes that must drop them and, in writeback mode, sends those
@@ -330,10 +128,23 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()))
+        REQUESTS.count(Op::Lookup);
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            // A miss is an entry of inode 0 (as libfuse's negative_timeout):
+            // the kernel keeps the negative dentry for the TTL instead of
+            // asking again. Every name is made through this mount, and the
+            // kernel turns that very dentry positive when it makes one
+            // (create, mknod, mkdir, symlink, link, rename), so the miss it
+            // caches cannot go stale. It counts no lookup (no FORGET comes).
+            Err(e) if e.0 == libc::ENOENT => {
+                reply.entry_with_ttls(&Duration::ZERO, &TTL, &missing(), Generation(0))
+            }
+            r => self.entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        REQUESTS.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(i) => reply.attr(&TTL, &attr(&i)),
             Err(e) => reply.error(errno(e)),
@@ -358,6 +169,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        REQUESTS.count(Op::Setattr);
         let a = SetAttr {
             mode,
             uid,
@@ -406,6 +218,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        REQUESTS.count(Op::Readlink);
         Self::data(reply, self.fs.readlink(ino.0))
     }
 
@@ -419,6 +232,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Mknod);
         self.entry(
             reply,
             self.fs.mknod(
@@ -442,6 +256,7 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Mkdir);
         let mode = libc::S_IFDIR | (mode & 0o7777);
         self.entry(
             reply,
@@ -451,10 +266,12 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Unlink);
         Self::empty(reply, self.fs.unlink(parent.0, name.as_bytes()))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Rmdir);
         Self::empty(reply, self.fs.rmdir(parent.0, name.as_bytes()))
     }
 
@@ -466,6 +283,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Symlink);
         let t = target.as_os_str().as_bytes();
         self.entry(
             reply,
@@ -491,6 +309,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Rename);
         Self::empty(
             reply,
             self.fs.rename(
@@ -511,10 +330,12 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        REQUESTS.count(Op::Link);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        REQUESTS.count(Op::Open);
         // An open for reading is an access (atime.rs): reads served from the
         // page cache never reach us.
         if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
@@ -538,18 +359,11 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        REQUESTS.count(Op::Create);
         let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self
             .fs
-            .mknod(
-                caller(req),
-                parent.0,
-                name.as_bytes(),
-                mode,
-                umask as u32,
-                0,
-                None,
-            )
+            .mknod(caller(req), parent.0, name.as_bytes(), mode, umask, 0, None)
             .and_then(|i| self.fs.open_file(i.ino));
         match r {
             Ok(i) => reply.created(
@@ -574,6 +388,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        REQUESTS.count(Op::Read);
         // The reply is sent from the read's completion chain.
         self.fs
             .read_async(ino.0, offset, size, move |r| Self::data(reply, r));
@@ -591,6 +406,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        REQUESTS.count(Op::Write);
         // Writes from the page cache (writeback) never carry the flag: the
         // kernel sends a write that must drop set-id bits straight through.
         let kill = write_flags
@@ -616,7 +432,13 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        REQUESTS.count(Op::Flush);
+        // Nothing to do at close: the kernel has written the dirty pages
+        // (and reported their errors) before it sends FLUSH, and closed
+        // files are flushed in groups from `release`. ENOSYS makes the
+        // kernel stop sending FLUSH (fc->no_flush): one round trip less per
+        // close, its writeback at close stays.
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(
@@ -629,6 +451,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Release);
         Self::empty(reply, self.fs.release(ino.0))
     }
 
@@ -640,6 +463,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fsync);
         Self::empty(reply, self.fs.fsync(ino.0))
     }
 
@@ -651,10 +475,12 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fsyncdir);
         Self::empty(reply, self.fs.sync())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        REQUESTS.count(Op::Opendir);
         self.touch_atime(ino.0, true);
         // The handle keeps the directory if it is removed while open.
         match self.fs.open_dir(ino.0) {
@@ -671,12 +497,30 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Releasedir);
         Self::empty(reply, self.fs.release_dir(ino.0))
     }
 
     /// The kernel drops lookups (a removed directory it held is freed here).
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        REQUESTS.count(Op::Forget);
         self.fs.forget(ino.0, nlookup)
+    }
+
+    /// No ioctls: counted, so that a workload that tries them shows it.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        REQUESTS.count(Op::Ioctl);
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(
@@ -687,6 +531,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        REQUESTS.count(Op::Readdir);
         let r = self.fs.readdir(ino.0, offset, |e| {
             !reply.add(
                 INodeNo(e.ino),
@@ -709,6 +554,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        REQUESTS.count(Op::Readdirplus);
         let fs = &self.fs;
         let r = fs.readdir(ino.0, offset, |e| {
             let Ok(i) = fs.getattr(e.ino) else {
@@ -736,6 +582,7 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        REQUESTS.count(Op::Statfs);
         match self.fs.usage() {
             Ok(u) => {
                 // Inodes live in the metadata store: one per 4 KiB of data
@@ -766,6 +613,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Setxattr);
         if ino.0 == ROOT && name.as_bytes() == FAULT_XATTR {
             return Self::empty(reply, self.fault_command(req, value));
         }
@@ -784,6 +632,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        REQUESTS.count(Op::Getxattr);
         let control = [
             FAULT_XATTR,
             STATS_XATTR,
@@ -799,7 +648,7 @@ impl Filesystem for FuseFs {
         let r = match (ino.0, self.fs.stack.fault.as_ref()) {
             (ROOT, Some(f)) if name.as_bytes() == FAULT_XATTR => Ok(f.status().into_bytes()),
             (ROOT, _) if name.as_bytes() == STATS_XATTR => {
-                Ok(stack_stats(&self.fs.stack.top).to_string().into_bytes())
+                Ok(stats_json(&self.fs.stack.top).to_string().into_bytes())
             }
             (ROOT, _) if name.as_bytes() == HEALTH_XATTR => {
                 Ok(health_json(&self.fs).to_string().into_bytes())
@@ -818,6 +667,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        REQUESTS.count(Op::Listxattr);
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -827,10 +677,12 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Removexattr);
         Self::empty(reply, self.fs.removexattr(ino.0, name.as_bytes()))
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        REQUESTS.count(Op::Access);
         // Permissions are checked by the kernel (default_permissions); this
         // only answers whether the inode exists.
         Self::empty(reply, self.fs.getattr(ino.0).map(|_| ()))
@@ -846,6 +698,7 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        REQUESTS.count(Op::Fallocate);
         // A data change: the kernel leaves dropping set-id bits to us, as
         // ext4 drops them (before the change), and does not say so.
         let r = self
@@ -864,6 +717,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        REQUESTS.count(Op::Lseek);
         if offset < 0 {
             return reply.error(Errno::EINVAL);
         }
@@ -886,6 +740,7 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        REQUESTS.count(Op::CopyFileRange);
         // A write to `ino_out`, which the kernel does not flag (see fallocate).
         let who = ReqPrivs::new(req);
         if let Err(e) = self.fs.drop_setid(ino_out.0, SetidChange::Data, &who) {
@@ -908,137 +763,5 @@ impl Filesystem for FuseFs {
             done += data.len() as u64;
         }
         reply.written(done as u32)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_times_before_1970_are_read_back_as_the_kernel_meant() {
-        // The kernel's (-2 s, 500_000_000 ns) is -1.5 s; fuser hands over EPOCH - 2.5 s.
-        let from_fuser = std::time::UNIX_EPOCH - Duration::new(2, 500_000_000);
-        assert_eq!(
-            from_kernel(from_fuser),
-            Ts {
-                sec: -2,
-                nsec: 500_000_000
-            }
-        );
-        assert_eq!(
-            Ts::from(
-                Ts {
-                    sec: -2,
-                    nsec: 500_000_000
-                }
-                .to_system()
-            ),
-            Ts {
-                sec: -2,
-                nsec: 500_000_000
-            }
-        );
-        let later = std::time::UNIX_EPOCH + Duration::new(5, 7);
-        assert_eq!(from_kernel(later), Ts { sec: 5, nsec: 7 });
-    }
-
-    struct P {
-        fsetid: bool,
-        groups: Vec<u32>,
-    }
-
-    impl Privs for P {
-        fn fsetid(&self) -> bool {
-            self.fsetid
-        }
-        fn in_group(&self, gid: u32) -> bool {
-            self.groups.contains(&gid)
-        }
-    }
-
-    #[test]
-    fn setid_bits_go_where_ext4_drops_them() {
-        use crate::fs::setid_loss;
-        use SetidChange::*;
-        let dir = |perm: u16| Inode {
-            perm,
-            gid: 50,
-            ..Inode::new_dir(2, 0, 1)
-        };
-        let file = |perm: u16| Inode {
-            kind: Kind::File,
-            ..dir(perm)
-        };
-        let user = P {
-            fsetid: false,
-            groups: vec![],
-        };
-        let member = P {
-            fsetid: false,
-            groups: vec![50],
-        };
-        let root = P {
-            fsetid: true,
-            groups: vec![],
-        };
-        // Data: set-group-id without group execute goes only for outsiders.
-        assert_eq!(setid_loss(&file(0o6777), Data, &user), 0o6000);
-        assert_eq!(setid_loss(&file(0o6766), Data, &user), 0o6000);
-        assert_eq!(setid_loss(&file(0o6766), Data, &member), 0o4000);
-        assert_eq!(setid_loss(&file(0o2776), Data, &member), 0o2000);
-        assert_eq!(setid_loss(&file(0o6777), Data, &root), 0);
-        assert_eq!(setid_loss(&file(0o0777), Data, &user), 0);
-        assert_eq!(setid_loss(&dir(0o2777), Data, &user), 0);
-        // chown: set-user-id even for root.
-        assert_eq!(setid_loss(&file(0o6755), Chown, &root), 0o6000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &root), 0o4000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &member), 0o4000);
-        assert_eq!(setid_loss(&file(0o6745), Chown, &user), 0o6000);
-        assert_eq!(setid_loss(&dir(0o6755), Chown, &root), 0);
-        // An access ACL: set-group-id for outsiders, directories too.
-        assert_eq!(setid_loss(&file(0o6755), Acl, &user), 0o2000);
-        assert_eq!(setid_loss(&dir(0o2755), Acl, &user), 0o2000);
-        assert_eq!(setid_loss(&file(0o6755), Acl, &member), 0);
-        assert_eq!(setid_loss(&file(0o6755), Acl, &root), 0);
-    }
-
-    #[test]
-    fn a_callers_groups_and_capabilities_come_from_proc() {
-        // SAFETY: these have no preconditions.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let me = |pid: u32| ReqPrivs {
-            uid,
-            gid: gid + 1,
-            pid,
-            no_fsetid: false,
-            status: std::cell::OnceCell::new(),
-        };
-        let mut groups = vec![0 as libc::gid_t; 256];
-        // SAFETY: the buffer holds 256 entries.
-        let n = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
-        assert!(n >= 0);
-        let p = me(std::process::id());
-        assert!(p.status().is_some());
-        for g in &groups[..n as usize] {
-            assert!(p.in_group(*g), "group {g}");
-        }
-        assert!(p.in_group(gid + 1), "the request's group");
-        assert!(!p.in_group(0xfffe_fffe));
-        let caps = std::fs::read_to_string("/proc/self/status").unwrap();
-        let eff = caps
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .unwrap();
-        let fsetid = u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << CAP_FSETID) != 0;
-        assert_eq!(p.fsetid(), fsetid);
-        // The kernel's word wins; a caller we cannot see is capable iff root.
-        assert!(!ReqPrivs {
-            no_fsetid: true,
-            ..me(std::process::id())
-        }
-        .fsetid());
-        assert_eq!(me(0).fsetid(), uid == 0);
-        assert!(me(0).in_group(gid + 1) && !me(0).in_group(0xfffe_fffe));
     }
 }

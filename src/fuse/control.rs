@@ -1,0 +1,140 @@
+//! The root directory's control xattrs (admin only): layer counters,
+//! member health, fault commands for tests, remount options.
+
+use super::FuseFs;
+use crate::fs::Fs;
+use fuser::Request;
+
+pub(super) const FAULT_XATTR: &[u8] = b"stackfs.fault";
+pub(super) const STATS_XATTR: &[u8] = b"stackfs.stats";
+/// Bytes of file data the daemon has copied between its own buffers (root only, read-only).
+pub(super) const COPIED_XATTR: &[u8] = b"stackfs.copied";
+/// The members' health (online, faulted), JSON; `stackfs info` shows it.
+pub(super) const HEALTH_XATTR: &[u8] = b"stackfs.health";
+/// Set by `stackfs mount -o remount,...`: the atime and sync options the
+/// daemon applies itself (the kernel keeps the other flags).
+pub(super) const MOUNT_XATTR: &[u8] = b"stackfs.mount";
+
+/// Who may read and set the control xattrs: root, and the user running the
+/// daemon (a user's own mount).
+pub(super) fn is_admin(req: &Request) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    req.uid() == 0 || req.uid() == unsafe { libc::geteuid() }
+}
+
+/// Every layer of the stack with its counters, as JSON (`stackfs info` of a
+/// mounted pool reads it from the root's `stackfs.stats` xattr).
+pub fn stack_stats(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = stackfs_layers::spec::walk(top)
+        .into_iter()
+        .map(|(depth, l)| {
+            let s = l.stats().map(|s| s.snapshot()).unwrap_or_default();
+            serde_json::json!({
+                "depth": depth,
+                "layer": l.name(),
+                "requests": s.requests,
+                "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes,
+                "errors": s.errors,
+                "in_flight": s.in_flight,
+                "latency_p50_us": s.latency_quantile_us(0.5),
+                "latency_p99_us": s.latency_quantile_us(0.99),
+                // Devices: batches submitted and kernel entries they took.
+                "batches": s.batches,
+                "kernel_entries": s.kernel_entries,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(nodes)
+}
+
+/// What `stackfs.stats` answers: the FUSE front end with its requests by
+/// opcode (`opcodes`), then every layer of the stack (`stack_stats`).
+pub(super) fn stats_json(top: &std::sync::Arc<dyn stackfs_layers::Layer>) -> serde_json::Value {
+    let (opcodes, total) = super::requests::REQUESTS.snapshot();
+    let front = serde_json::json!({
+        "depth": 0,
+        "layer": "fuse",
+        "requests": total,
+        "opcodes": opcodes,
+    });
+    let mut nodes = vec![front];
+    if let serde_json::Value::Array(layers) = stack_stats(top) {
+        nodes.extend(layers);
+    }
+    serde_json::Value::Array(nodes)
+}
+
+/// Each member's state, for `stackfs info`.
+pub fn health_json(fs: &Fs) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = fs
+        .stack
+        .health
+        .members()
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            serde_json::json!({
+                "index": i,
+                "path": m.name,
+                "state": if m.faulted.is_some() { "faulted" } else { "online" },
+                "why": m.faulted,
+                "timeouts": m.timeouts,
+                "late_answers": m.late,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "state": if fs.failed() { "failed" } else { "online" },
+        "members": members,
+    })
+}
+
+impl FuseFs {
+    /// A remount's options for the daemon (`stackfs.mount`), root only.
+    pub(super) fn mount_policy(
+        &self,
+        req: &Request,
+        value: &[u8],
+    ) -> Result<(), stackfs_layers::Errno> {
+        if !is_admin(req) {
+            return Err(stackfs_layers::Errno(libc::EPERM));
+        }
+        let opts = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
+        let atime = crate::atime::AtimePolicy::decode(opts);
+        let mut sync = None;
+        for o in opts.split(',') {
+            match o {
+                "sync" | "dirsync" => sync = Some(true),
+                "async" => sync = Some(false),
+                _ => {}
+            }
+        }
+        self.fs.set_policy(atime, sync);
+        log::info!("remount: {opts} -> {:?}", self.fs.policy());
+        Ok(())
+    }
+
+    /// Tests steer a stack's fault layers through the root directory's
+    /// `stackfs.fault` xattr (root only; pools without a fault layer refuse).
+    pub(super) fn fault_command(
+        &self,
+        req: &Request,
+        value: &[u8],
+    ) -> Result<(), stackfs_layers::Errno> {
+        if !is_admin(req) {
+            return Err(stackfs_layers::Errno(libc::EPERM));
+        }
+        let f = self
+            .fs
+            .stack
+            .fault
+            .as_ref()
+            .ok_or(stackfs_layers::Errno(libc::ENOTSUP))?;
+        let cmd = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
+        f.command(cmd).map_err(|e| {
+            log::warn!("fault command {cmd:?}: {e}");
+            stackfs_layers::Errno::EINVAL
+        })
+    }
+}
