@@ -46,6 +46,7 @@ pub fn mount(foreground: bool, options: &[String], source: &str, mountpoint: Pat
     // path, so `umount SOURCE` and the lock's holder lookup find it.
     let source = canonical_source(&paths);
     let notifier = Arc::new(OnceLock::new());
+    stackfs::fs::use_coarse_clock(parsed.writeback && !parsed.read_only);
     let fusefs = FuseFs {
         fs: fs.clone(),
         writeback: parsed.writeback && !parsed.read_only,

@@ -59,8 +59,32 @@ pub struct Ts {
     pub nsec: u32,
 }
 
+/// Whether times come from the kernel's coarse clock (see `use_coarse_clock`).
+static COARSE_CLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stamp times with the coarse clock (the jiffy the kernel itself stamps
+/// file times with). Under FUSE's writeback cache the kernel keeps a file's
+/// times and sends them at close: a time the daemon stamped finer than the
+/// kernel's own looks changed to it, and costs a SETATTR per file.
+pub fn use_coarse_clock(on: bool) {
+    COARSE_CLOCK.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Ts {
     pub fn now() -> Ts {
+        if COARSE_CLOCK.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec to write.
+            if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut t) } == 0 {
+                return Ts {
+                    sec: t.tv_sec,
+                    nsec: t.tv_nsec as u32,
+                };
+            }
+        }
         Ts::from(SystemTime::now())
     }
     pub fn to_system(self) -> SystemTime {

@@ -325,9 +325,10 @@ impl Fs {
                     newest.stored = newest.stored.saturating_add_signed(delta);
                     newest.clone()
                 }
+                // Unchanged since the flush took it: the inode it took.
                 None => Inode {
                     stored: committed.stored.saturating_add_signed(delta),
-                    ..committed
+                    ..flushed.clone()
                 },
             };
             record.size = flushed.size;

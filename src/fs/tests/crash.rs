@@ -230,3 +230,31 @@ fn a_truncate_that_reached_the_disk_never_brings_old_bytes_back() {
     }
     same(&data[..70_000], &pattern(3, 0, 70_000));
 }
+
+#[test]
+fn times_kept_in_memory_are_committed_with_the_data() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let ino = create(&fs, ROOT, "g");
+    fs.write(ino, 0, b"data").unwrap();
+    let old = Ts {
+        sec: 946_684_800,
+        nsec: 0,
+    };
+    // A times-only setattr joins the file's inode in memory.
+    fs.setattr(
+        ino,
+        SetAttr {
+            atime: Some(old),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    fs.write(ino, 4, b"more").unwrap();
+    let mtime = fs.getattr(ino).unwrap().mtime;
+    fs.shutdown().unwrap();
+    drop(fs);
+    let fs = rig.open();
+    let got = lookup(&fs, ROOT, "g").unwrap();
+    assert_eq!((got.atime, got.mtime, got.size), (old, mtime, 8));
+}
