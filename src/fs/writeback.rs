@@ -149,7 +149,8 @@ impl Fs {
         batch: &mut [(Inode, BTreeMap<u64, DirtyUnit>)],
         durable: bool,
     ) -> R<()> {
-        let (mut placed, ios, waits) = self.place_units(st, batch)?;
+        let prepared = Guard::unlocked(st, || Self::prepare_units(batch));
+        let (mut placed, ios, waits) = self.place_units(st, batch, &prepared)?;
         // The data goes down without the lock; a durable flush also makes
         // it durable there (the commit then needs no device flush of its own).
         let (results, flushed) = Guard::unlocked(st, || {
@@ -220,13 +221,60 @@ impl Fs {
         }
     }
 
-    /// Under the lock: space for every unit of the batch and its write
-    /// request. Per file: (unit, its new extent, or None for a hole).
+    /// Without the lock: what each unit of the batch is (a hole, or bytes of
+    /// some length with their CRC and block map). Reading every byte of a
+    /// large batch takes a while; nothing else waits for it.
+    fn prepare_units(batch: &[(Inode, BTreeMap<u64, DirtyUnit>)]) -> Vec<Vec<Prepared>> {
+        let prepare = |inode: &Inode, u: u64, d: &DirtyUnit| {
+            let ustart = u * UNIT;
+            // Units past EOF are kept only when fallocate reserved them.
+            if ustart >= inode.size && !d.keep {
+                return None;
+            }
+            let logical = inode.size.saturating_sub(ustart).min(UNIT);
+            // Crypt keeps nonce and MAC in the extent record (detached), so a
+            // unit needs at most its own length; what compression saves is freed later.
+            let len = if d.keep {
+                UNIT
+            } else {
+                logical.div_ceil(BLOCK) * BLOCK
+            };
+            let bytes = &d.data.as_slice()[..logical as usize];
+            // An all-zero unit is stored as a hole.
+            let hole = !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0);
+            Some(Prepared {
+                unit: u,
+                hole,
+                logical: logical as u32,
+                len: len as u32,
+                crc: if hole {
+                    0
+                } else {
+                    crc32c::crc32c(&d.data.as_slice()[..len as usize])
+                },
+                map: if hole { 0 } else { block_map(bytes) },
+                raw: d.keep,
+            })
+        };
+        batch
+            .iter()
+            .map(|(inode, units)| {
+                units
+                    .iter()
+                    .filter_map(|(&u, d)| prepare(inode, u, d))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Under the lock: space for every prepared unit and its write request.
+    /// Per file: (unit, its new extent, or None for a hole).
     #[allow(clippy::type_complexity)]
     fn place_units(
         &self,
         st: &mut State,
         batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
+        prepared: &[Vec<Prepared>],
     ) -> R<(
         Vec<Vec<(u64, Option<Extent>)>>,
         Vec<Io>,
@@ -235,57 +283,42 @@ impl Fs {
         let mut ios = Vec::new();
         let mut waits = Vec::new();
         let mut placed: Vec<Vec<(u64, Option<Extent>)>> = vec![Vec::new(); batch.len()];
-        for (fi, (inode, units)) in batch.iter().enumerate() {
-            for (&u, d) in units.iter() {
-                let ustart = u * UNIT;
-                // Units past EOF are kept only when fallocate reserved them.
-                if ustart >= inode.size && !d.keep {
+        for (fi, ((_, units), prepared)) in batch.iter().zip(prepared).enumerate() {
+            for p in prepared {
+                if p.hole {
+                    placed[fi].push((p.unit, None));
                     continue;
                 }
-                let logical = inode.size.saturating_sub(ustart).min(UNIT);
-                // Crypt keeps nonce and MAC in the extent record (detached), so a
-                // unit needs at most its own length; what compression saves is freed later.
-                let len = if d.keep {
-                    UNIT
-                } else {
-                    logical.div_ceil(BLOCK) * BLOCK
-                };
-                let bytes = &d.data.as_slice()[..logical as usize];
-                if !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0) {
-                    // An all-zero unit is stored as a hole.
-                    placed[fi].push((u, None));
-                    continue;
-                }
-                let Some(phys) = st.alloc.alloc(len) else {
+                let Some(phys) = st.alloc.alloc(p.len as u64) else {
                     self.free_placed(st, &placed);
                     return Err(err(libc::ENOSPC));
                 };
                 // The unit's own buffer goes down: past `logical` it holds zeros
                 // (truncate and writes past the end keep it so).
-                let b = d.data.slice(0, len as usize);
+                let b = units[&p.unit].data.slice(0, p.len as usize);
                 let x = Extent {
                     phys,
-                    alloc: len as u32,
-                    logical: logical as u32,
-                    len: len as u32,
+                    alloc: p.len,
+                    logical: p.logical,
+                    len: p.len,
                     codec: 0,
-                    stored: len as u32,
+                    stored: p.len,
                     nonce: [0; 24],
                     mac: [0; 16],
-                    crc: crc32c::crc32c(b.as_slice()),
-                    map: block_map(bytes),
+                    crc: p.crc,
+                    map: p.map,
                 };
                 let w = Waiter::new();
                 let io = Io::new(Op::Write, phys, b, Some(w.end_io()));
                 // Preallocated units claim their full space: no compression.
-                let raw = if d.keep { TAG_RAW } else { 0 };
+                let raw = if p.raw { TAG_RAW } else { 0 };
                 io.set_tag(ExtentTag {
                     flags: TAG_DETACHED | raw,
                     ..ExtentTag::default()
                 });
                 ios.push(io);
                 waits.push((fi, placed[fi].len(), w));
-                placed[fi].push((u, Some(x)));
+                placed[fi].push((p.unit, Some(x)));
             }
         }
         Ok((placed, ios, waits))
@@ -433,6 +466,19 @@ impl Fs {
         let mut st = self.st.lock();
         self.flush_all(&mut st, true)
     }
+}
+
+/// A unit of a flush, looked at before it is placed (`prepare_units`).
+struct Prepared {
+    unit: u64,
+    /// All zeros: stored as a hole.
+    hole: bool,
+    logical: u32,
+    len: u32,
+    crc: u32,
+    map: u16,
+    /// Preallocated: stored whole, uncompressed.
+    raw: bool,
 }
 
 /// The commit thread of a mount (see `Fs::commit_every`); stopped and
