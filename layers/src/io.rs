@@ -258,6 +258,13 @@ impl Io {
         self.child_len(op, addr, len, buf, end_io)
     }
 
+    /// A child doing this request's whole I/O (operation, range, buffers):
+    /// one copy's share of a mirrored write, flush or discard.
+    pub fn child_copy(&self, end_io: Option<EndIo>) -> Io {
+        let i = &self.0;
+        self.add_child(i.op, i.addr, i.len, i.buf.clone(), i.segs.clone(), end_io)
+    }
+
     /// A child discard of `len` bytes.
     pub fn child_discard(&self, addr: u64, len: u64, end_io: Option<EndIo>) -> Io {
         self.child_len(Op::Discard, addr, len, Buf::zeroed(0), end_io)
