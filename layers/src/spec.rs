@@ -527,6 +527,53 @@ mod tests {
     }
 
     #[test]
+    fn mirror_specs_and_their_refusals() {
+        let raid10 = "compress=zstd:1,crypt=aes-256-gcm,stripe=64k,mirror=2";
+        let spec = StackSpec::parse(raid10).unwrap();
+        assert_eq!(spec.layers[3], LayerSpec::Mirror { copies: 2 });
+        assert_eq!(spec.to_string(), raid10);
+        assert!(StackSpec::parse("fault,stripe=1m,fault,mirror=32,fault").is_ok());
+        for bad_count in ["mirror", "mirror=1", "mirror=0", "mirror=33", "mirror=two"] {
+            assert!(
+                matches!(StackSpec::parse(bad_count), Err(SpecError::BadParam { .. })),
+                "{bad_count}"
+            );
+        }
+        for (spec, below) in [
+            ("mirror=2,stripe=64k", "stripe"),
+            ("mirror=2,crypt", "crypt"),
+            ("compress,mirror=2,crypt", "crypt"),
+            ("mirror=2,compress=lz4", "compress"),
+        ] {
+            match StackSpec::parse(spec) {
+                Err(SpecError::Shape(why)) => {
+                    assert!(why.contains(&format!("below {below}")), "{spec}: {why}")
+                }
+                other => panic!("{spec}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            StackSpec::parse("mirror=2,mirror=3"),
+            Err(SpecError::Duplicate("mirror".into()))
+        );
+    }
+
+    #[test]
+    fn device_counts_a_mirror_refuses() {
+        let why = |spec: &str, devices: usize| match StackSpec::parse(spec).unwrap().shape(devices)
+        {
+            Err(SpecError::Shape(why)) => why,
+            other => panic!("{spec} over {devices}: {:?}", other.map(|s| s.copies)),
+        };
+        assert!(why("stripe=64k,mirror=2", 3).contains("do not make groups of 2"));
+        assert!(why("mirror=3", 6).contains("no stripe layer"));
+        assert!(why("mirror=2", 0).contains("no devices"));
+        let raid1 = StackSpec::parse("compress,crypt,mirror=2").unwrap();
+        let shape = raid1.shape(2).unwrap();
+        assert_eq!((shape.copies, shape.pooled_at, shape.member_at), (2, 2, 2));
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("1MiB"), Some(1 << 20));

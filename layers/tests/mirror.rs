@@ -451,3 +451,48 @@ fn raid10_default_stack_heals_a_corrupted_copy_through_the_mac() {
     assert!(!stack.health.any_faulted());
     stack.top.shutdown();
 }
+
+/// RAID-1 built from a spec, with a fault layer under each member: a write
+/// one member fails leaves that member faulted and the pool whole; the
+/// capacity is the smallest member's.
+#[test]
+fn raid1_from_a_spec_survives_a_member_failing_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [DEV_SIZE, DEV_SIZE / 2];
+    let devices = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, size)| {
+            let path = dir.path().join(format!("r{i}.img"));
+            File::create(&path).unwrap().set_len(*size).unwrap();
+            Arc::new(Device::open(&path, 0, *size, false).unwrap())
+        })
+        .collect();
+    let stack = StackSpec::parse("mirror=2,fault")
+        .unwrap()
+        .build_with(devices, None, Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(stack.top.capacity(), DEV_SIZE / 2);
+    assert_eq!(stack.top.name(), "mirror=2");
+    let control = stack.fault.clone().unwrap();
+    control.command("error write dev=0").unwrap();
+    let data = noise(UNIT, 13);
+    assert_eq!(
+        submit_wait(&*stack.top, Op::Write, 0, Buf::copy_from(&data)),
+        Ok(UNIT as u64)
+    );
+    assert!(stack.health.is_faulted(0) && !stack.health.lost());
+    let buf = Buf::zeroed(UNIT);
+    assert_eq!(
+        submit_wait(&*stack.top, Op::Read, 0, buf.clone()),
+        Ok(UNIT as u64)
+    );
+    assert!(buf.as_slice() == data);
+    control.command("error write dev=1").unwrap();
+    assert_eq!(
+        submit_wait(&*stack.top, Op::Write, 0, Buf::copy_from(&data)),
+        Err(Errno::EIO)
+    );
+    assert!(stack.health.lost());
+    stack.top.shutdown();
+}
