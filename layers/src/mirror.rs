@@ -189,8 +189,9 @@ impl Mirror {
     /// overlapping a heal (or a write already waiting) wait, and are returned
     /// to `submit_batch` when it ends. Returns the requests that go on now.
     fn admit(&self, ios: Vec<Io>) -> Vec<Io> {
-        let mut log = self.writes.lock();
         let mut admitted = Vec::with_capacity(ios.len());
+        let mut waiting = Vec::new();
+        let mut log = self.writes.lock();
         for io in ios {
             if !matches!(io.op(), Op::Write | Op::Discard) || io.is_cancelled() {
                 admitted.push(io);
@@ -198,7 +199,8 @@ impl Mirror {
             }
             let range = Range::of(&io);
             if log.must_wait(&range) {
-                self.defer(&mut log, io);
+                log.deferred.push(io.clone());
+                waiting.push(io);
                 continue;
             }
             let id = log.next_id;
@@ -212,12 +214,18 @@ impl Mirror {
             });
             admitted.push(io);
         }
+        drop(log);
+        // Outside the lock: a canceller set on a cancelled request runs at once.
+        for io in waiting {
+            self.cancel_while_waiting(&io);
+        }
         admitted
     }
 
-    /// Park a write behind a heal; a cancel takes it out and fails it.
-    fn defer(&self, log: &mut WriteLog, io: Io) {
-        log.deferred.push(io.clone());
+    /// A cancel takes a waiting write out of the queue and fails it. (If the
+    /// heal ended meanwhile and sent it on, the write is not found here: the
+    /// cancel reaches its children as for any request.)
+    fn cancel_while_waiting(&self, io: &Io) {
         let (me, id) = (self.me.clone(), io.id());
         io.set_canceller(move || {
             let Some(mirror) = me.upgrade() else { return };
@@ -297,7 +305,7 @@ impl Mirror {
                 let mut tag = origin.tag();
                 tag.copies = 1 << copy;
                 origin.set_tag(tag);
-                if state.avoid & !state.failed != 0 {
+                if state.avoid != 0 {
                     self.heal(origin, copy, state, n);
                 } else {
                     origin.finish(Ok(n));

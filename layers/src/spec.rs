@@ -290,7 +290,7 @@ impl StackSpec {
                 _ => None,
             })
             .unwrap_or(1);
-        if devices % copies != 0 {
+        if !devices.is_multiple_of(copies) {
             return Err(SpecError::Shape(format!(
                 "{devices} devices do not make groups of {copies} for mirror={copies} \
                  (give a multiple of {copies})"

@@ -303,6 +303,83 @@ fn a_write_waits_for_the_heal_of_its_range() {
     assert_eq!(rig.stats().repairs, 1);
 }
 
+/// A waiting write that is cancelled leaves the queue with ECANCELED and
+/// never reaches the copies.
+#[test]
+fn a_write_cancelled_while_it_waits_for_a_heal_never_lands() {
+    let rig = rig(2);
+    let data = noise(LEN, 14);
+    rig.write(ADDR, &data).unwrap();
+    rig.corrupt(0, ADDR, 4096);
+    rig.control.add_rule(FaultRule {
+        dev: Some(0),
+        ..FaultRule::new(Some(Op::Write), FaultAction::Hang)
+    });
+    let read = Waiter::new();
+    let io = Io::new(Op::Read, ADDR, Buf::zeroed(LEN), Some(read.end_io()));
+    io.set_tag(ExtentTag {
+        avoid: 0b01,
+        ..ExtentTag::default()
+    });
+    rig.mirror.submit(io);
+    while rig.control.hung_count() < 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let write = Waiter::new();
+    let io = Io::new(
+        Op::Write,
+        ADDR,
+        Buf::copy_from(&noise(LEN, 15)),
+        Some(write.end_io()),
+    );
+    rig.mirror.submit(io.clone());
+    io.cancel();
+    assert_eq!(write.wait(), Err(Errno::ECANCELED));
+    rig.control.clear();
+    rig.faults[0].release_hung();
+    assert_eq!(read.wait(), Ok(LEN as u64));
+    for i in 0..2 {
+        assert!(rig.copy_bytes(i, ADDR, LEN) == data, "copy {i}");
+    }
+}
+
+/// A watchdog under each copy: a copy that stops answering a read times
+/// out, is faulted, and the read is answered by the other copy; later reads
+/// go to the other copy at once.
+#[test]
+fn a_read_timed_out_on_one_copy_is_answered_by_the_other() {
+    use stackfs_layers::watchdog::Watchdog;
+    let control = FaultControl::new();
+    let health = Health::new(vec!["mem0".into(), "mem1".into()]);
+    health.set_groups(vec![vec![0, 1]]);
+    let members: Vec<Arc<dyn Layer>> = (0..2)
+        .map(|i| {
+            let fault = Fault::new(Arc::new(Mem::new(SIZE)), control.clone(), Some(i));
+            let watched: Arc<dyn Layer> =
+                Watchdog::new(fault, Duration::from_millis(100), i, health.clone());
+            watched
+        })
+        .collect();
+    let mirror = Mirror::new(members, vec![0, 1], health.clone()).unwrap();
+    let data = noise(LEN, 16);
+    submit_wait(&*mirror, Op::Write, ADDR, Buf::copy_from(&data)).unwrap();
+    control.add_rule(read_rule(0, FaultAction::Hang));
+    let buf = Buf::zeroed(LEN);
+    let (res, tag) = submit_wait_tag(&*mirror, Op::Read, ADDR, buf.clone(), ExtentTag::default());
+    assert_eq!((res, tag.copies), (Ok(LEN as u64), 0b10));
+    assert!(buf.as_slice() == data);
+    assert!(health.is_faulted(0) && !health.lost());
+    assert_eq!(health.members()[0].timeouts, 1);
+    let started = std::time::Instant::now();
+    let (res, tag) = submit_wait_tag(&*mirror, Op::Read, ADDR, buf, ExtentTag::default());
+    assert_eq!((res, tag.copies), (Ok(LEN as u64), 0b10));
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "no second timeout"
+    );
+    mirror.shutdown();
+}
+
 /// A copy that fails a write is faulted with the reason; the write succeeds
 /// on the other, later reads skip the faulted copy, and the pool is lost
 /// only when no copy is left.
