@@ -267,10 +267,16 @@ impl Mirror {
 
     /// Start a read, or fail it when every copy is avoided or faulted.
     fn read(&self, io: &Io) -> Mapping {
-        let tag = io.tag();
+        let avoid = io.tag().avoid;
+        // Only a read that avoids copies heals, and needs the write clock.
+        let since = if avoid != 0 {
+            self.writes.lock().clock
+        } else {
+            0
+        };
         let state = ReadState {
-            since: self.writes.lock().clock,
-            avoid: tag.avoid,
+            since,
+            avoid,
             failed: 0,
         };
         match self.pick(state.avoid) {
