@@ -247,9 +247,47 @@ fn default_stack_rows() {
     }
 }
 
+/// `cargo bench -p stackfs-layers -- mirror`: `mirror=2` over two image
+/// files against one image file, 1 MiB sequential O_DIRECT; queue depth 2
+/// stands for two readers (their reads spread over the copies).
+fn mirror_rows() {
+    let dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(dir).unwrap();
+    let size = 512u64 << 20;
+    let mk = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        Arc::new(Device::open(&p, 0, size, false).unwrap())
+    };
+    let single: Arc<dyn Layer> = mk("one.img");
+    let mirror = StackSpec::parse("mirror=2")
+        .unwrap()
+        .build(vec![mk("copy0.img"), mk("copy1.img")])
+        .unwrap();
+    let total = 256u64 << 20;
+    println!("1 MiB sequential O_DIRECT, {} MiB per pass; mirror=2 over 2 image files vs one image file (median of 5 paired passes)", total >> 20);
+    println!("{:>4} {:>7} {:>7}", "qd", "write", "read");
+    for qd in [1, 2, 8] {
+        let ratios: Vec<(f64, f64)> = (0..5)
+            .map(|_| {
+                let (w1, r1) = stream(&single, qd, total);
+                let (w2, r2) = stream(&mirror.top, qd, total);
+                (w2 / w1, r2 / r1)
+            })
+            .collect();
+        let write = median(ratios.iter().map(|r| r.0).collect());
+        let read = median(ratios.iter().map(|r| r.1).collect());
+        println!("{qd:>4} {write:>7.2} {read:>7.2}");
+    }
+    mirror.top.shutdown();
+}
+
 fn main() {
     if std::env::args().skip(1).any(|a| a == "default") {
         return default_stack_rows();
+    }
+    if std::env::args().skip(1).any(|a| a == "mirror") {
+        return mirror_rows();
     }
     println!(
         "AES-256-GCM (ring), 64 KiB units: {:.1} GB/s (median of 5, one core)",

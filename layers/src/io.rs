@@ -45,6 +45,16 @@ pub struct ExtentTag {
     /// `TAG_DETACHED`: crypt keeps nonce and MAC here (the caller stores them)
     /// instead of next to the ciphertext, so an extent takes no extra space.
     pub flags: u8,
+    /// Copies a read must not use (bit i: copy i of every mirror below), set
+    /// by a caller re-reading an extent whose verification failed (see
+    /// `retry_avoiding`). A mirror with every copy avoided fails with EIO.
+    pub avoid: u32,
+    /// Copies that served a read (bit i: copy i), set by the mirror and ORed
+    /// up through the stack (with a stripe above: over every group). Unlike
+    /// the other fields it travels up from a request that failed too: a read
+    /// that fails verification above the mirror must still say where its
+    /// bytes came from, so the caller can avoid that copy.
+    pub copies: u32,
 }
 
 impl ExtentTag {
@@ -68,6 +78,29 @@ impl ExtentTag {
         }
         if before.flags != after.flags {
             self.flags = after.flags;
+        }
+        if before.avoid != after.avoid {
+            self.avoid = after.avoid;
+        }
+        self.take_copies(before, after);
+    }
+
+    /// OR in the copies recorded below: siblings (stripe children over
+    /// several mirror groups) add up instead of replacing each other.
+    fn take_copies(&mut self, before: &ExtentTag, after: &ExtentTag) {
+        if before.copies != after.copies {
+            self.copies |= after.copies;
+        }
+    }
+
+    /// The tag to re-read an extent with after the bytes of this read failed
+    /// verification: the copies it came from are avoided from now on (with
+    /// those avoided before), and `copies` starts empty for the new read.
+    pub fn retry_avoiding(&self) -> ExtentTag {
+        ExtentTag {
+            avoid: self.avoid | self.copies,
+            copies: 0,
+            ..*self
         }
     }
 }
@@ -225,6 +258,13 @@ impl Io {
         self.child_len(op, addr, len, buf, end_io)
     }
 
+    /// A child doing this request's whole I/O (operation, range, buffers):
+    /// one copy's share of a mirrored write, flush or discard.
+    pub fn child_copy(&self, end_io: Option<EndIo>) -> Io {
+        let i = &self.0;
+        self.add_child(i.op, i.addr, i.len, i.buf.clone(), i.segs.clone(), end_io)
+    }
+
     /// A child discard of `len` bytes.
     pub fn child_discard(&self, addr: u64, len: u64, end_io: Option<EndIo>) -> Io {
         self.child_len(Op::Discard, addr, len, Buf::zeroed(0), end_io)
@@ -373,6 +413,8 @@ impl Io {
         }
         if res.is_ok() {
             self.merge_tag_up();
+        } else {
+            self.merge_copies_up();
         }
         if let Some(end_io) = self.0.end_io.lock().take() {
             // A panicking hook must not leave its parent waiting forever
@@ -395,14 +437,31 @@ impl Io {
     /// parent (or, for a detached copy, to the request it copies): the
     /// framework's one place for it, so that no layer copies tags by hand.
     fn merge_tag_up(&self) {
-        let target = match (&self.0.parent, &self.0.origin) {
-            (Some(parent), _) => parent,
-            (None, Some(origin)) if !origin.is_finished() => origin,
-            _ => return,
+        let Some(target) = self.merge_target() else {
+            return;
         };
         let now = self.tag();
         if now != self.0.initial_tag {
             target.0.tag.lock().take_changes(&self.0.initial_tag, &now);
+        }
+    }
+
+    /// After a failure, only the copies that served the request go up (see
+    /// `ExtentTag::copies`): what else the layers recorded is not a result.
+    fn merge_copies_up(&self) {
+        if let Some(target) = self.merge_target() {
+            let now = self.tag();
+            target.0.tag.lock().take_copies(&self.0.initial_tag, &now);
+        }
+    }
+
+    /// Where this request's tag changes go: its parent, or for a detached
+    /// copy the request it copies while that one is still open.
+    fn merge_target(&self) -> Option<&Io> {
+        match (&self.0.parent, &self.0.origin) {
+            (Some(parent), _) => Some(parent),
+            (None, Some(origin)) if !origin.is_finished() => Some(origin),
+            _ => None,
         }
     }
 
@@ -561,6 +620,36 @@ mod tests {
         let (res, tag) = w.wait_tag();
         assert_eq!(res, Err(Errno::EIO));
         assert_eq!((tag.codec, tag.mac, tag.nonce), (1, [9; 16], [0; 24]));
+    }
+
+    /// The copies that served a read are ORed over siblings, and reach the
+    /// caller through a request that failed (verification above a mirror).
+    #[test]
+    fn copies_are_ored_and_travel_up_through_a_failure() {
+        let w = Waiter::new();
+        let top = Io::new(Op::Read, 0, Buf::zeroed(8192), Some(w.end_io()));
+        let failing = Box::new(|_: &Io, _: IoResult| Err(Errno::EIO));
+        let verified = top.child(Op::Read, 0, top.buf().clone(), Some(failing));
+        let (a, b) = verified.buf().split_at(4096);
+        let group0 = verified.child(Op::Read, 0, a, None);
+        let group1 = verified.child(Op::Read, 4096, b, None);
+        top.put();
+        verified.put();
+        group0.set_tag(ExtentTag {
+            copies: 0b01,
+            ..group0.tag()
+        });
+        group1.set_tag(ExtentTag {
+            copies: 0b10,
+            ..group1.tag()
+        });
+        group0.finish(Ok(4096));
+        group1.finish(Ok(4096));
+        let (res, tag) = w.wait_tag();
+        assert_eq!(res, Err(Errno::EIO));
+        assert_eq!(tag.copies, 0b11);
+        let retry = tag.retry_avoiding();
+        assert_eq!((retry.avoid, retry.copies), (0b11, 0));
     }
 
     #[test]

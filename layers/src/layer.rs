@@ -54,12 +54,29 @@ pub trait Layer: Send + Sync {
     fn kernel_entries(&self) -> Option<Arc<AtomicU64>> {
         None
     }
+    /// The repair counters of a layer that repairs (`mirror`), shared with
+    /// the framework's `Stats` of its node.
+    fn repairs(&self) -> Option<Arc<Repairs>> {
+        None
+    }
     /// Stop background work (completion threads); pending requests are cancelled.
     fn shutdown(&self) {
         for l in self.lowers() {
             l.shutdown();
         }
     }
+}
+
+/// What a redundant layer (`mirror`) repaired.
+#[derive(Default)]
+pub struct Repairs {
+    /// Ranges rewritten from a good copy over a bad one, and their bytes.
+    pub count: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Heals not done because the range was written meanwhile (a scrub fixes them).
+    pub skipped: AtomicU64,
+    /// Reads sent to another copy after one failed (EIO or ETIMEDOUT).
+    pub retries: AtomicU64,
 }
 
 /// Number of latency buckets: bucket i counts completions in [2^i, 2^(i+1)) µs.
@@ -79,6 +96,9 @@ pub struct Stats {
     /// Entries into the kernel to submit (io_uring_enter), shared with the
     /// layer that makes them (`Layer::kernel_entries`); stays 0 for others.
     pub kernel_entries: Arc<AtomicU64>,
+    /// Repairs, shared with the layer that makes them (`Layer::repairs`);
+    /// stay 0 for others.
+    pub repairs: Arc<Repairs>,
 }
 
 /// A copy of `Stats` at one moment.
@@ -92,6 +112,10 @@ pub struct StatsSnapshot {
     pub latency_us: Vec<u64>,
     pub batches: u64,
     pub kernel_entries: u64,
+    pub repairs: u64,
+    pub bytes_repaired: u64,
+    pub heals_skipped: u64,
+    pub read_retries: u64,
 }
 
 impl StatsSnapshot {
@@ -136,6 +160,10 @@ impl Stats {
                 .collect(),
             batches: self.batches.load(Ordering::Relaxed),
             kernel_entries: self.kernel_entries.load(Ordering::Relaxed),
+            repairs: self.repairs.count.load(Ordering::Relaxed),
+            bytes_repaired: self.repairs.bytes.load(Ordering::Relaxed),
+            heals_skipped: self.repairs.skipped.load(Ordering::Relaxed),
+            read_retries: self.repairs.retries.load(Ordering::Relaxed),
         }
     }
 
@@ -183,6 +211,7 @@ impl Counted {
     pub fn wrap(inner: Arc<dyn Layer>) -> Arc<dyn Layer> {
         let stats = Stats {
             kernel_entries: inner.kernel_entries().unwrap_or_default(),
+            repairs: inner.repairs().unwrap_or_default(),
             ..Stats::default()
         };
         Arc::new(Counted {
@@ -228,6 +257,9 @@ impl Layer for Counted {
     }
     fn kernel_entries(&self) -> Option<Arc<AtomicU64>> {
         self.inner.kernel_entries()
+    }
+    fn repairs(&self) -> Option<Arc<Repairs>> {
+        self.inner.repairs()
     }
     fn shutdown(&self) {
         self.inner.shutdown();

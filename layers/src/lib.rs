@@ -4,7 +4,7 @@
 //! that knows its children and completes once, upward, after all of them; a
 //! `Layer` receives requests and hands children to the layers below. The
 //! layers: `compress` (lz4, zstd), `crypt` (AES-256-GCM), `device` (io_uring),
-//! `stripe` (RAID-0), `fault` (for tests), and `mem` (in memory, for tests
+//! `stripe` (RAID-0), `mirror` (RAID-1, self-healing reads), `fault` (for tests), and `mem` (in memory, for tests
 //! and benchmarks).
 
 pub mod buf;
@@ -17,6 +17,7 @@ pub mod io;
 pub mod layer;
 pub mod map;
 pub mod mem;
+pub mod mirror;
 pub mod spec;
 pub mod stripe;
 pub mod watchdog;
@@ -28,8 +29,9 @@ pub use errno::Errno;
 pub use fault::{Fault, FaultAction, FaultControl, FaultRule};
 pub use io::{EndIo, ExtentTag, Io, IoResult, Op, Waiter};
 pub use layer::footprint;
-pub use layer::{submit_wait, submit_wait_tag, Counted, Layer, Stats, StatsSnapshot};
+pub use layer::{submit_wait, submit_wait_tag, Counted, Layer, Repairs, Stats, StatsSnapshot};
 pub use map::{Map, Mapping};
 pub use mem::Mem;
+pub use mirror::Mirror;
 pub use spec::{parse_size, CryptKeys, LayerSpec, Stack, StackSpec};
 pub use stripe::Stripe;

@@ -1,19 +1,25 @@
 //! Stack specs: `stripe=64k`, `fault,stripe=1m`, ... listed from the top of
 //! the stack down. Layers above `stripe` see the pooled space once; layers
-//! below it are made once per device.
+//! below it are made once per device. `mirror=N` groups the devices, in
+//! order, into groups of N copies, a mirror over each: `stripe` above stripes
+//! over the groups (`stripe=64k,mirror=2` over 4 devices is RAID-10), and
+//! with one group no stripe is needed (`mirror=2` over 2 devices, RAID-1).
+//! Filters below the mirror are made per member, each under its own watchdog.
 
 use crate::compress::{Codec, Compress};
 use crate::crypt::{Crypt, KeyId, Keyring};
 use crate::device::Device;
 use crate::fault::{Fault, FaultControl};
 use crate::layer::{Counted, Layer};
+use crate::mirror::{Mirror, MAX_COPIES};
 use crate::stripe::Stripe;
+use crate::watchdog::{Health, Watchdog};
 use std::fmt;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("unknown layer {0:?} (known: compress, crypt, stripe, fault)")]
+    #[error("unknown layer {0:?} (known: compress, crypt, stripe, mirror, fault)")]
     UnknownLayer(String),
     #[error("layer {layer}: {why}")]
     BadParam { layer: String, why: String },
@@ -27,7 +33,13 @@ pub enum SpecError {
 pub enum LayerSpec {
     Compress(Codec),
     Crypt,
-    Stripe { chunk: u64 },
+    Stripe {
+        chunk: u64,
+    },
+    /// N copies of each member's data: the devices, in order, make groups of N.
+    Mirror {
+        copies: usize,
+    },
     Fault,
 }
 
@@ -37,6 +49,7 @@ impl LayerSpec {
             LayerSpec::Compress(_) => "compress",
             LayerSpec::Crypt => "crypt",
             LayerSpec::Stripe { .. } => "stripe",
+            LayerSpec::Mirror { .. } => "mirror",
             LayerSpec::Fault => "fault",
         }
     }
@@ -49,6 +62,7 @@ impl fmt::Display for LayerSpec {
             LayerSpec::Compress(Codec::Zstd(l)) => write!(f, "compress=zstd:{l}"),
             LayerSpec::Crypt => write!(f, "crypt=aes-256-gcm"),
             LayerSpec::Stripe { chunk } => write!(f, "stripe={}", format_size(*chunk)),
+            LayerSpec::Mirror { copies } => write!(f, "mirror={copies}"),
             LayerSpec::Fault => write!(f, "fault"),
         }
     }
@@ -115,6 +129,7 @@ impl StackSpec {
                     }
                     LayerSpec::Stripe { chunk }
                 }
+                "mirror" => parse_mirror(param)?,
                 "compress" => LayerSpec::Compress(match param.unwrap_or("zstd") {
                     "lz4" => Codec::Lz4,
                     "zstd" => Codec::Zstd(1),
@@ -172,6 +187,16 @@ impl StackSpec {
                 }
             }
         }
+        if let Some(mirror) = pos("mirror") {
+            for k in ["stripe", "compress", "crypt"] {
+                if pos(k).is_some_and(|i| i > mirror) {
+                    return Err(SpecError::Shape(format!(
+                        "mirror must come below {k}: it keeps copies of the bytes as stored, \
+                         so it is the lowest of stripe, crypt and compress"
+                    )));
+                }
+            }
+        }
         Ok(StackSpec { layers })
     }
 
@@ -206,51 +231,28 @@ impl StackSpec {
                 "the crypt layer needs the pool's key".into(),
             ));
         }
-        if devices.is_empty() {
-            return Err(SpecError::Shape("no devices".into()));
-        }
-        let stripe_at = self
-            .layers
-            .iter()
-            .position(|l| matches!(l, LayerSpec::Stripe { .. }));
-        if stripe_at.is_none() && devices.len() > 1 {
-            return Err(SpecError::Shape(format!(
-                "{} devices but no stripe layer to pool them (add e.g. stripe=64k)",
-                devices.len()
-            )));
-        }
-        let split = stripe_at.unwrap_or(self.layers.len());
+        let shape = self.shape(devices.len())?;
         // One control for every fault layer: a power cut is pool-wide.
         let fault = self
             .layers
             .contains(&LayerSpec::Fault)
             .then(FaultControl::new);
-        let health = crate::watchdog::Health::new(
+        let health = Health::new(
             devices
                 .iter()
                 .map(|d| d.path().display().to_string())
                 .collect(),
         );
-        let mut lowers: Vec<Arc<dyn Layer>> = Vec::new();
-        for (i, dev) in devices.into_iter().enumerate() {
-            let mut l: Arc<dyn Layer> = Counted::wrap(dev);
-            for spec in self.layers[split..].iter().rev() {
-                l = self.make_filter(spec, l, &fault, Some(i));
-            }
-            // Per member, so that a timeout names the member it faults.
-            if let Some(t) = timeout {
-                l = Counted::wrap(crate::watchdog::Watchdog::new(l, t, i, health.clone()));
-            }
-            lowers.push(l);
-        }
-        let mut top = match stripe_at.map(|i| &self.layers[i]) {
+        let members = self.members(devices, &shape, &fault, &health, timeout);
+        let mut groups = self.groups(members, &shape, &fault, &health)?;
+        let mut top = match shape.stripe_at.map(|i| &self.layers[i]) {
             Some(LayerSpec::Stripe { chunk }) => {
-                Counted::wrap(Arc::new(Stripe::new(*chunk, lowers)?))
+                Counted::wrap(Arc::new(Stripe::new(*chunk, groups)?))
             }
-            _ => lowers.pop().expect("one device"),
+            _ => groups.pop().expect("one group"),
         };
         let mut meta = None;
-        for spec in self.layers[..split].iter().rev() {
+        for spec in self.layers[..shape.pooled_at].iter().rev() {
             top = match spec {
                 LayerSpec::Compress(codec) => {
                     // Metadata is not compressed: it enters the stack below here.
@@ -273,6 +275,101 @@ impl StackSpec {
         })
     }
 
+    /// Where the stack pools and copies, checked against the device count.
+    fn shape(&self, devices: usize) -> Result<Shape, SpecError> {
+        if devices == 0 {
+            return Err(SpecError::Shape("no devices".into()));
+        }
+        let at = |kind: &str| self.layers.iter().position(|l| l.kind() == kind);
+        let (stripe_at, mirror_at) = (at("stripe"), at("mirror"));
+        let copies = self
+            .layers
+            .iter()
+            .find_map(|l| match l {
+                LayerSpec::Mirror { copies } => Some(*copies),
+                _ => None,
+            })
+            .unwrap_or(1);
+        if !devices.is_multiple_of(copies) {
+            return Err(SpecError::Shape(format!(
+                "{devices} devices do not make groups of {copies} for mirror={copies} \
+                 (give a multiple of {copies})"
+            )));
+        }
+        let groups = devices / copies;
+        if stripe_at.is_none() && groups > 1 {
+            return Err(SpecError::Shape(if copies > 1 {
+                format!(
+                    "{devices} devices make {groups} mirror groups but no stripe layer \
+                     pools them (add e.g. stripe=64k above mirror={copies})"
+                )
+            } else {
+                format!("{devices} devices but no stripe layer to pool them (add e.g. stripe=64k)")
+            }));
+        }
+        let len = self.layers.len();
+        Ok(Shape {
+            stripe_at,
+            mirror_at,
+            copies,
+            pooled_at: stripe_at.or(mirror_at).unwrap_or(len),
+            member_at: mirror_at.or(stripe_at).unwrap_or(len),
+        })
+    }
+
+    /// Each device with the filters below the pooling layers and, with a
+    /// `timeout`, a watchdog naming the member it faults.
+    fn members(
+        &self,
+        devices: Vec<Arc<Device>>,
+        shape: &Shape,
+        fault: &Option<Arc<FaultControl>>,
+        health: &Arc<Health>,
+        timeout: Option<std::time::Duration>,
+    ) -> Vec<Arc<dyn Layer>> {
+        let mut members = Vec::with_capacity(devices.len());
+        for (i, dev) in devices.into_iter().enumerate() {
+            let mut l: Arc<dyn Layer> = Counted::wrap(dev);
+            for spec in self.layers[shape.member_at..].iter().rev() {
+                l = self.make_filter(spec, l, fault, Some(i));
+            }
+            if let Some(t) = timeout {
+                l = Counted::wrap(Watchdog::new(l, t, i, health.clone()));
+            }
+            members.push(l);
+        }
+        members
+    }
+
+    /// The members in groups of `copies`, a mirror over each (with the
+    /// filters between stripe and mirror); without a mirror, the members.
+    fn groups(
+        &self,
+        members: Vec<Arc<dyn Layer>>,
+        shape: &Shape,
+        fault: &Option<Arc<FaultControl>>,
+        health: &Arc<Health>,
+    ) -> Result<Vec<Arc<dyn Layer>>, SpecError> {
+        let Some(mirror_at) = shape.mirror_at else {
+            return Ok(members);
+        };
+        let between = shape.stripe_at.map_or(mirror_at, |s| s + 1)..mirror_at;
+        let mut groups = Vec::new();
+        let mut indices = Vec::new();
+        let mut members = members.into_iter().enumerate().peekable();
+        while members.peek().is_some() {
+            let (ids, copies): (Vec<usize>, Vec<_>) = members.by_ref().take(shape.copies).unzip();
+            let mut group = Counted::wrap(Mirror::new(copies, ids.clone(), health.clone())?);
+            for spec in self.layers[between.clone()].iter().rev() {
+                group = self.make_filter(spec, group, fault, None);
+            }
+            groups.push(group);
+            indices.push(ids);
+        }
+        health.set_groups(indices);
+        Ok(groups)
+    }
+
     fn make_filter(
         &self,
         spec: &LayerSpec,
@@ -289,11 +386,34 @@ impl StackSpec {
     }
 }
 
+fn parse_mirror(param: Option<&str>) -> Result<LayerSpec, SpecError> {
+    let p = param.ok_or_else(|| bad("mirror", "needs a copy count, e.g. mirror=2"))?;
+    match p.parse::<usize>() {
+        Ok(copies) if (2..=MAX_COPIES).contains(&copies) => Ok(LayerSpec::Mirror { copies }),
+        _ => Err(bad(
+            "mirror",
+            format!("{p:?} copies: a mirror keeps 2 to {MAX_COPIES} copies"),
+        )),
+    }
+}
+
 fn bad(layer: &str, why: impl Into<String>) -> SpecError {
     SpecError::BadParam {
         layer: layer.into(),
         why: why.into(),
     }
+}
+
+/// Where a spec pools and copies its devices (indices into its layers).
+struct Shape {
+    stripe_at: Option<usize>,
+    mirror_at: Option<usize>,
+    /// Copies per mirror group (1: no mirror).
+    copies: usize,
+    /// Layers above this index are made once, over the pooled space.
+    pooled_at: usize,
+    /// Layers from this index down are made once per member.
+    member_at: usize,
 }
 
 /// What the crypt layer needs: the pool's keys, and the key id this mount
@@ -404,6 +524,53 @@ mod tests {
             .unwrap()
             .build_with(vec![], None, None)
             .is_err());
+    }
+
+    #[test]
+    fn mirror_specs_and_their_refusals() {
+        let raid10 = "compress=zstd:1,crypt=aes-256-gcm,stripe=64k,mirror=2";
+        let spec = StackSpec::parse(raid10).unwrap();
+        assert_eq!(spec.layers[3], LayerSpec::Mirror { copies: 2 });
+        assert_eq!(spec.to_string(), raid10);
+        assert!(StackSpec::parse("fault,stripe=1m,fault,mirror=32,fault").is_ok());
+        for bad_count in ["mirror", "mirror=1", "mirror=0", "mirror=33", "mirror=two"] {
+            assert!(
+                matches!(StackSpec::parse(bad_count), Err(SpecError::BadParam { .. })),
+                "{bad_count}"
+            );
+        }
+        for (spec, below) in [
+            ("mirror=2,stripe=64k", "stripe"),
+            ("mirror=2,crypt", "crypt"),
+            ("compress,mirror=2,crypt", "crypt"),
+            ("mirror=2,compress=lz4", "compress"),
+        ] {
+            match StackSpec::parse(spec) {
+                Err(SpecError::Shape(why)) => {
+                    assert!(why.contains(&format!("below {below}")), "{spec}: {why}")
+                }
+                other => panic!("{spec}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            StackSpec::parse("mirror=2,mirror=3"),
+            Err(SpecError::Duplicate("mirror".into()))
+        );
+    }
+
+    #[test]
+    fn device_counts_a_mirror_refuses() {
+        let why = |spec: &str, devices: usize| match StackSpec::parse(spec).unwrap().shape(devices)
+        {
+            Err(SpecError::Shape(why)) => why,
+            other => panic!("{spec} over {devices}: {:?}", other.map(|s| s.copies)),
+        };
+        assert!(why("stripe=64k,mirror=2", 3).contains("do not make groups of 2"));
+        assert!(why("mirror=3", 6).contains("no stripe layer"));
+        assert!(why("mirror=2", 0).contains("no devices"));
+        let raid1 = StackSpec::parse("compress,crypt,mirror=2").unwrap();
+        let shape = raid1.shape(2).unwrap();
+        assert_eq!((shape.copies, shape.pooled_at, shape.member_at), (2, 2, 2));
     }
 
     #[test]

@@ -41,16 +41,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The state of each member of a pool, shared by its watchdogs and read by
-/// the filesystem (its failed state) and `stackfs info`.
+/// The state of each member of a pool, shared by its watchdogs and mirrors
+/// and read by the filesystem (its failed state) and `stackfs info`.
 pub struct Health {
     members: Mutex<Vec<Member>>,
     any: AtomicBool,
     /// Per member: faulted (read without the lock, on every request).
     faulted: Vec<AtomicBool>,
+    /// Members that hold the same data (mirror groups, by member index): the
+    /// pool is lost only when every member of a group is faulted.
+    groups: Mutex<Vec<Vec<usize>>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Member {
     pub name: String,
     /// Why the member is faulted; None while it answers.
@@ -59,6 +62,16 @@ pub struct Member {
     pub timeouts: u64,
     /// Answers that came after their request had been failed.
     pub late: u64,
+    /// Reads the member failed (a mirror read them from another copy).
+    pub read_errors: u64,
+    /// Writes (and flushes, discards) the member failed.
+    pub write_errors: u64,
+    /// Reads whose bytes failed verification above the mirror (found
+    /// different from the good copy when healing).
+    pub checksum_errors: u64,
+    /// Ranges rewritten from a good copy, and their bytes.
+    pub repairs: u64,
+    pub bytes_repaired: u64,
 }
 
 impl Health {
@@ -71,14 +84,19 @@ impl Health {
                     .into_iter()
                     .map(|name| Member {
                         name,
-                        faulted: None,
-                        timeouts: 0,
-                        late: 0,
+                        ..Member::default()
                     })
                     .collect(),
             ),
             any: AtomicBool::new(false),
+            groups: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Declare which members mirror each other (`spec` does it when it builds
+    /// `mirror=N`); a member in no group holds the only copy of its data.
+    pub fn set_groups(&self, groups: Vec<Vec<usize>>) {
+        *self.groups.lock() = groups;
     }
 
     /// Whether member `i` is faulted.
@@ -93,33 +111,86 @@ impl Health {
         self.any.load(Ordering::Acquire)
     }
 
+    /// Whether some data has no copy left: a mirror group with every member
+    /// faulted, or a faulted member that is in no group. Cheap while no
+    /// member is faulted. The filesystem's failed state.
+    pub fn lost(&self) -> bool {
+        if !self.any_faulted() {
+            return false;
+        }
+        let groups = self.groups.lock();
+        let group_lost = groups
+            .iter()
+            .any(|g| !g.is_empty() && g.iter().all(|&i| self.is_faulted(i)));
+        let alone_lost = (0..self.faulted.len())
+            .any(|i| self.is_faulted(i) && !groups.iter().any(|g| g.contains(&i)));
+        group_lost || alone_lost
+    }
+
+    fn has_copies(&self, i: usize) -> bool {
+        self.groups
+            .lock()
+            .iter()
+            .any(|g| g.len() > 1 && g.contains(&i))
+    }
+
     pub fn members(&self) -> Vec<Member> {
         self.members.lock().clone()
     }
 
-    /// Mark member `i` faulted; logs once per member.
+    /// Mark member `i` faulted after a timeout; logs once per member.
     pub fn fault(&self, i: usize, why: String) {
-        let mut m = self.members.lock();
-        let Some(member) = m.get_mut(i) else {
-            return;
+        self.update(i, |member| member.timeouts += 1);
+        self.mark_faulted(i, why);
+    }
+
+    /// Mark member `i` faulted (it failed a write, or stopped answering):
+    /// it gets no more requests. Logs once per member.
+    pub fn mark_faulted(&self, i: usize, why: String) {
+        let consequence = if self.has_copies(i) {
+            "its mirror group carries on with the other copies"
+        } else {
+            "the filesystem stops writing"
         };
-        member.timeouts += 1;
-        if member.faulted.is_none() {
-            log::error!(
-                "member {i} ({}) faulted: {why}; the filesystem stops writing",
-                member.name
-            );
-            member.faulted = Some(why);
-        }
+        self.update(i, |member| {
+            if member.faulted.is_none() {
+                log::error!("member {i} ({}) faulted: {why}; {consequence}", member.name);
+                member.faulted = Some(why);
+            }
+        });
         if let Some(f) = self.faulted.get(i) {
             f.store(true, Ordering::Release);
+            self.any.store(true, Ordering::Release);
         }
-        self.any.store(true, Ordering::Release);
+    }
+
+    pub fn count_read_error(&self, i: usize) {
+        self.update(i, |member| member.read_errors += 1);
+    }
+
+    pub fn count_write_error(&self, i: usize) {
+        self.update(i, |member| member.write_errors += 1);
+    }
+
+    pub fn count_checksum_error(&self, i: usize) {
+        self.update(i, |member| member.checksum_errors += 1);
+    }
+
+    /// Member `i` had `bytes` rewritten from a good copy.
+    pub fn count_repair(&self, i: usize, bytes: u64) {
+        self.update(i, |member| {
+            member.repairs += 1;
+            member.bytes_repaired += bytes;
+        });
     }
 
     fn late(&self, i: usize) {
+        self.update(i, |member| member.late += 1);
+    }
+
+    fn update(&self, i: usize, change: impl FnOnce(&mut Member)) {
         if let Some(member) = self.members.lock().get_mut(i) {
-            member.late += 1;
+            change(member);
         }
     }
 }
