@@ -79,6 +79,19 @@ fn encryption(found: &Found) -> Option<String> {
     })
 }
 
+/// How many copies a pool's layer spec keeps of each byte (1 without a mirror).
+fn mirror_copies(spec: &str) -> u64 {
+    let parsed = stackfs_layers::StackSpec::parse(spec).ok();
+    let copies = parsed
+        .into_iter()
+        .flat_map(|s| s.layers)
+        .find_map(|l| match l {
+            stackfs_layers::LayerSpec::Mirror { copies } => Some(copies as u64),
+            _ => None,
+        });
+    copies.unwrap_or(1).max(1)
+}
+
 /// What the superblocks say, as JSON.
 fn describe(found: &Found, encryption: &Option<String>) -> Value {
     let superblock = &found[0].2;
@@ -91,7 +104,9 @@ fn describe(found: &Found, encryption: &Option<String>) -> Value {
         "layers": superblock.spec,
         "encryption": encryption,
         "devices": devices,
-        "capacity": superblock.per_device * superblock.count as u64,
+        // Usable space: a mirror keeps every byte on each of its copies.
+        "capacity": superblock.per_device * superblock.count as u64 / mirror_copies(&superblock.spec),
+        "raw_capacity": superblock.per_device * superblock.count as u64,
         "metadata_region": superblock.meta_len,
     })
 }
@@ -189,18 +204,24 @@ fn print_pool(out: &Value, found: &Found, encryption: Option<&str>, mountpoint: 
         println!("state:       mounted at {m}");
     }
     if let Some(health) = out["health"].as_object() {
-        if health["state"] == "failed" {
-            println!("pool state:  FAILED: a member stopped answering; read-only until remounted (fsck after it answers again)");
-        } else {
-            println!("pool state:  ONLINE");
+        match (health["state"].as_str(), health["failure"].as_str()) {
+            (Some("failed"), Some(why)) => println!("pool state:  FAILED: {why}"),
+            (Some("failed"), None) => println!("pool state:  FAILED: data of a member that stopped answering is not on any other copy; read-only until remounted (fsck after it answers again)"),
+            (Some("degraded"), _) => println!("pool state:  DEGRADED: a mirror member is faulted; every group still has a good copy"),
+            _ => println!("pool state:  ONLINE"),
         }
         for member in health["members"].as_array().into_iter().flatten() {
             println!(
-                "  [{}] {:<8} {} timeouts, {} late answers{}",
+                "  [{}] {:<8} {} timeouts, {} late answers, errors: {} read, {} write, {} checksum; {} repairs ({} bytes){}",
                 member["index"],
                 member["state"].as_str().unwrap_or("?"),
                 member["timeouts"],
                 member["late_answers"],
+                member["read_errors"],
+                member["write_errors"],
+                member["checksum_errors"],
+                member["repairs"],
+                member["bytes_repaired"],
                 why(member)
             );
         }

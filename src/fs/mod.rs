@@ -616,7 +616,7 @@ impl Fs {
         if self.failed() {
             // A member stopped answering or a commit failed: nothing more is
             // written; the pool stays in its last durable state (fsck it).
-            return Err(if self.stack.health.any_faulted() {
+            return Err(if self.stack.health.lost() {
                 Errno::EIO
             } else {
                 Errno::EROFS

@@ -106,7 +106,8 @@ impl Fs {
         let mut first_err = None;
         for (i, w, b) in waits {
             let (u, x) = units[i];
-            match verify_unit(ino, u, &x, w.wait(), &b) {
+            let (r, served) = w.wait_tag();
+            match self.verified_or_retried(ino, u, &x, r, served, b) {
                 Ok(d) => {
                     self.rd.put((ino, u), d.clone(), gen);
                     out[i] = Some(d);
@@ -120,6 +121,37 @@ impl Fs {
             return Err(e);
         }
         Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    }
+
+    /// Verify a unit read from the pool; when it is bad and came from
+    /// mirror copies, read it again from the others (the mirror rewrites the
+    /// bad copy from the good one) until it verifies or no copy is left.
+    fn verified_or_retried(
+        &self,
+        ino: u64,
+        u: u64,
+        x: &Extent,
+        mut r: IoResult,
+        mut served: ExtentTag,
+        mut b: Buf,
+    ) -> R<Buf> {
+        loop {
+            match verify_unit(ino, u, x, r, &b) {
+                Ok(d) => return Ok(d),
+                Err(e) if served.copies == 0 => return Err(e),
+                Err(_) => {
+                    b = Buf::zeroed(x.len as usize);
+                    let tag = served.retry_avoiding();
+                    (r, served) = stackfs_layers::submit_wait_tag(
+                        &*self.data,
+                        Op::Read,
+                        x.phys,
+                        b.clone(),
+                        tag,
+                    );
+                }
+            }
+        }
     }
 
     /// Read `size` bytes at `off` and hand the result to `done`. What is dirty
@@ -159,36 +191,80 @@ impl Fs {
                 r
             })),
         );
-        let mut ios = Vec::with_capacity(fetch.len());
-        for (u, x) in fetch {
-            let (rd, out) = (self.rd.clone(), shared.clone());
-            let io = group.child(
-                Op::Read,
-                x.phys,
-                Buf::zeroed(x.len as usize),
-                Some(Box::new(move |io, r| {
-                    let d = verify_unit(ino, u, &x, r, io.buf())?;
-                    let ustart = u * UNIT;
-                    let from = off.max(ustart);
-                    let mut out = out.lock();
-                    let to = (off + out.len() as u64).min(ustart + UNIT);
-                    copy_clipped(
-                        &mut out[(from - off) as usize..(to - off) as usize],
-                        d.as_slice(),
-                        (from - ustart) as usize,
-                    );
-                    drop(out);
-                    rd.put((ino, u), d, gen);
-                    Ok(x.len as u64)
-                })),
-            );
-            io.set_tag(x.tag());
-            ios.push(io);
-        }
+        let unit_read = Arc::new(UnitRead {
+            ino,
+            off,
+            gen,
+            out: shared,
+            rd: self.rd.clone(),
+            data: self.data.clone(),
+        });
+        let ios = fetch
+            .into_iter()
+            .map(|(u, x)| unit_read.child(&group, u, x, x.tag()))
+            .collect();
         self.data.submit_batch(ios);
         group.put();
     }
+}
 
+/// What the unit reads of one `read_async` share.
+struct UnitRead {
+    ino: u64,
+    off: u64,
+    gen: u64,
+    out: Arc<Mutex<Vec<u8>>>,
+    rd: Arc<ReadSide>,
+    data: Arc<dyn Layer>,
+}
+
+impl UnitRead {
+    /// The read of unit `u` (extent `x`) as a child of `group`: verified in
+    /// its completion and copied into the reply. A bad unit that came from
+    /// mirror copies is read again from the others, as a new child of the
+    /// group (so the group waits for it), and the bad copy is healed below.
+    fn child(self: &Arc<Self>, group: &Io, u: u64, x: Extent, tag: ExtentTag) -> Io {
+        let (this, parent) = (self.clone(), group.clone());
+        let io = group.child(
+            Op::Read,
+            x.phys,
+            Buf::zeroed(x.len as usize),
+            Some(Box::new(move |io, r| {
+                let served = io.tag();
+                match verify_unit(this.ino, u, &x, r, io.buf()) {
+                    Ok(d) => {
+                        this.place(u, &d);
+                        this.rd.put((this.ino, u), d, this.gen);
+                        Ok(x.len as u64)
+                    }
+                    Err(e) if served.copies == 0 => Err(e),
+                    Err(_) => {
+                        let retry = this.child(&parent, u, x, served.retry_avoiding());
+                        this.data.submit(retry);
+                        Ok(0)
+                    }
+                }
+            })),
+        );
+        io.set_tag(tag);
+        io
+    }
+
+    /// Copy a verified unit's bytes into the reply.
+    fn place(&self, u: u64, d: &Buf) {
+        let ustart = u * UNIT;
+        let from = self.off.max(ustart);
+        let mut out = self.out.lock();
+        let to = (self.off + out.len() as u64).min(ustart + UNIT);
+        copy_clipped(
+            &mut out[(from - self.off) as usize..(to - self.off) as usize],
+            d.as_slice(),
+            (from - ustart) as usize,
+        );
+    }
+}
+
+impl Fs {
     /// Under the lock: the reply buffer with every dirty or cached byte in
     /// place, the units still to read from the pool, and the read's ticket
     /// (registered: it holds back the reuse of space freed from now on) and

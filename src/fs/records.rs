@@ -282,6 +282,8 @@ impl Extent {
             nonce: self.nonce,
             mac: self.mac,
             flags: TAG_DETACHED,
+            // Which mirror copies to read is per read, not per extent.
+            ..ExtentTag::default()
         }
     }
 

@@ -110,15 +110,17 @@ impl Fs {
         len.saturating_mul(2) > max
     }
 
-    /// The failed state: once a member is faulted (it stopped answering), or
-    /// a metadata commit failed (its outcome on disk is unknown), nothing
+    /// The failed state: once data is lost to the pool (a member outside any
+    /// mirror, or every member of a mirror group, faulted: it stopped
+    /// answering), or a metadata commit failed (its outcome on disk is
+    /// unknown), nothing
     /// more is written or allocated, data or metadata, until the pool is
     /// mounted again: the space a failed commit may have used is never
     /// given out twice. Changes fail with EIO (a faulted member) or EROFS
     /// (read-only after a metadata failure, as ext4's errors=remount-ro);
     /// reads go on (those of a faulted member fail with EIO).
     pub fn writable(&self) -> R<()> {
-        if self.stack.health.any_faulted() {
+        if self.stack.health.lost() {
             return Err(Errno::EIO);
         }
         if self.failure.get().is_some() {
@@ -129,7 +131,7 @@ impl Fs {
 
     /// Whether the filesystem is in its failed state.
     pub fn failed(&self) -> bool {
-        self.stack.health.any_faulted() || self.failure.get().is_some()
+        self.stack.health.lost() || self.failure.get().is_some()
     }
 
     /// Why the filesystem turned read-only, if a metadata failure made it so.

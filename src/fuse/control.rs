@@ -81,11 +81,26 @@ pub fn health_json(fs: &Fs) -> serde_json::Value {
                 "why": m.faulted,
                 "timeouts": m.timeouts,
                 "late_answers": m.late,
+                "read_errors": m.read_errors,
+                "write_errors": m.write_errors,
+                "checksum_errors": m.checksum_errors,
+                "repairs": m.repairs,
+                "bytes_repaired": m.bytes_repaired,
             })
         })
         .collect();
+    let health = &fs.stack.health;
+    let state = if fs.failed() {
+        "failed"
+    } else if health.any_faulted() {
+        // A mirror lost a member but every group still has a copy.
+        "degraded"
+    } else {
+        "online"
+    };
     serde_json::json!({
-        "state": if fs.failed() { "failed" } else { "online" },
+        "state": state,
+        "failure": fs.failure(),
         "members": members,
     })
 }

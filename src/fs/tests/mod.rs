@@ -5,6 +5,7 @@
 
 mod crash;
 mod errors;
+mod mirror;
 mod race;
 mod space;
 
@@ -12,6 +13,7 @@ use super::*;
 use stackfs_layers::compress::Codec;
 use stackfs_layers::compress::Compress;
 use stackfs_layers::crypt::Crypt;
+use stackfs_layers::mirror::Mirror;
 use stackfs_layers::watchdog::{Health, Watchdog};
 use stackfs_layers::{Counted, Fault, FaultAction, FaultControl, FaultRule, Keyring, Mem};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -29,6 +31,8 @@ pub(super) enum Layers {
 /// A pool in memory, which outlives the filesystems opened over it.
 pub(super) struct Rig {
     pub mem: Arc<Mem>,
+    /// More copies of `mem` under a mirror (none: no mirror).
+    pub copies: Vec<Arc<Mem>>,
     pub ctl: Arc<FaultControl>,
     pub meta_len: u64,
     layers: Layers,
@@ -49,6 +53,7 @@ impl Rig {
         let _ = env_logger::builder().is_test(true).try_init();
         let rig = Rig {
             mem: Arc::new(Mem::new(capacity)),
+            copies: Vec::new(),
             ctl: FaultControl::new(),
             meta_len,
             layers,
@@ -57,6 +62,16 @@ impl Rig {
             opens: AtomicU8::new(1),
             fault: parking_lot::Mutex::new(None),
         };
+        Fs::format(&rig.stack(), rig.geometry()).expect("format");
+        rig
+    }
+
+    /// A pool of two copies under a `mirror` layer.
+    pub fn mirrored(layers: Layers, capacity: u64, meta_len: u64) -> Rig {
+        let mut rig = Rig::new(layers, capacity, meta_len);
+        // Formatted again over the mirror, both copies alike.
+        rig.copies = vec![Arc::new(Mem::new(capacity))];
+        rig.mem = Arc::new(Mem::new(capacity));
         Fs::format(&rig.stack(), rig.geometry()).expect("format");
         rig
     }
@@ -73,13 +88,31 @@ impl Rig {
     }
 
     pub fn stack(&self) -> Stack {
-        let fault = Fault::new(self.mem.clone(), self.ctl.clone(), Some(0));
-        *self.fault.lock() = Some(fault.clone());
-        let health = Health::new(vec!["mem".into()]);
-        let mut bottom: Arc<dyn Layer> = Counted::wrap(fault);
-        if let Some(t) = self.timeout {
-            bottom = Counted::wrap(Watchdog::new(bottom, t, 0, health.clone()));
+        let mems: Vec<Arc<Mem>> = std::iter::once(self.mem.clone())
+            .chain(self.copies.iter().cloned())
+            .collect();
+        let health = Health::new((0..mems.len()).map(|i| format!("mem{i}")).collect());
+        let mut members = Vec::new();
+        for (i, mem) in mems.into_iter().enumerate() {
+            let fault = Fault::new(mem, self.ctl.clone(), Some(i));
+            if i == 0 {
+                *self.fault.lock() = Some(fault.clone());
+            }
+            let mut member: Arc<dyn Layer> = Counted::wrap(fault);
+            if let Some(t) = self.timeout {
+                member = Counted::wrap(Watchdog::new(member, t, i, health.clone()));
+            }
+            members.push(member);
         }
+        let bottom: Arc<dyn Layer> = if members.len() > 1 {
+            health.set_groups(vec![(0..members.len()).collect()]);
+            let count = members.len();
+            let mirror =
+                Mirror::new(members, (0..count).collect(), health.clone()).expect("mirror");
+            Counted::wrap(mirror)
+        } else {
+            members.pop().expect("one member")
+        };
         let (top, meta) = match self.layers {
             Layers::Plain => (bottom.clone(), bottom),
             Layers::Default => {
