@@ -67,6 +67,13 @@ impl Fs {
                 Self::set_times(inode, &a);
                 return self.shown_inode(&st, ino);
             }
+            // The times of a file removed since, written back by the kernel
+            // before it forgets the inode: nothing to keep, nothing to fail
+            // (an error here would reach the next syncfs as a write error).
+            if let Some(gone) = st.gone.get_mut(&ino) {
+                Self::set_times(gone, &a);
+                return Ok(gone.clone());
+            }
         }
         if let Some(size) = a.size {
             self.truncate(&mut st, ino, size)?;

@@ -192,6 +192,8 @@ struct State {
     /// transactions that added metadata since (see `begin_adding`).
     meta_free: Option<u64>,
     meta_checks: u32,
+    /// Removed inodes the kernel may not have forgotten yet (see `purge`).
+    gone: HashMap<u64, Inode>,
     /// A flush is writing data with the lock released (one at a time).
     flushing: bool,
     /// What that flush is writing, by file: reads, stat and partial
@@ -485,6 +487,7 @@ impl Fs {
                 dirs: HashMap::new(),
                 meta_free: None,
                 meta_checks: 0,
+                gone: HashMap::new(),
                 flushing: false,
                 in_flight: HashMap::new(),
             }),

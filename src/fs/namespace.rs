@@ -348,6 +348,12 @@ impl Fs {
 
     /// Remove an inode and everything it owns.
     pub(super) fn purge(&self, st: &mut State, tx: &WriteTransaction, ino: u64) -> R<()> {
+        // The kernel may still write a removed file's times back before it
+        // forgets the inode (writeback cache): answered from here (`setattr`).
+        if let Ok(mut last) = self.inode_tx(st, tx, ino) {
+            last.nlink = 0;
+            st.gone.insert(ino, last);
+        }
         if let Some(f) = st.files.get_mut(&ino) {
             let n = f.units.len() as u64 * UNIT;
             f.units.clear();
@@ -702,6 +708,7 @@ impl Fs {
         let mut st = self.st.lock();
         let mut dead = Vec::new();
         for &(ino, n) in nodes {
+            st.gone.remove(&ino);
             let Some(d) = st.dirs.get_mut(&ino) else {
                 continue;
             };

@@ -159,3 +159,31 @@ fn a_timed_out_write_keeps_its_space_until_the_next_mount() {
     let ino = lookup(&fs, ROOT, "f").unwrap().ino;
     same(&read_all(&fs, ino), &pattern(1, 0, 4 * UNIT as usize));
 }
+
+#[test]
+fn times_written_back_for_a_removed_file_are_not_an_error() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let ino = create(&fs, ROOT, "f");
+    fs.write(ino, 0, b"x").unwrap();
+    fs.release(ino).unwrap();
+    fs.unlink(ROOT, b"f").unwrap();
+    let t = Ts {
+        sec: 1_000_000,
+        nsec: 0,
+    };
+    let times = SetAttr {
+        mtime: Some(t),
+        ctime: Some(t),
+        ..SetAttr::default()
+    };
+    assert_eq!(fs.setattr(ino, times).unwrap().nlink, 0);
+    // Anything else about it is still an error.
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    assert_eq!(fs.setattr(ino, chmod).unwrap_err(), Errno(libc::ENOENT));
+    fs.forget(ino, 1);
+    assert_eq!(fs.setattr(ino, times).unwrap_err(), Errno(libc::ENOENT));
+}
