@@ -7,7 +7,7 @@
 //! Exit codes as e2fsck: 0 clean, 1 corrected, 4 left uncorrected, 8 error.
 
 use crate::error::FsError;
-use crate::fs::{dirent_decode, dirent_val, Extent, Fs, Inode, Kind, ROOT, UNIT};
+use crate::fs::{dirent_decode, Extent, Fs, Inode, Kind, ROOT, UNIT};
 use crate::fs::{COOKIES, DIRENTS, EXTENTS, INODES, ORPHANS, SYMLINKS};
 use crate::superblock::{self, SB_SIZE};
 use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
@@ -286,21 +286,21 @@ fn read_namespace(
     rtx: &ReadTransaction,
     problems: &mut Vec<Problem>,
 ) -> Result<Namespace, FsError> {
-    let inodes = read_inodes(rtx, problems)?;
-    let (refs, subdirs) = count_entries(rtx, &inodes, problems)?;
-    let orphans = rtx
+    let mut namespace = Namespace {
+        inodes: read_inodes(rtx, problems)?,
+        refs: HashMap::new(),
+        subdirs: HashMap::new(),
+        orphans: Vec::new(),
+    };
+    count_entries(rtx, &mut namespace, problems)?;
+    namespace.orphans = rtx
         .open_table(ORPHANS)
         .map_err(store_error)?
         .iter()
         .map_err(store_error)?
         .filter_map(|r| r.ok().map(|(k, _)| k.value()))
         .collect();
-    Ok(Namespace {
-        inodes,
-        refs,
-        subdirs,
-        orphans,
-    })
+    Ok(namespace)
 }
 
 /// Every inode record that decodes; the others are problems.
@@ -327,15 +327,13 @@ fn read_inodes(
 }
 
 /// Check every directory entry (it decodes, names an inode, has its readdir
-/// cookie) and count the references: entries naming each inode, and
-/// subdirectories of each directory.
+/// cookie) and count the references into `namespace`: entries naming each
+/// inode, and subdirectories of each directory.
 fn count_entries(
     rtx: &ReadTransaction,
-    inodes: &BTreeMap<u64, Inode>,
+    namespace: &mut Namespace,
     problems: &mut Vec<Problem>,
-) -> Result<(HashMap<u64, u32>, HashMap<u64, u32>), FsError> {
-    let mut refs: HashMap<u64, u32> = HashMap::new();
-    let mut subdirs: HashMap<u64, u32> = HashMap::new();
+) -> Result<(), FsError> {
     let cookies = rtx.open_table(COOKIES).map_err(store_error)?;
     for row in rtx
         .open_table(DIRENTS)
@@ -352,7 +350,7 @@ fn count_entries(
             )));
             continue;
         };
-        if !inodes.contains_key(&ino) {
+        if !namespace.inodes.contains_key(&ino) {
             problems.push(Problem::DanglingEntry {
                 parent,
                 name: name.to_vec(),
@@ -370,12 +368,12 @@ fn count_entries(
                 String::from_utf8_lossy(name)
             )));
         }
-        *refs.entry(ino).or_default() += 1;
+        *namespace.refs.entry(ino).or_default() += 1;
         if kind == Kind::Dir {
-            *subdirs.entry(parent).or_default() += 1;
+            *namespace.subdirs.entry(parent).or_default() += 1;
         }
     }
-    Ok((refs, subdirs))
+    Ok(())
 }
 
 /// Link counts against the entries found, inodes no entry names (and not

@@ -2,7 +2,7 @@
 //! repaired, and gone on the next check.
 
 use super::*;
-use crate::fs::{FsOptions, Geometry};
+use crate::fs::{dirent_val, FsOptions, Geometry};
 use redb::WriteTransaction;
 use stackfs_layers::spec::Stack;
 use stackfs_layers::watchdog::Health;
