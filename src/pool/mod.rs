@@ -145,6 +145,9 @@ impl Pool {
     }
 }
 
+/// Every member's path, size and the superblock copy it is taken by.
+pub type Superblocks = Vec<(PathBuf, u64, Superblock)>;
+
 /// What one device holds: the copy in use and the backup.
 struct Member {
     path: PathBuf,
@@ -178,9 +181,7 @@ fn read_members(paths: &[PathBuf]) -> Result<Vec<Member>, PoolError> {
 
 /// Read and check every superblock; nothing is written. On an encrypted
 /// pool nothing here is authenticated yet (that needs the key: `open`).
-pub fn inspect(
-    paths: &[PathBuf],
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<String>), PoolError> {
+pub fn inspect(paths: &[PathBuf]) -> Result<(Superblocks, Vec<String>), PoolError> {
     let members = read_members(paths)?;
     let mut warnings = Vec::new();
     for m in &members {
@@ -200,9 +201,7 @@ pub fn inspect(
 
 /// The checks every set of superblocks must pass, before anything is
 /// written; the members in pool order.
-fn check_members(
-    mut found: Vec<(PathBuf, u64, Superblock)>,
-) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
+fn check_members(mut found: Superblocks) -> Result<Superblocks, PoolError> {
     let (first_path, _, first) = found[0].clone();
     for (path, size, sb) in &found {
         if sb.pool_uuid != first.pool_uuid {
@@ -291,7 +290,7 @@ fn authenticate(
     members: Vec<Member>,
     key: &SbKey,
     warnings: &mut Vec<String>,
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>), PoolError> {
+) -> Result<(Superblocks, Vec<bool>), PoolError> {
     let mut out = Vec::new();
     let mut rewrite = Vec::new();
     // Once any copy is format 2, a format-1 copy is a downgrade, not an old pool.
@@ -329,19 +328,11 @@ fn authenticate(
 /// Every device's superblock, authenticated when the pool is encrypted
 /// (unlocked with `secret`), then checked against each other; which devices
 /// need their copies rewritten; the master key.
-#[allow(clippy::type_complexity)]
 pub fn authenticated(
     paths: &[PathBuf],
     secret: Option<&Secret>,
     warnings: &mut Vec<String>,
-) -> Result<
-    (
-        Vec<(PathBuf, u64, Superblock)>,
-        Vec<bool>,
-        Option<keys::Key>,
-    ),
-    PoolError,
-> {
+) -> Result<(Superblocks, Vec<bool>, Option<keys::Key>), PoolError> {
     let members = read_members(paths)?;
     check_foreign(&members)?;
     let encrypted = members.iter().any(has_keys);
@@ -374,10 +365,7 @@ pub fn authenticated(
 
 /// Every device's authenticated superblock, with the master key already
 /// unlocked (passwd), checked against each other.
-pub fn authenticated_with(
-    paths: &[PathBuf],
-    master: &keys::Key,
-) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
+pub fn authenticated_with(paths: &[PathBuf], master: &keys::Key) -> Result<Superblocks, PoolError> {
     let mut warnings = Vec::new();
     let (found, _) = authenticate(read_members(paths)?, &SbKey::derive(master), &mut warnings)?;
     check_members(found)
