@@ -7,12 +7,18 @@
 //! Exit codes as e2fsck: 0 clean, 1 corrected, 4 left uncorrected, 8 error.
 
 use crate::error::FsError;
-use crate::fs::{dirent_decode, dirent_val, Extent, Fs, Inode, Kind, ROOT, UNIT};
+use crate::fs::{dirent_decode, Extent, Fs, Inode, Kind, ROOT, UNIT};
 use crate::fs::{COOKIES, DIRENTS, EXTENTS, INODES, ORPHANS, SYMLINKS};
 use crate::superblock::{self, SB_SIZE};
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadTransaction, ReadableDatabase, ReadableTable};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
+
+mod repair;
+#[cfg(test)]
+mod tests;
+
+use repair::fix;
 
 pub const CLEAN: u8 = 0;
 pub const CORRECTED: u8 = 1;
@@ -195,14 +201,42 @@ pub fn check_superblocks(fs: &Fs) -> Vec<Problem> {
     out
 }
 
+/// A failure reading the metadata store while checking it.
+fn store_error(x: impl std::fmt::Display) -> FsError {
+    FsError::damaged(format!("metadata store: {x}"))
+}
+
+/// Check the filesystem (see the module documentation); with `repair`,
+/// apply the safe repairs.
 pub fn check(
     fs: &Fs,
     verify_data: bool,
     repair: bool,
     progress: Progress,
 ) -> Result<Report, FsError> {
-    let e = |x: &dyn std::fmt::Display| FsError::damaged(format!("metadata store: {x}"));
     let mut problems = check_superblocks(fs);
+    problems.extend(check_metadata_store(fs));
+    let rtx = fs.db().begin_read().map_err(store_error)?;
+    let namespace = read_namespace(&rtx, &mut problems)?;
+    check_links(&rtx, &namespace, &mut problems)?;
+    let extents = check_extents(fs, &rtx, &namespace, verify_data, progress, &mut problems)?;
+    drop(rtx);
+    let mut repaired = 0;
+    if repair && problems.iter().any(|p| p.fixable()) {
+        repaired = fix(fs, &problems)?;
+    }
+    Ok(Report {
+        problems,
+        repaired,
+        inodes: namespace.inodes.len() as u64,
+        extents,
+    })
+}
+
+/// What redb's check found when the filesystem was opened, and every
+/// sector of the store's version table read back.
+fn check_metadata_store(fs: &Fs) -> Vec<Problem> {
+    let mut problems = Vec::new();
     // redb's own check ran when the filesystem was opened (lenient).
     if let Some(why) = fs.store_problem() {
         problems.push(Problem::MetadataStore { why: why.into() });
@@ -224,16 +258,64 @@ pub fn check(
             why: why.to_string(),
         }),
     }
-    let rtx = fs.db().begin_read().map_err(|x| e(&x))?;
-    // Inodes.
-    let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
+    problems
+}
+
+/// Every inode, and what the directory entries say about them.
+struct Namespace {
+    inodes: BTreeMap<u64, Inode>,
+    /// Entries naming each inode.
+    refs: HashMap<u64, u32>,
+    /// Entries of each directory that name a directory.
+    subdirs: HashMap<u64, u32>,
+    /// Inodes pending removal (unlinked while open): no entry names them.
+    orphans: Vec<u64>,
+}
+
+impl Namespace {
+    /// Whether `ino` may own extents: a regular file that an entry names
+    /// or that is pending removal.
+    fn owns_extents(&self, ino: u64) -> bool {
+        self.inodes.get(&ino).is_some_and(|i| {
+            i.kind == Kind::File && (self.refs.contains_key(&ino) || self.orphans.contains(&ino))
+        })
+    }
+}
+
+fn read_namespace(
+    rtx: &ReadTransaction,
+    problems: &mut Vec<Problem>,
+) -> Result<Namespace, FsError> {
+    let mut namespace = Namespace {
+        inodes: read_inodes(rtx, problems)?,
+        refs: HashMap::new(),
+        subdirs: HashMap::new(),
+        orphans: Vec::new(),
+    };
+    count_entries(rtx, &mut namespace, problems)?;
+    namespace.orphans = rtx
+        .open_table(ORPHANS)
+        .map_err(store_error)?
+        .iter()
+        .map_err(store_error)?
+        .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+        .collect();
+    Ok(namespace)
+}
+
+/// Every inode record that decodes; the others are problems.
+fn read_inodes(
+    rtx: &ReadTransaction,
+    problems: &mut Vec<Problem>,
+) -> Result<BTreeMap<u64, Inode>, FsError> {
+    let mut inodes = BTreeMap::new();
     for row in rtx
         .open_table(INODES)
-        .map_err(|x| e(&x))?
+        .map_err(store_error)?
         .iter()
-        .map_err(|x| e(&x))?
+        .map_err(store_error)?
     {
-        let (k, v) = row.map_err(|x| e(&x))?;
+        let (k, v) = row.map_err(store_error)?;
         match Inode::decode(k.value(), v.value()) {
             Ok(i) => {
                 inodes.insert(k.value(), i);
@@ -241,17 +323,25 @@ pub fn check(
             Err(_) => problems.push(bad(format!("inode {}", k.value()))),
         }
     }
-    // Directory entries and the references they make.
-    let mut refs: HashMap<u64, u32> = HashMap::new();
-    let mut subdirs: HashMap<u64, u32> = HashMap::new();
-    let cookies = rtx.open_table(COOKIES).map_err(|x| e(&x))?;
+    Ok(inodes)
+}
+
+/// Check every directory entry (it decodes, names an inode, has its readdir
+/// cookie) and count the references into `namespace`: entries naming each
+/// inode, and subdirectories of each directory.
+fn count_entries(
+    rtx: &ReadTransaction,
+    namespace: &mut Namespace,
+    problems: &mut Vec<Problem>,
+) -> Result<(), FsError> {
+    let cookies = rtx.open_table(COOKIES).map_err(store_error)?;
     for row in rtx
         .open_table(DIRENTS)
-        .map_err(|x| e(&x))?
+        .map_err(store_error)?
         .iter()
-        .map_err(|x| e(&x))?
+        .map_err(store_error)?
     {
-        let (k, v) = row.map_err(|x| e(&x))?;
+        let (k, v) = row.map_err(store_error)?;
         let (parent, name) = k.value();
         let Ok((ino, kind, cookie)) = dirent_decode(v.value()) else {
             problems.push(bad(format!(
@@ -260,7 +350,7 @@ pub fn check(
             )));
             continue;
         };
-        if !inodes.contains_key(&ino) {
+        if !namespace.inodes.contains_key(&ino) {
             problems.push(Problem::DanglingEntry {
                 parent,
                 name: name.to_vec(),
@@ -270,7 +360,7 @@ pub fn check(
         }
         let cookie_ok = cookies
             .get((parent, cookie))
-            .map_err(|x| e(&x))?
+            .map_err(store_error)?
             .is_some_and(|c| c.value() == name);
         if !cookie_ok {
             problems.push(bad(format!(
@@ -278,32 +368,35 @@ pub fn check(
                 String::from_utf8_lossy(name)
             )));
         }
-        *refs.entry(ino).or_default() += 1;
+        *namespace.refs.entry(ino).or_default() += 1;
         if kind == Kind::Dir {
-            *subdirs.entry(parent).or_default() += 1;
+            *namespace.subdirs.entry(parent).or_default() += 1;
         }
     }
-    let orphans: Vec<u64> = rtx
-        .open_table(ORPHANS)
-        .map_err(|x| e(&x))?
-        .iter()
-        .map_err(|x| e(&x))?
-        .filter_map(|r| r.ok().map(|(k, _)| k.value()))
-        .collect();
-    let symlinks = rtx.open_table(SYMLINKS).map_err(|x| e(&x))?;
-    for (ino, i) in &inodes {
+    Ok(())
+}
+
+/// Link counts against the entries found, inodes no entry names (and not
+/// pending removal), symlinks without a target, and the root directory.
+fn check_links(
+    rtx: &ReadTransaction,
+    namespace: &Namespace,
+    problems: &mut Vec<Problem>,
+) -> Result<(), FsError> {
+    let symlinks = rtx.open_table(SYMLINKS).map_err(store_error)?;
+    for (ino, i) in &namespace.inodes {
         if *ino == ROOT {
             continue;
         }
-        let have = refs.get(ino).copied().unwrap_or(0);
+        let have = namespace.refs.get(ino).copied().unwrap_or(0);
         if have == 0 {
-            if !orphans.contains(ino) {
+            if !namespace.orphans.contains(ino) {
                 problems.push(Problem::Unreachable { ino: *ino });
             }
             continue;
         }
         let want = if i.kind == Kind::Dir {
-            2 + subdirs.get(ino).copied().unwrap_or(0)
+            2 + namespace.subdirs.get(ino).copied().unwrap_or(0)
         } else {
             have
         };
@@ -314,12 +407,12 @@ pub fn check(
                 want,
             });
         }
-        if i.kind == Kind::Symlink && symlinks.get(*ino).map_err(|x| e(&x))?.is_none() {
+        if i.kind == Kind::Symlink && symlinks.get(*ino).map_err(store_error)?.is_none() {
             problems.push(Problem::MissingSymlinkTarget { ino: *ino });
         }
     }
-    if let Some(root) = inodes.get(&ROOT) {
-        let want = 2 + subdirs.get(&ROOT).copied().unwrap_or(0);
+    if let Some(root) = namespace.inodes.get(&ROOT) {
+        let want = 2 + namespace.subdirs.get(&ROOT).copied().unwrap_or(0);
         if root.nlink != want {
             problems.push(Problem::WrongLinkCount {
                 ino: ROOT,
@@ -330,23 +423,33 @@ pub fn check(
     } else {
         problems.push(bad("the root directory is missing"));
     }
-    // Extents: inside the data region, no overlap, owned by a live file.
+    Ok(())
+}
+
+/// Extents: inside the data region, no overlap, owned by a live file; with
+/// `verify_data`, read back through the stack. Returns how many there are.
+fn check_extents(
+    fs: &Fs,
+    rtx: &ReadTransaction,
+    namespace: &Namespace,
+    verify_data: bool,
+    progress: Progress,
+    problems: &mut Vec<Problem>,
+) -> Result<u64, FsError> {
     let (start, end) = (fs.geometry.meta_len, fs.stack.top.capacity());
-    let table = rtx.open_table(EXTENTS).map_err(|x| e(&x))?;
-    let total = redb::ReadableTableMetadata::len(&table).map_err(|x| e(&x))?;
-    let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new();
-    let mut to_verify: Vec<(u64, u64, Extent)> = Vec::new();
-    for (n, row) in table.iter().map_err(|x| e(&x))?.enumerate() {
-        let (k, v) = row.map_err(|x| e(&x))?;
+    let table = rtx.open_table(EXTENTS).map_err(store_error)?;
+    let total = redb::ReadableTableMetadata::len(&table).map_err(store_error)?;
+    // Extents that are owned and inside the data region.
+    let mut placed: Vec<(u64, u64, Extent)> = Vec::new();
+    for (n, row) in table.iter().map_err(store_error)?.enumerate() {
+        let (k, v) = row.map_err(store_error)?;
         let (ino, unit) = k.value();
         progress(n as u64, total);
         let Ok(x) = Extent::decode(v.value()) else {
             problems.push(bad(format!("extent of inode {ino} unit {unit}")));
             continue;
         };
-        if !inodes.get(&ino).is_some_and(|i| {
-            i.kind == Kind::File && !(refs.get(&ino).is_none() && !orphans.contains(&ino))
-        }) {
+        if !namespace.owns_extents(ino) {
             problems.push(Problem::ExtentLeaked { ino, unit });
             continue;
         }
@@ -361,9 +464,22 @@ pub fn check(
             });
             continue;
         }
-        spans.push((x.phys, x.alloc as u64, ino, unit));
-        to_verify.push((ino, unit, x));
+        placed.push((ino, unit, x));
     }
+    check_overlaps(&placed, problems);
+    if verify_data {
+        verify_extent_data(fs, &placed, progress, problems);
+    }
+    Ok(total)
+}
+
+/// Extents (inode, unit, extent) whose space overlaps the one before them
+/// in pool order.
+fn check_overlaps(extents: &[(u64, u64, Extent)], problems: &mut Vec<Problem>) {
+    let mut spans: Vec<(u64, u64, u64, u64)> = extents
+        .iter()
+        .map(|(ino, unit, x)| (x.phys, x.alloc as u64, *ino, *unit))
+        .collect();
     spans.sort_unstable();
     for w in spans.windows(2) {
         if w[0].0 + w[0].1 > w[1].0 {
@@ -374,176 +490,24 @@ pub fn check(
             });
         }
     }
-    if verify_data {
-        for (n, (ino, unit, x)) in to_verify.iter().enumerate() {
-            progress(n as u64, to_verify.len() as u64);
-            if fs.read_units(*ino, &[(*unit, *x)]).is_err() {
-                problems.push(Problem::BadData {
-                    ino: *ino,
-                    unit: *unit,
-                });
-            }
-        }
-    }
-    drop(table);
-    drop(cookies);
-    drop(symlinks);
-    drop(rtx);
-    let extents = total;
-    let mut repaired = 0;
-    if repair && problems.iter().any(|p| p.fixable()) {
-        repaired = fix(fs, &problems)?;
-    }
-    Ok(Report {
-        problems,
-        repaired,
-        inodes: inodes.len() as u64,
-        extents,
-    })
 }
 
-/// Apply the safe repairs in one durable transaction; returns how many.
-fn fix(fs: &Fs, problems: &[Problem]) -> Result<usize, FsError> {
-    let e = |x: &dyn std::fmt::Display| FsError::Other(format!("repair: {x}"));
-    let mut fixed = 0;
-    let mut tx = fs.begin().map_err(|x| e(&x))?;
-    {
-        let mut inodes = tx.open_table(INODES).map_err(|x| e(&x))?;
-        let mut dirents = tx.open_table(DIRENTS).map_err(|x| e(&x))?;
-        let mut cookies = tx.open_table(COOKIES).map_err(|x| e(&x))?;
-        let mut extents = tx.open_table(EXTENTS).map_err(|x| e(&x))?;
-        let load = |t: &redb::Table<u64, &[u8]>, ino: u64| -> Option<Inode> {
-            t.get(ino)
-                .ok()
-                .flatten()
-                .and_then(|v| Inode::decode(ino, v.value()).ok())
-        };
-        for p in problems {
-            match p {
-                Problem::SuperblockCopy { .. } => {}
-                Problem::ExtentLeaked { ino, unit } => {
-                    extents.remove((*ino, *unit)).map_err(|x| e(&x))?;
-                    fixed += 1;
-                }
-                Problem::DanglingEntry { parent, name, .. } => {
-                    if let Some(v) = dirents
-                        .remove((*parent, name.as_slice()))
-                        .map_err(|x| e(&x))?
-                    {
-                        if let Ok((_, _, cookie)) = dirent_decode(v.value()) {
-                            cookies.remove((*parent, cookie)).map_err(|x| e(&x))?;
-                        }
-                    }
-                    fixed += 1;
-                }
-                Problem::WrongLinkCount { ino, want, .. } => {
-                    if let Some(mut i) = load(&inodes, *ino) {
-                        i.nlink = *want;
-                        inodes
-                            .insert(*ino, i.encode().as_slice())
-                            .map_err(|x| e(&x))?;
-                        fixed += 1;
-                    }
-                }
-                Problem::Unreachable { ino } => {
-                    // Give it a name in /lost+found, as e2fsck does.
-                    let existing = dirents
-                        .get((ROOT, &b"lost+found"[..]))
-                        .map_err(|x| e(&x))?
-                        .map(|v| dirent_decode(v.value()));
-                    let lf = match existing {
-                        Some(d) => d.map_err(|x| e(&x))?.0,
-                        None => {
-                            let Some(mut root) = load(&inodes, ROOT) else {
-                                continue;
-                            };
-                            let lf = (*ino).max(
-                                inodes
-                                    .last()
-                                    .ok()
-                                    .flatten()
-                                    .map(|(k, _)| k.value())
-                                    .unwrap_or(ROOT),
-                            ) + 1;
-                            let dir = Inode::new_dir(lf, 0o700, ROOT);
-                            inodes
-                                .insert(lf, dir.encode().as_slice())
-                                .map_err(|x| e(&x))?;
-                            let cookie = root.next_cookie.max(3);
-                            root.next_cookie = cookie + 1;
-                            root.nlink += 1;
-                            dirents
-                                .insert(
-                                    (ROOT, &b"lost+found"[..]),
-                                    dirent_val(lf, Kind::Dir, cookie).as_slice(),
-                                )
-                                .map_err(|x| e(&x))?;
-                            cookies
-                                .insert((ROOT, cookie), &b"lost+found"[..])
-                                .map_err(|x| e(&x))?;
-                            inodes
-                                .insert(ROOT, root.encode().as_slice())
-                                .map_err(|x| e(&x))?;
-                            lf
-                        }
-                    };
-                    let (Some(mut dir), Some(mut i)) = (load(&inodes, lf), load(&inodes, *ino))
-                    else {
-                        continue;
-                    };
-                    let name = format!("#{ino}");
-                    let cookie = dir.next_cookie.max(3);
-                    dir.next_cookie = cookie + 1;
-                    if i.kind == Kind::Dir {
-                        dir.nlink += 1;
-                        i.parent = lf;
-                        i.nlink = i.nlink.max(2);
-                    } else {
-                        i.nlink = 1;
-                    }
-                    dirents
-                        .insert(
-                            (lf, name.as_bytes()),
-                            dirent_val(*ino, i.kind, cookie).as_slice(),
-                        )
-                        .map_err(|x| e(&x))?;
-                    cookies
-                        .insert((lf, cookie), name.as_bytes())
-                        .map_err(|x| e(&x))?;
-                    inodes
-                        .insert(lf, dir.encode().as_slice())
-                        .map_err(|x| e(&x))?;
-                    inodes
-                        .insert(*ino, i.encode().as_slice())
-                        .map_err(|x| e(&x))?;
-                    fixed += 1;
-                }
-                _ => {}
-            }
+/// Read every extent back through the stack (MAC and CRC checked).
+fn verify_extent_data(
+    fs: &Fs,
+    extents: &[(u64, u64, Extent)],
+    progress: Progress,
+    problems: &mut Vec<Problem>,
+) {
+    for (n, (ino, unit, x)) in extents.iter().enumerate() {
+        progress(n as u64, extents.len() as u64);
+        if fs.read_units(*ino, &[(*unit, *x)]).is_err() {
+            problems.push(Problem::BadData {
+                ino: *ino,
+                unit: *unit,
+            });
         }
     }
-    tx.set_durability(Durability::Immediate)
-        .map_err(|x| e(&x))?;
-    tx.commit().map_err(|x| e(&x))?;
-    // Superblock copies: rewrite both from the good one.
-    let copies = problems
-        .iter()
-        .any(|p| matches!(p, Problem::SuperblockCopy { .. }));
-    if let (true, Some(pool)) = (copies, &fs.pool) {
-        let devices: Vec<_> = pool
-            .paths
-            .iter()
-            .cloned()
-            .zip(pool.sizes.iter().copied())
-            .collect();
-        crate::pool::update_superblocks(&devices, pool.sb_key.as_ref(), |_| {})
-            .map_err(|x| e(&x))?;
-        fixed += problems
-            .iter()
-            .filter(|p| matches!(p, Problem::SuperblockCopy { .. }))
-            .count();
-    }
-    Ok(fixed)
 }
 
 /// For tests of fsck itself: damage the metadata on purpose.

@@ -2,16 +2,20 @@
 //! their superblocks, ordered by index, and built into the layer stack.
 //! Every check happens before anything is written.
 
-use crate::keys::{self, Kdf, KeyBlob, KeyError, Secret};
+use crate::keys::{self, KeyBlob, KeyError, Secret};
 use crate::lock::PoolLock;
-use crate::superblock::{self, SbError, SbKey, Superblock, DATA_START, MAX_SPEC, SB_SIZE};
+use crate::superblock::{self, SbError, SbKey, Superblock, DATA_START, SB_SIZE};
 use stackfs_layers::spec::Stack;
 use stackfs_layers::{CryptKeys, Keyring};
 use stackfs_layers::{Device, StackSpec};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+mod create;
+
+pub use create::{mkfs, MkfsOptions};
 
 /// Smallest share of a device the pool will use.
 pub const MIN_PER_DEVICE: u64 = 16 << 20;
@@ -121,235 +125,6 @@ fn check_distinct(devs: &[Opened]) -> Result<(), PoolError> {
     Ok(())
 }
 
-pub struct MkfsOptions {
-    pub spec: StackSpec,
-    pub size: Option<u64>,
-    pub force: bool,
-    /// Unlocks the pool when its stack has a crypt layer.
-    pub secret: Option<Secret>,
-    pub kdf: Kdf,
-    /// (device index, bytes cleared, bytes to clear), for a progress bar.
-    pub progress: Box<dyn Fn(usize, u64, u64)>,
-}
-
-/// Format the devices as one pool. Refuses a device that holds a pool
-/// already unless `force`.
-pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolError> {
-    if paths.is_empty() {
-        return Err(PoolError::NoDevices);
-    }
-    let spec_str = opts.spec.to_string();
-    if spec_str.len() > MAX_SPEC {
-        return Err(PoolError::Other(format!(
-            "layer spec longer than {MAX_SPEC} bytes"
-        )));
-    }
-    let mut devs = Vec::new();
-    for p in paths {
-        if !p.exists() {
-            let Some(size) = opts.size else {
-                return Err(PoolError::NoSuchDevice { path: p.clone() });
-            };
-            // The superblock holds the wrapped key: readable by root only.
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(p)
-                .and_then(|f| f.set_len(size))
-                .map_err(dev_err(p))?;
-        }
-        devs.push(open_dev(p, true)?);
-    }
-    check_distinct(&devs)?;
-    let need = DATA_START + MIN_PER_DEVICE + SB_SIZE as u64;
-    for d in &devs {
-        if d.size < need {
-            return Err(PoolError::TooSmall {
-                path: d.path.clone(),
-                size: d.size,
-                need,
-            });
-        }
-        if !opts.force {
-            if let Ok(found) = superblock::read(&d.file, d.size) {
-                return Err(PoolError::InUse {
-                    path: d.path.clone(),
-                    uuid: uuid_str(&found.sb.pool_uuid),
-                });
-            }
-        }
-    }
-    // Probe the stack shape now (device count vs stripe) without touching disks.
-    if opts.spec.chunk().is_none() && devs.len() > 1 {
-        return Err(PoolError::Spec(stackfs_layers::spec::SpecError::Shape(
-            format!(
-                "{} devices but no stripe layer to pool them (add e.g. stripe=64k)",
-                devs.len()
-            ),
-        )));
-    }
-    let chunk = opts.spec.chunk().unwrap_or(META_ALIGN).max(META_ALIGN);
-    let smallest = devs.iter().map(|d| d.size).min().unwrap_or(0);
-    // Leave the last 64 KiB of the smallest device for the backup superblock.
-    let per_device = (smallest - DATA_START - (64 << 10)) / chunk * chunk;
-    let capacity = per_device * devs.len() as u64;
-    let meta_len = (capacity / 8).clamp(16 << 20, 4 << 30).min(capacity / 2)
-        / chunk.max(META_ALIGN)
-        * chunk.max(META_ALIGN);
-    let pool_uuid = *uuid::Uuid::new_v4().as_bytes();
-    let mut master = None;
-    let keys = match (&opts.secret, opts.spec.has_crypt()) {
-        (Some(secret), true) => {
-            let m = keys::random_key()?;
-            let blob = KeyBlob::wrap(&m, secret, opts.kdf, &pool_uuid)?.encode();
-            master = Some(m);
-            blob
-        }
-        (None, true) => return Err(PoolError::NeedKey),
-        (Some(_), false) => {
-            return Err(PoolError::Other(
-                "a passphrase or key file was given, but the layer spec has no crypt layer".into(),
-            ))
-        }
-        (None, false) => Vec::new(),
-    };
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut first = None;
-    for (i, d) in devs.iter().enumerate() {
-        let mut sb = Superblock {
-            version: superblock::FORMAT_VERSION,
-            mac: [0; 32],
-            pool_uuid,
-            device_uuid: *uuid::Uuid::new_v4().as_bytes(),
-            index: i as u32,
-            count: devs.len() as u32,
-            per_device,
-            meta_len,
-            created,
-            generation: 0,
-            spec: spec_str.clone(),
-            keys: keys.clone(),
-            nonce_next: 0,
-        };
-        if let Some(m) = &master {
-            sb.seal(&SbKey::derive(m));
-        }
-        // Old pool contents must not leak into the new one: punch the region.
-        let meta_share = (meta_len.div_ceil(devs.len() as u64)).div_ceil(chunk) * chunk + chunk;
-        clear_region(
-            &d.file,
-            DATA_START,
-            per_device,
-            meta_share.min(per_device),
-            &|done| (opts.progress)(i, done, per_device),
-        )
-        .map_err(dev_err(&d.path))?;
-        superblock::write(&d.file, d.size, &sb).map_err(dev_err(&d.path))?;
-        first.get_or_insert(sb);
-    }
-    let sb = first.expect("at least one device");
-    // The metadata store's root record: from now on a store without one
-    // (a metadata region erased or overwritten) is an error, not a new pool.
-    let mut devices = Vec::new();
-    for d in &devs {
-        devices.push(Arc::new(
-            Device::open(&d.path, DATA_START, per_device, false).map_err(dev_err(&d.path))?,
-        ));
-    }
-    let crypt_keys = match &master {
-        Some(m) => Some(CryptKeys {
-            keyring: Arc::new(Keyring::new(m)),
-            write_key: Some(fresh_key_id()?),
-        }),
-        None => None,
-    };
-    let stack = opts.spec.build_with(devices, crypt_keys.as_ref(), None)?;
-    if let Err(e) = crate::metastore::MetaStore::format(stack.meta.clone(), meta_len, pool_uuid) {
-        stack.top.shutdown();
-        return Err(PoolError::Other(format!(
-            "writing the metadata store's root: {e}"
-        )));
-    }
-    // The filesystem itself: its root directory, committed durably, so a
-    // new pool is a whole filesystem (fsck is clean before any mount).
-    let pool = Pool {
-        sb: sb.clone(),
-        sb_key: master.as_ref().map(|m| SbKey::derive(m)),
-        lock: None,
-        paths: devs.iter().map(|d| d.path.clone()).collect(),
-        sizes: devs.iter().map(|d| d.size).collect(),
-        stack,
-        warnings: Vec::new(),
-    };
-    let fs = crate::fs::Fs::open(pool, crate::fs::FsOptions::default())
-        .map_err(|e| PoolError::Other(format!("creating the filesystem: {e}")))?;
-    fs.shutdown()
-        .map_err(|e| PoolError::Other(format!("creating the filesystem: {e}")))?;
-    Ok(sb)
-}
-
-/// Forget a device's old contents before the new pool uses it: punch the
-/// whole region out (image files) or discard it (block devices), then make
-/// sure the metadata share reads as zeros (old metadata slots, sealed with
-/// another pool's key, would otherwise read as damage). Reports progress in bytes.
-fn clear_region(
-    file: &File,
-    off: u64,
-    len: u64,
-    meta_share: u64,
-    progress: &dyn Fn(u64),
-) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    const STEP: u64 = 1 << 30;
-    let is_blockdev =
-        std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
-    let mut zeroed = false;
-    let mut done = 0;
-    while done < len {
-        let n = STEP.min(len - done);
-        let at = off + done;
-        // SAFETY: plain syscalls on an fd we own, with plain integer arguments.
-        let r = unsafe {
-            if is_blockdev {
-                const BLKDISCARD: libc::c_ulong = 0x1277;
-                let range = [at, n];
-                libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr())
-            } else {
-                libc::fallocate(
-                    file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    at as i64,
-                    n as i64,
-                )
-            }
-        };
-        if r != 0 {
-            break;
-        }
-        zeroed = !is_blockdev;
-        done += n;
-        progress(done);
-    }
-    if !zeroed {
-        // Discard unsupported, or a block device (discarded blocks need not read as zeros).
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < meta_share {
-            let n = (zeros.len() as u64).min(meta_share - at) as usize;
-            std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], off + at)?;
-            at += n as u64;
-            progress(at.min(len));
-        }
-        file.sync_data()?;
-    }
-    progress(len);
-    Ok(())
-}
-
 pub struct Pool {
     /// Superblock of device 0 (the pool-wide fields are the same on all).
     pub sb: Superblock,
@@ -369,6 +144,9 @@ impl Pool {
         self.stack.top.capacity()
     }
 }
+
+/// Every member's path, size and the superblock copy it is taken by.
+pub type Superblocks = Vec<(PathBuf, u64, Superblock)>;
 
 /// What one device holds: the copy in use and the backup.
 struct Member {
@@ -403,9 +181,7 @@ fn read_members(paths: &[PathBuf]) -> Result<Vec<Member>, PoolError> {
 
 /// Read and check every superblock; nothing is written. On an encrypted
 /// pool nothing here is authenticated yet (that needs the key: `open`).
-pub fn inspect(
-    paths: &[PathBuf],
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<String>), PoolError> {
+pub fn inspect(paths: &[PathBuf]) -> Result<(Superblocks, Vec<String>), PoolError> {
     let members = read_members(paths)?;
     let mut warnings = Vec::new();
     for m in &members {
@@ -425,9 +201,7 @@ pub fn inspect(
 
 /// The checks every set of superblocks must pass, before anything is
 /// written; the members in pool order.
-fn check_members(
-    mut found: Vec<(PathBuf, u64, Superblock)>,
-) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
+fn check_members(mut found: Superblocks) -> Result<Superblocks, PoolError> {
     let (first_path, _, first) = found[0].clone();
     for (path, size, sb) in &found {
         if sb.pool_uuid != first.pool_uuid {
@@ -516,7 +290,7 @@ fn authenticate(
     members: Vec<Member>,
     key: &SbKey,
     warnings: &mut Vec<String>,
-) -> Result<(Vec<(PathBuf, u64, Superblock)>, Vec<bool>), PoolError> {
+) -> Result<(Superblocks, Vec<bool>), PoolError> {
     let mut out = Vec::new();
     let mut rewrite = Vec::new();
     // Once any copy is format 2, a format-1 copy is a downgrade, not an old pool.
@@ -554,19 +328,11 @@ fn authenticate(
 /// Every device's superblock, authenticated when the pool is encrypted
 /// (unlocked with `secret`), then checked against each other; which devices
 /// need their copies rewritten; the master key.
-#[allow(clippy::type_complexity)]
 pub fn authenticated(
     paths: &[PathBuf],
     secret: Option<&Secret>,
     warnings: &mut Vec<String>,
-) -> Result<
-    (
-        Vec<(PathBuf, u64, Superblock)>,
-        Vec<bool>,
-        Option<keys::Key>,
-    ),
-    PoolError,
-> {
+) -> Result<(Superblocks, Vec<bool>, Option<keys::Key>), PoolError> {
     let members = read_members(paths)?;
     check_foreign(&members)?;
     let encrypted = members.iter().any(has_keys);
@@ -599,10 +365,7 @@ pub fn authenticated(
 
 /// Every device's authenticated superblock, with the master key already
 /// unlocked (passwd), checked against each other.
-pub fn authenticated_with(
-    paths: &[PathBuf],
-    master: &keys::Key,
-) -> Result<Vec<(PathBuf, u64, Superblock)>, PoolError> {
+pub fn authenticated_with(paths: &[PathBuf], master: &keys::Key) -> Result<Superblocks, PoolError> {
     let mut warnings = Vec::new();
     let (found, _) = authenticate(read_members(paths)?, &SbKey::derive(master), &mut warnings)?;
     check_members(found)
@@ -681,13 +444,35 @@ pub fn open(
     }
     let sb = found[0].2.clone();
     let spec = StackSpec::parse(&sb.spec)?;
+    let members = found.iter().map(|(p, _, s)| (p.as_path(), s.per_device));
+    let stack = build_stack(&spec, members, master.as_ref(), read_only, timeout)?;
+    Ok(Pool {
+        sb,
+        sb_key,
+        lock,
+        paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
+        sizes: found.iter().map(|(_, s, _)| *s).collect(),
+        stack,
+        warnings,
+    })
+}
+
+/// The layer stack over the pool's members in pool order: (path, bytes
+/// used from `DATA_START`). A writable stack encrypts with a key of its own.
+fn build_stack<'a>(
+    spec: &StackSpec,
+    members: impl IntoIterator<Item = (&'a Path, u64)>,
+    master: Option<&keys::Key>,
+    read_only: bool,
+    timeout: Option<std::time::Duration>,
+) -> Result<Stack, PoolError> {
     let mut devices = Vec::new();
-    for (path, _, s) in &found {
+    for (path, per_device) in members {
         devices.push(Arc::new(
-            Device::open(path, DATA_START, s.per_device, read_only).map_err(dev_err(path))?,
+            Device::open(path, DATA_START, per_device, read_only).map_err(dev_err(path))?,
         ));
     }
-    let crypt_keys = match &master {
+    let crypt_keys = match master {
         Some(m) => Some(CryptKeys {
             keyring: Arc::new(Keyring::new(m)),
             write_key: if read_only {
@@ -698,16 +483,7 @@ pub fn open(
         }),
         None => None,
     };
-    let stack = spec.build_with(devices, crypt_keys.as_ref(), timeout)?;
-    Ok(Pool {
-        sb,
-        sb_key,
-        lock,
-        paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
-        sizes: found.iter().map(|(_, s, _)| *s).collect(),
-        stack,
-        warnings,
-    })
+    Ok(spec.build_with(devices, crypt_keys.as_ref(), timeout)?)
 }
 
 /// A random key id for this mount's writes (never all zeros: that names
