@@ -29,6 +29,7 @@ mod dirty;
 mod namespace;
 mod read;
 mod records;
+mod rename;
 mod txn;
 mod writeback;
 
@@ -296,6 +297,75 @@ fn open_database(
     Ok((db, watch))
 }
 
+/// After the store's root was read from its older copy (a torn root write,
+/// or damage), and for fsck and tools (lenient), redb checks every page
+/// first; the store holds its writes in memory until then. The problem found,
+/// if any (an error unless lenient).
+fn check_store(
+    db: &mut Database,
+    watch: &StoreWatch,
+    lenient: bool,
+) -> Result<Option<String>, FsError> {
+    let fell_back = watch.fell_back();
+    if let Some(why) = &fell_back {
+        log::warn!("metadata store: {why}; checking the database's integrity");
+    }
+    if fell_back.is_none() && !lenient {
+        return Ok(None);
+    }
+    let problem = match db.check_integrity() {
+        Ok(true) => None,
+        Ok(false) => Some("redb's integrity check found damage and repaired it".into()),
+        Err(e) => Some(format!("redb's integrity check failed: {e}")),
+    };
+    if let (Some(why), Some(p), false) = (&fell_back, &problem, lenient) {
+        return Err(FsError::damaged(format!(
+            "metadata store: {why}, and {p}; run stackfs fsck"
+        )));
+    }
+    Ok(problem)
+}
+
+/// The free space (everything in the data region no extent uses) and the
+/// inode and generation counters, from the committed metadata.
+fn load_allocation(
+    db: &Database,
+    meta_len: u64,
+    capacity: u64,
+    lenient: bool,
+) -> Result<(Allocator, u64, u64), FsError> {
+    let store_err = |e: redb::Error| FsError::damaged(format!("metadata store: {e}"));
+    let rtx = db.begin_read().map_err(|e| store_err(e.into()))?;
+    let mut used = Vec::new();
+    if let Ok(t) = rtx.open_table(EXTENTS) {
+        for row in t.iter().map_err(|e| store_err(e.into()))? {
+            let (k, v) = row.map_err(|e| store_err(e.into()))?;
+            let x = Extent::decode(v.value()).map_err(|_| {
+                FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
+            })?;
+            used.push((x.phys, x.alloc as u64));
+        }
+    }
+    let counter = |name: &str, default: u64| {
+        let t = rtx.open_table(COUNTERS).ok()?;
+        let v = t.get(name).ok().flatten().map(|v| v.value());
+        Some(v.unwrap_or(default))
+    };
+    let next_ino = counter("next_ino", ROOT + 1).unwrap_or(ROOT + 1);
+    let next_gen = counter("next_gen", 1).unwrap_or(1);
+    let alloc = match Allocator::from_used(meta_len, capacity, used.clone()) {
+        Ok(a) => a,
+        // fsck must open what it is asked to repair: take the union.
+        Err(_) if lenient => Allocator::from_union(meta_len, capacity, used),
+        Err(e) => {
+            return Err(FsError::damaged(format!(
+                "extent map is inconsistent: {e} (run stackfs fsck)"
+            )))
+        }
+    };
+    Ok((alloc, next_ino, next_gen))
+}
+
 /// A second handle on the same layers.
 pub fn share(stack: &Stack) -> Stack {
     Stack {
@@ -403,67 +473,10 @@ impl Fs {
         let top = stack.top.clone();
         let meta_len = geometry.meta_len;
         let (mut db, watch) = open_database(&stack, geometry, opts.read_only)?;
-        // After the store's root was read from its older copy (a torn root
-        // write, or damage), and for fsck and tools (lenient), redb checks
-        // every page first; the store holds its writes in memory until then.
-        let fell_back = watch.fell_back();
-        if let Some(why) = &fell_back {
-            log::warn!("metadata store: {why}; checking the database's integrity");
-        }
-        let mut store_problem = None;
-        if fell_back.is_some() || opts.lenient {
-            store_problem = match db.check_integrity() {
-                Ok(true) => None,
-                Ok(false) => Some("redb's integrity check found damage and repaired it".into()),
-                Err(e) => Some(format!("redb's integrity check failed: {e}")),
-            };
-            if let (Some(why), Some(p), false) = (&fell_back, &store_problem, opts.lenient) {
-                return Err(FsError::damaged(format!(
-                    "metadata store: {why}, and {p}; run stackfs fsck"
-                )));
-            }
-        }
+        let store_problem = check_store(&mut db, &watch, opts.lenient)?;
         watch.release();
-        let capacity = top.capacity();
-        let mut used = Vec::new();
-        let (mut next_ino, mut next_gen) = (ROOT + 1, 1);
-        {
-            let store_err = |e: redb::Error| FsError::damaged(format!("metadata store: {e}"));
-            let rtx = db.begin_read().map_err(|e| store_err(e.into()))?;
-            if let Ok(t) = rtx.open_table(EXTENTS) {
-                for row in t.iter().map_err(|e| store_err(e.into()))? {
-                    let (k, v) = row.map_err(|e| store_err(e.into()))?;
-                    let x = Extent::decode(v.value()).map_err(|_| {
-                        FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
-                    })?;
-                    used.push((x.phys, x.alloc as u64));
-                }
-            }
-            if let Ok(t) = rtx.open_table(COUNTERS) {
-                next_ino = t
-                    .get("next_ino")
-                    .ok()
-                    .flatten()
-                    .map(|v| v.value())
-                    .unwrap_or(next_ino);
-                next_gen = t
-                    .get("next_gen")
-                    .ok()
-                    .flatten()
-                    .map(|v| v.value())
-                    .unwrap_or(next_gen);
-            }
-        }
-        let alloc = match Allocator::from_used(meta_len, capacity, used.clone()) {
-            Ok(a) => a,
-            // fsck must open what it is asked to repair: take the union.
-            Err(_) if opts.lenient => Allocator::from_union(meta_len, capacity, used),
-            Err(e) => {
-                return Err(FsError::damaged(format!(
-                    "extent map is inconsistent: {e} (run stackfs fsck)"
-                )))
-            }
-        };
+        let (alloc, next_ino, next_gen) =
+            load_allocation(&db, meta_len, top.capacity(), opts.lenient)?;
         let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
         let fs = Fs {
             db: parking_lot::RwLock::new(db),

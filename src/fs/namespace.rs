@@ -192,34 +192,8 @@ impl Fs {
         st.next_ino += 1;
         let generation = st.next_gen;
         st.next_gen += 1;
-        // A default ACL on the parent replaces the umask (POSIX.1e): the new
-        // inode's access ACL is the default masked by the requested mode.
-        let default_acl = match kind {
-            Kind::Symlink => None,
-            _ => tx
-                .open_table(XATTRS)
-                .map_err(db_err)?
-                .get((parent, ACL_DEFAULT))
-                .map_err(db_err)?
-                .map(|v| v.value().to_vec()),
-        };
-        let mut access_acl = None;
-        let mut perm = match &default_acl {
-            Some(d) => {
-                let (bits, acl) = acl_create(d, mode & 0o777).ok_or(Errno::EIO)?;
-                access_acl = acl;
-                (mode & 0o7000) as u16 | bits
-            }
-            None => (mode & !umask & 0o7777) as u16,
-        };
-        let mut gid = c.gid;
-        if dir.perm & libc::S_ISGID as u16 != 0 {
-            // BSD group semantics under a setgid directory.
-            gid = dir.gid;
-            if kind == Kind::Dir {
-                perm |= libc::S_ISGID as u16;
-            }
-        }
+        let (perm, gid, access_acl, default_acl) =
+            self.new_mode(&tx, &dir, kind, mode, umask, c)?;
         let inode = Inode {
             ino,
             kind,
@@ -263,6 +237,48 @@ impl Fs {
         // The reply is an entry the kernel counts (mkdir).
         Self::count_lookup(&mut st, &inode);
         Ok(inode)
+    }
+
+    /// A new inode's permission bits and group, and its ACLs: a default ACL
+    /// on the parent replaces the umask (POSIX.1e), the new inode's access
+    /// ACL being the default masked by the requested mode; under a setgid
+    /// directory the group is the directory's (BSD semantics).
+    #[allow(clippy::type_complexity)]
+    fn new_mode(
+        &self,
+        tx: &WriteTransaction,
+        dir: &Inode,
+        kind: Kind,
+        mode: u32,
+        umask: u32,
+        c: Caller,
+    ) -> R<(u16, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
+        let default_acl = match kind {
+            Kind::Symlink => None,
+            _ => tx
+                .open_table(XATTRS)
+                .map_err(db_err)?
+                .get((dir.ino, ACL_DEFAULT))
+                .map_err(db_err)?
+                .map(|v| v.value().to_vec()),
+        };
+        let mut access_acl = None;
+        let mut perm = match &default_acl {
+            Some(d) => {
+                let (bits, acl) = acl_create(d, mode & 0o777).ok_or(Errno::EIO)?;
+                access_acl = acl;
+                (mode & 0o7000) as u16 | bits
+            }
+            None => (mode & !umask & 0o7777) as u16,
+        };
+        let mut gid = c.gid;
+        if dir.perm & libc::S_ISGID as u16 != 0 {
+            gid = dir.gid;
+            if kind == Kind::Dir {
+                perm |= libc::S_ISGID as u16;
+            }
+        }
+        Ok((perm, gid, access_acl, default_acl))
     }
 
     pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
@@ -464,151 +480,6 @@ impl Fs {
         self.put_inode(&mut st, &tx, &dir)?;
         let mut inode = self.inode_tx(&st, &tx, ino)?;
         self.drop_link(&mut st, &tx, &mut inode)?;
-        self.commit(&mut st, tx, false)
-    }
-
-    /// Is `ancestor` on the path from `dir` up to the root?
-    pub(super) fn is_ancestor(
-        &self,
-        st: &State,
-        tx: &WriteTransaction,
-        ancestor: u64,
-        mut dir: u64,
-    ) -> R<bool> {
-        for _ in 0..100_000 {
-            if dir == ancestor {
-                return Ok(true);
-            }
-            if dir == ROOT {
-                return Ok(false);
-            }
-            dir = self.inode_tx(st, tx, dir)?.parent;
-        }
-        Err(Errno::EIO)
-    }
-
-    pub fn rename(
-        &self,
-        parent: u64,
-        name: &[u8],
-        newparent: u64,
-        newname: &[u8],
-        flags: u32,
-    ) -> R<()> {
-        const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
-        const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
-        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
-            return Err(err(libc::EINVAL));
-        }
-        Self::check_name(newname)?;
-        let mut st = self.st.lock();
-        // Write-then-rename replaces files safely only if the data lands no
-        // later than the rename (ext4's auto_da_alloc): write both files'
-        // dirty data first, so that no commit that makes the rename durable
-        // can leave the new name with the new size and no data.
-        for (dir, n) in [(parent, name), (newparent, newname)] {
-            if let Some(i) = self.entry_ino(dir, n)? {
-                if st.files.get(&i).is_some_and(|f| f.inode.is_some()) {
-                    self.flush_file(&mut st, i, false)?;
-                }
-            }
-        }
-        let tx = self.begin_tx(&mut *st)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
-        let target = self.find(&tx, newparent, newname)?;
-        let mut pdir = self.inode_tx(&st, &tx, parent)?;
-        let nd = self.inode_tx(&st, &tx, newparent)?;
-        if nd.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
-        }
-        if nd.nlink == 0 {
-            // Into a removed directory (still open somewhere): as ext4.
-            return Err(err(libc::ENOENT));
-        }
-        if kind == Kind::Dir && parent != newparent && self.is_ancestor(&st, &tx, ino, newparent)? {
-            return Err(err(libc::EINVAL));
-        }
-        if flags & EXCHANGE != 0 {
-            let (tino, tkind, _) = target.ok_or(err(libc::ENOENT))?;
-            if tkind == Kind::Dir
-                && parent != newparent
-                && self.is_ancestor(&st, &tx, tino, parent)?
-            {
-                return Err(err(libc::EINVAL));
-            }
-            if tino == ino {
-                return self.commit(&mut st, tx, false);
-            }
-            self.remove_entry(&tx, &mut pdir, name)?;
-            self.put_inode(&mut st, &tx, &pdir)?;
-            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
-            self.remove_entry(&tx, &mut ndir, newname)?;
-            self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
-            self.put_inode(&mut st, &tx, &ndir)?;
-            let mut pdir = self.inode_tx(&st, &tx, parent)?;
-            self.add_entry(&tx, &mut pdir, name, tino, tkind)?;
-            if parent != newparent {
-                // A directory that moves takes its ".." link along.
-                let d = (kind == Kind::Dir) as i64 - (tkind == Kind::Dir) as i64;
-                pdir.nlink = (pdir.nlink as i64 - d) as u32;
-                self.put_inode(&mut st, &tx, &pdir)?;
-                let mut ndir = self.inode_tx(&st, &tx, newparent)?;
-                ndir.nlink = (ndir.nlink as i64 + d) as u32;
-                self.put_inode(&mut st, &tx, &ndir)?;
-            } else {
-                self.put_inode(&mut st, &tx, &pdir)?;
-            }
-            for (i, p) in [(ino, newparent), (tino, parent)] {
-                let mut n = self.inode_tx(&st, &tx, i)?;
-                if n.kind == Kind::Dir {
-                    n.parent = p;
-                }
-                n.ctime = Ts::now();
-                self.put_inode(&mut st, &tx, &n)?;
-            }
-            return self.commit(&mut st, tx, false);
-        }
-        if let Some((tino, tkind, _)) = target {
-            if flags & NOREPLACE != 0 {
-                return Err(err(libc::EEXIST));
-            }
-            if tino == ino {
-                // Two names of one inode: POSIX says do nothing.
-                return self.commit(&mut st, tx, false);
-            }
-            match (kind == Kind::Dir, tkind == Kind::Dir) {
-                (true, false) => return Err(err(libc::ENOTDIR)),
-                (false, true) => return Err(err(libc::EISDIR)),
-                (true, true) if !self.is_empty_dir(&tx, tino)? => return Err(err(libc::ENOTEMPTY)),
-                _ => {}
-            }
-            let mut ndir = self.inode_tx(&st, &tx, newparent)?;
-            self.remove_entry(&tx, &mut ndir, newname)?;
-            if tkind == Kind::Dir {
-                ndir.nlink = ndir.nlink.saturating_sub(1);
-            }
-            self.put_inode(&mut st, &tx, &ndir)?;
-            let mut t = self.inode_tx(&st, &tx, tino)?;
-            self.drop_link(&mut st, &tx, &mut t)?;
-        }
-        let mut pdir = self.inode_tx(&st, &tx, parent)?;
-        self.remove_entry(&tx, &mut pdir, name)?;
-        if kind == Kind::Dir && parent != newparent {
-            pdir.nlink = pdir.nlink.saturating_sub(1);
-        }
-        self.put_inode(&mut st, &tx, &pdir)?;
-        let mut ndir = self.inode_tx(&st, &tx, newparent)?;
-        self.add_entry(&tx, &mut ndir, newname, ino, kind)?;
-        if kind == Kind::Dir && parent != newparent {
-            ndir.nlink += 1;
-        }
-        self.put_inode(&mut st, &tx, &ndir)?;
-        let mut n = self.inode_tx(&st, &tx, ino)?;
-        if kind == Kind::Dir {
-            n.parent = newparent;
-        }
-        n.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &n)?;
         self.commit(&mut st, tx, false)
     }
 
