@@ -56,6 +56,18 @@ impl Fs {
         Ok(())
     }
 
+    /// Zero bytes `from..to` of unit `u` of a file, in its dirty copy.
+    fn zero_in_unit(&self, st: &mut State, ino: u64, u: u64, from: usize, to: usize) -> R<()> {
+        self.unit_for_write(st, ino, u)?;
+        let f = st
+            .files
+            .get_mut(&ino)
+            .expect("unit_for_write made the file state");
+        let d = f.units.get_mut(&u).expect("unit_for_write made the unit");
+        d.bytes_mut()[from..to].fill(0);
+        Ok(())
+    }
+
     pub(super) fn file_inode(&self, st: &mut State, ino: u64) -> R<Inode> {
         let inode = self.load_inode(st, ino)?;
         st.files.entry(ino).or_default().inode = Some(inode.clone());
@@ -182,16 +194,7 @@ impl Fs {
             // Zero the tail of the last kept unit; drop every unit after it.
             let keep = size.div_ceil(UNIT);
             if size % UNIT != 0 {
-                let u = size / UNIT;
-                self.unit_for_write(st, ino, u)?;
-                let d = st
-                    .files
-                    .get_mut(&ino)
-                    .expect("file")
-                    .units
-                    .get_mut(&u)
-                    .expect("unit");
-                d.bytes_mut()[(size % UNIT) as usize..].fill(0);
+                self.zero_in_unit(st, ino, size / UNIT, (size % UNIT) as usize, UNIT as usize)?;
             }
             let f = st.files.get_mut(&ino).expect("file");
             let gone: Vec<u64> = f.units.range(keep..).map(|(u, _)| *u).collect();
@@ -256,15 +259,8 @@ impl Fs {
                 }
                 self.rd.uncache(ino, u);
             } else if ustart < inode.size {
-                self.unit_for_write(st, ino, u)?;
-                let d = st
-                    .files
-                    .get_mut(&ino)
-                    .expect("file")
-                    .units
-                    .get_mut(&u)
-                    .expect("unit");
-                d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize].fill(0);
+                let (from, to) = ((from - ustart) as usize, (to - ustart) as usize);
+                self.zero_in_unit(st, ino, u, from, to)?;
             }
         }
         let f = st.files.get_mut(&ino).expect("file");

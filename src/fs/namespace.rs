@@ -177,16 +177,7 @@ impl Fs {
         let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
         let mut st = self.st.lock();
         let tx = self.begin_adding(&mut st)?;
-        let mut dir = self.inode_tx(&st, &tx, parent)?;
-        if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
-        }
-        if dir.nlink == 0 {
-            return Err(err(libc::ENOENT));
-        }
-        if self.find(&tx, parent, name)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        let mut dir = self.dir_for_new_name(&st, &tx, parent, name)?;
         let now = Ts::now();
         let ino = st.next_ino;
         st.next_ino += 1;
@@ -281,6 +272,29 @@ impl Fs {
         Ok((perm, gid, access_acl, default_acl))
     }
 
+    /// The directory `parent`, if `name` can be made in it: a directory
+    /// (ENOTDIR), not removed (ENOENT: a removed directory that is still
+    /// open takes no new names), without that name yet (EEXIST).
+    fn dir_for_new_name(
+        &self,
+        st: &State,
+        tx: &WriteTransaction,
+        parent: u64,
+        name: &[u8],
+    ) -> R<Inode> {
+        let dir = self.inode_tx(st, tx, parent)?;
+        if dir.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        if dir.nlink == 0 {
+            return Err(err(libc::ENOENT));
+        }
+        if self.find(tx, parent, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        Ok(dir)
+    }
+
     pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
         let _st = self.st.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
@@ -297,17 +311,7 @@ impl Fs {
         if inode.kind == Kind::Dir {
             return Err(err(libc::EPERM));
         }
-        let mut dir = self.inode_tx(&st, &tx, parent)?;
-        if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
-        }
-        if dir.nlink == 0 {
-            // A removed directory that is still open takes no new names.
-            return Err(err(libc::ENOENT));
-        }
-        if self.find(&tx, parent, name)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
+        let mut dir = self.dir_for_new_name(&st, &tx, parent, name)?;
         if inode.nlink >= u32::MAX - 1 {
             return Err(err(libc::EMLINK));
         }

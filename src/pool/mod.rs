@@ -148,6 +148,28 @@ impl Pool {
 /// Every member's path, size and the superblock copy it is taken by.
 pub type Superblocks = Vec<(PathBuf, u64, Superblock)>;
 
+/// A warning for each device whose primary superblock was unusable.
+fn backup_warnings(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter_map(|m| {
+            let why = m.found.used_backup.as_ref()?;
+            Some(format!(
+                "{}: primary superblock unusable ({why}); using the backup copy",
+                m.path.display()
+            ))
+        })
+        .collect()
+}
+
+/// Each device's path, size and superblock in use.
+fn superblocks_of(members: Vec<Member>) -> Vec<(PathBuf, u64, Superblock)> {
+    members
+        .into_iter()
+        .map(|m| (m.path, m.size, m.found.sb))
+        .collect()
+}
+
 /// What one device holds: the copy in use and the backup.
 struct Member {
     path: PathBuf,
@@ -183,20 +205,8 @@ fn read_members(paths: &[PathBuf]) -> Result<Vec<Member>, PoolError> {
 /// pool nothing here is authenticated yet (that needs the key: `open`).
 pub fn inspect(paths: &[PathBuf]) -> Result<(Superblocks, Vec<String>), PoolError> {
     let members = read_members(paths)?;
-    let mut warnings = Vec::new();
-    for m in &members {
-        if let Some(why) = &m.found.used_backup {
-            warnings.push(format!(
-                "{}: primary superblock unusable ({why}); using the backup copy",
-                m.path.display()
-            ));
-        }
-    }
-    let found = members
-        .into_iter()
-        .map(|m| (m.path, m.size, m.found.sb))
-        .collect();
-    Ok((check_members(found)?, warnings))
+    let warnings = backup_warnings(&members);
+    Ok((check_members(superblocks_of(members))?, warnings))
 }
 
 /// The checks every set of superblocks must pass, before anything is
@@ -346,19 +356,8 @@ pub fn authenticated(
             .iter()
             .map(|m| m.found.used_backup.is_some())
             .collect();
-        for m in &members {
-            if let Some(why) = &m.found.used_backup {
-                warnings.push(format!(
-                    "{}: primary superblock unusable ({why}); using the backup copy",
-                    m.path.display()
-                ));
-            }
-        }
-        let found = members
-            .into_iter()
-            .map(|m| (m.path, m.size, m.found.sb))
-            .collect();
-        (found, rewrite, None)
+        warnings.extend(backup_warnings(&members));
+        (superblocks_of(members), rewrite, None)
     };
     Ok((check_members(found)?, rewrite, master))
 }
