@@ -5,7 +5,7 @@ use super::ondisk::{
     le64, sector_name, Slot, Ver, PAIR, ROOT_SECTOR, SECTOR, SLOT, STAMP, TABLE_BASE,
 };
 use super::{eio, MetaStore};
-use stackfs_layers::{Buf, Errno, Io, Op, Waiter};
+use stackfs_layers::{submit_wait_tag, Buf, Errno, ExtentTag, Io, Op, Waiter};
 use std::io;
 
 impl MetaStore {
@@ -78,11 +78,34 @@ impl MetaStore {
         self.top.submit_batch(ios);
         reqs.iter()
             .zip(waits.iter().zip(&bufs))
-            .map(|(&(s, _), (w, b))| match w.wait() {
-                Ok(_) => self.classify(s, b.as_slice()),
-                Err(e) => Slot::Failed(e),
+            .map(|(&(s, k), (w, b))| {
+                let (r, served) = w.wait_tag();
+                let slot = match r {
+                    Ok(_) => self.classify(s, b.as_slice()),
+                    Err(e) => Slot::Failed(e),
+                };
+                self.from_other_copies(s, k, slot, served)
             })
             .collect()
+    }
+
+    /// A slot that is not valid as read, from mirror copies: read it from
+    /// the others (the mirror rewrites the copies avoided from the one that
+    /// answers) until one holds a valid slot; else what was read first.
+    fn from_other_copies(&self, s: u64, k: u64, first: Slot, mut served: ExtentTag) -> Slot {
+        let addr = self.pair_addr(s) + k * SLOT;
+        while !matches!(first, Slot::Valid(..)) && served.copies != 0 {
+            let buf = Buf::zeroed(self.slot_len);
+            let tag = served.retry_avoiding();
+            let (r, again) = submit_wait_tag(&*self.top, Op::Read, addr, buf.clone(), tag);
+            served = again;
+            if r.is_ok() {
+                if let valid @ Slot::Valid(..) = self.classify(s, buf.as_slice()) {
+                    return valid;
+                }
+            }
+        }
+        first
     }
 
     /// Read one slot; an error other than EIO (a timeout, a cancel) is

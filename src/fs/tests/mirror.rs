@@ -57,3 +57,35 @@ fn a_bad_copy_is_read_from_the_other_and_repaired() {
 fn the_same_with_crypt_as_the_verifier() {
     reads_heal(Layers::Default);
 }
+
+#[test]
+fn a_damaged_copy_of_the_metadata_is_read_from_the_other_and_repaired() {
+    for layers in [Layers::Plain, Layers::Default] {
+        let rig = Rig::mirrored(layers, 48 << 20, 8 << 20);
+        let fs = rig.open();
+        let files: Vec<Vec<u8>> = (0..40)
+            .map(|i| pattern(i as u8, 0, 3_000 + i * 100))
+            .collect();
+        for (i, data) in files.iter().enumerate() {
+            let ino = create(&fs, ROOT, &format!("f{i}"));
+            write_all(&fs, ino, 0, data);
+            fs.release(ino).unwrap();
+        }
+        fs.shutdown().unwrap();
+        drop(fs);
+        // Garbage over every other 4 KiB of copy 0's metadata region,
+        // both root slots included.
+        let garbage = Buf::copy_from(&pattern(77, 0, 4096));
+        let copy = rig.mem.clone() as Arc<dyn Layer>;
+        for block in (0..rig.meta_len).step_by(8192) {
+            stackfs_layers::submit_wait(&*copy, Op::Write, block, garbage.clone()).unwrap();
+        }
+        let fs = rig.open();
+        for (i, data) in files.iter().enumerate() {
+            let ino = lookup(&fs, ROOT, &format!("f{i}")).unwrap().ino;
+            same(&read_all(&fs, ino), data);
+        }
+        let repairs = fs.stack.health.members()[0].repairs;
+        assert!(repairs > 0, "{layers:?}: no metadata slot was repaired");
+    }
+}
