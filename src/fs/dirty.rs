@@ -170,6 +170,9 @@ impl Fs {
         inode.mtime = now;
         inode.ctime = now;
         st.files.get_mut(&ino).expect("file state").inode = Some(inode);
+        if st.dirty_bytes > DIRTY_LIMIT / 2 {
+            self.kick_writeback();
+        }
         if st.dirty_bytes > DIRTY_LIMIT {
             self.flush_all(&mut st, false)?;
         }

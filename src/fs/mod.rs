@@ -252,6 +252,8 @@ pub struct Fs {
     st: Mutex<State>,
     /// Signalled when a flush that released the lock has committed.
     flush_done: parking_lot::Condvar,
+    /// The commit thread's wake-up, while it runs (`commit_every`).
+    writeback: Mutex<Option<Arc<(Mutex<writeback::Wake>, parking_lot::Condvar)>>>,
     /// What reads share with their completions, which run without `st`.
     rd: Arc<ReadSide>,
     read_only: bool,
@@ -505,6 +507,7 @@ impl Fs {
                 in_flight: HashMap::new(),
             }),
             flush_done: parking_lot::Condvar::new(),
+            writeback: Mutex::new(None),
             rd: Arc::new(ReadSide {
                 cache: Mutex::new(LruCache::new(
                     NonZeroUsize::new(cache_units).expect("non-zero"),

@@ -484,8 +484,17 @@ struct Prepared {
 /// The commit thread of a mount (see `Fs::commit_every`); stopped and
 /// joined when dropped.
 pub struct CommitThread {
-    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    fs: Arc<Fs>,
+    signal: Arc<(Mutex<Wake>, parking_lot::Condvar)>,
     handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What wakes the commit thread.
+#[derive(Default)]
+pub(super) struct Wake {
+    stop: bool,
+    /// Writes passed half the dirty limit.
+    dirty: bool,
 }
 
 impl Fs {
@@ -494,33 +503,67 @@ impl Fs {
     /// dirty file and one durable transaction) per interval in which
     /// something changed, none while idle or failed.
     pub fn commit_every(self: &Arc<Fs>, interval: Duration) -> std::io::Result<CommitThread> {
-        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
-        let (fs, signal) = (self.clone(), stop.clone());
+        let signal = Arc::new((Mutex::new(Wake::default()), parking_lot::Condvar::new()));
+        *self.writeback.lock() = Some(signal.clone());
+        let (fs, thread_signal) = (self.clone(), signal.clone());
         let handle = std::thread::Builder::new()
             .name("commit".into())
-            .spawn(move || {
-                let (stopped, wake) = &*signal;
-                let mut stopped = stopped.lock();
-                while !*stopped {
-                    wake.wait_for(&mut stopped, interval);
-                    if *stopped || fs.failed() {
-                        continue;
-                    }
-                    if !fs.has_undurable() {
-                        // Idle: the buffers kept for the next writes go back.
-                        stackfs_layers::buf::release_kept();
-                        continue;
-                    }
-                    let synced = parking_lot::MutexGuard::unlocked(&mut stopped, || fs.sync());
-                    if let Err(e) = synced {
-                        log::error!("periodic commit failed: {e}");
-                    }
-                }
-            })?;
+            .spawn(move || fs.commit_loop(&thread_signal, interval))?;
         Ok(CommitThread {
-            stop,
+            fs: self.clone(),
+            signal,
             handle: Some(handle),
         })
+    }
+
+    /// The commit thread: a durable group commit every `interval` in which
+    /// something changed; a plain write-back of dirty data as soon as
+    /// writes pass half the dirty limit (so that writers seldom reach the
+    /// limit, where they flush themselves and hold a FUSE thread meanwhile).
+    fn commit_loop(&self, signal: &(Mutex<Wake>, parking_lot::Condvar), interval: Duration) {
+        let (state, wake) = signal;
+        let mut state = state.lock();
+        let mut due = std::time::Instant::now() + interval;
+        while !state.stop {
+            if !state.dirty {
+                wake.wait_until(&mut state, due);
+            }
+            if state.stop || self.failed() {
+                due = std::time::Instant::now() + interval;
+                continue;
+            }
+            if std::mem::take(&mut state.dirty) {
+                let written = parking_lot::MutexGuard::unlocked(&mut state, || {
+                    let mut st = self.st.lock();
+                    self.flush_all(&mut st, false)
+                });
+                if let Err(e) = written {
+                    log::warn!("write-back of dirty data failed: {e}");
+                }
+                continue;
+            }
+            if std::time::Instant::now() < due {
+                continue;
+            }
+            due = std::time::Instant::now() + interval;
+            if !self.has_undurable() {
+                // Idle: the buffers kept for the next writes go back.
+                stackfs_layers::buf::release_kept();
+                continue;
+            }
+            let synced = parking_lot::MutexGuard::unlocked(&mut state, || self.sync());
+            if let Err(e) = synced {
+                log::error!("periodic commit failed: {e}");
+            }
+        }
+    }
+
+    /// Ask the commit thread (if any) to write dirty data back now.
+    pub(super) fn kick_writeback(&self) {
+        if let Some(signal) = &*self.writeback.lock() {
+            signal.0.lock().dirty = true;
+            signal.1.notify_one();
+        }
     }
 
     /// Whether anything written is not durable yet.
@@ -537,8 +580,9 @@ impl Fs {
 
 impl Drop for CommitThread {
     fn drop(&mut self) {
-        *self.stop.0.lock() = true;
-        self.stop.1.notify_all();
+        *self.fs.writeback.lock() = None;
+        self.signal.0.lock().stop = true;
+        self.signal.1.notify_all();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
