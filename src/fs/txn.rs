@@ -297,9 +297,4 @@ impl Fs {
             .map_err(db_err)?;
         Ok(())
     }
-
-    pub(super) fn commit_now(&self, st: &mut State, durable: bool) -> R<()> {
-        let tx = self.begin_tx(&mut *st)?;
-        self.commit(st, tx, durable)
-    }
 }

@@ -63,6 +63,24 @@ impl Fs {
         self.flush_files(st, &[ino], durable)
     }
 
+    /// Make everything committed so far durable: the device flush (which
+    /// may take long: it writes back whatever the devices cache) runs with
+    /// the lock released, holding the flush turn so that no data is written
+    /// meanwhile; the durable commit after it needs no flush of its own.
+    pub(super) fn durable_commit(&self, st: &mut Guard) -> R<()> {
+        self.wait_for_flush(st);
+        st.flushing = true;
+        let flushed = Guard::unlocked(st, || self.flush_device());
+        st.flushing = false;
+        self.flush_done.notify_all();
+        if let Err(e) = flushed {
+            self.fail(format!("a device flush failed ({e})"));
+            return Err(Errno::EIO);
+        }
+        let tx = self.begin_tx(st)?;
+        self.commit_with(st, tx, Sync::Flushed)
+    }
+
     /// Wait until no flush is writing with the lock released: for a second
     /// flush (commits of one file's units must not cross), and for truncate,
     /// zero-range and fallocate, which change units a flush may be writing.
@@ -95,7 +113,7 @@ impl Fs {
         }
         if batch.is_empty() {
             return if durable && st.undurable {
-                self.commit_now(st, true)
+                self.durable_commit(st)
             } else {
                 Ok(())
             };
@@ -434,7 +452,7 @@ impl Fs {
             && !self.failed()
             && (st.undurable || !st.pending_free.is_empty() || !st.deferred_free.is_empty())
         {
-            self.commit_now(st, true)
+            self.durable_commit(st)
         } else {
             Ok(())
         };
@@ -453,7 +471,7 @@ impl Fs {
         }
         self.flush_file(&mut st, ino, true)?;
         if st.undurable {
-            self.commit_now(&mut st, true)?;
+            self.durable_commit(&mut st)?;
         }
         Ok(())
     }

@@ -183,7 +183,8 @@ fn commit_cost() {
     let t = std::time::Instant::now();
     for _ in 0..n {
         let mut st = fs.st.lock();
-        fs.commit_now(&mut st, false).unwrap();
+        let tx = fs.begin_tx(&mut st).unwrap();
+        fs.commit(&mut st, tx, false).unwrap();
     }
     println!(
         "{n} empty commits: {:.1} us each",
