@@ -4,26 +4,34 @@
 
 use super::*;
 
-/// Write files, then garbage over every other block of the first 2 MiB of
-/// the data region of copy 0 (the copy reads go to first).
-fn damaged_copy(layers: Layers) -> (Rig, Vec<Vec<u8>>) {
+/// A mirrored pool holding `n` files of `len(i)` bytes, unmounted.
+fn mirrored_files(layers: Layers, n: usize, len: fn(usize) -> usize) -> (Rig, Vec<Vec<u8>>) {
     let rig = Rig::mirrored(layers, 48 << 20, 8 << 20);
     let fs = rig.open();
-    let files: Vec<Vec<u8>> = (0..24)
-        .map(|i| pattern(i as u8, 0, 20_000 + i * 9_000))
-        .collect();
+    let files: Vec<Vec<u8>> = (0..n).map(|i| pattern(i as u8, 0, len(i))).collect();
     for (i, data) in files.iter().enumerate() {
         let ino = create(&fs, ROOT, &format!("f{i}"));
         write_all(&fs, ino, 0, data);
         fs.release(ino).unwrap();
     }
     fs.shutdown().unwrap();
-    drop(fs);
+    (rig, files)
+}
+
+/// Garbage over every other 4 KiB block of `range` of copy 0 (the copy
+/// reads go to first).
+fn damage_copy_0(rig: &Rig, range: std::ops::Range<u64>) {
     let garbage = Buf::copy_from(&pattern(99, 0, 4096));
     let copy = rig.mem.clone() as Arc<dyn Layer>;
-    for block in (rig.meta_len..rig.meta_len + (2 << 20)).step_by(8192) {
+    for block in range.step_by(8192) {
         stackfs_layers::submit_wait(&*copy, Op::Write, block, garbage.clone()).unwrap();
     }
+}
+
+/// Files, then the first 2 MiB of copy 0's data region damaged.
+fn damaged_copy(layers: Layers) -> (Rig, Vec<Vec<u8>>) {
+    let (rig, files) = mirrored_files(layers, 24, |i| 20_000 + i * 9_000);
+    damage_copy_0(&rig, rig.meta_len..rig.meta_len + (2 << 20));
     (rig, files)
 }
 
@@ -61,25 +69,9 @@ fn the_same_with_crypt_as_the_verifier() {
 #[test]
 fn a_damaged_copy_of_the_metadata_is_read_from_the_other_and_repaired() {
     for layers in [Layers::Plain, Layers::Default] {
-        let rig = Rig::mirrored(layers, 48 << 20, 8 << 20);
-        let fs = rig.open();
-        let files: Vec<Vec<u8>> = (0..40)
-            .map(|i| pattern(i as u8, 0, 3_000 + i * 100))
-            .collect();
-        for (i, data) in files.iter().enumerate() {
-            let ino = create(&fs, ROOT, &format!("f{i}"));
-            write_all(&fs, ino, 0, data);
-            fs.release(ino).unwrap();
-        }
-        fs.shutdown().unwrap();
-        drop(fs);
-        // Garbage over every other 4 KiB of copy 0's metadata region,
-        // both root slots included.
-        let garbage = Buf::copy_from(&pattern(77, 0, 4096));
-        let copy = rig.mem.clone() as Arc<dyn Layer>;
-        for block in (0..rig.meta_len).step_by(8192) {
-            stackfs_layers::submit_wait(&*copy, Op::Write, block, garbage.clone()).unwrap();
-        }
+        let (rig, files) = mirrored_files(layers, 40, |i| 3_000 + i * 100);
+        // Copy 0's metadata region, both root slots included.
+        damage_copy_0(&rig, 0..rig.meta_len);
         let fs = rig.open();
         for (i, data) in files.iter().enumerate() {
             let ino = lookup(&fs, ROOT, &format!("f{i}")).unwrap().ino;
