@@ -174,12 +174,7 @@ impl Fs {
             c.insert("next_gen", st.next_gen).map_err(db_err)?;
         }
         if sync == Sync::Flush {
-            // Written data the device has not made durable may be lost:
-            // nothing can be committed over it.
-            if let Err(e) = self.flush_device() {
-                self.fail(format!("a device flush failed ({e})"));
-                return Err(Errno::EIO);
-            }
+            self.flush_device()?;
         }
         let durability = if durable {
             Durability::Immediate
@@ -242,8 +237,15 @@ impl Fs {
         }
     }
 
+    /// Flush the devices. Written data they have not made durable may be
+    /// lost: nothing can be committed over it, so a failure fails the
+    /// filesystem (EIO).
     pub(super) fn flush_device(&self) -> R<()> {
-        stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0)).map(|_| ())
+        let flushed = stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0));
+        flushed.map(|_| ()).map_err(|e| {
+            self.fail(format!("a device flush failed ({e})"));
+            Errno::EIO
+        })
     }
 
     /// The newest inode: changed in memory, being flushed, or committed.

@@ -73,10 +73,7 @@ impl Fs {
         let flushed = Guard::unlocked(st, || self.flush_device());
         st.flushing = false;
         self.flush_done.notify_all();
-        if let Err(e) = flushed {
-            self.fail(format!("a device flush failed ({e})"));
-            return Err(Errno::EIO);
-        }
+        flushed?;
         let tx = self.begin_tx(st)?;
         self.commit_with(st, tx, Sync::Flushed)
     }
@@ -214,10 +211,7 @@ impl Fs {
         let sync = match flushed {
             None => Sync::None,
             Some(Ok(())) => Sync::Flushed,
-            Some(Err(e)) => {
-                self.fail(format!("a device flush failed ({e})"));
-                return Err(Errno::EIO);
-            }
+            Some(Err(e)) => return Err(e),
         };
         let res = self.commit_units(st, batch, &placed, sync);
         if res.is_err() {

@@ -105,6 +105,15 @@ pub fn health_json(fs: &Fs) -> serde_json::Value {
     })
 }
 
+/// The text of a control xattr being set: EPERM unless the caller is an
+/// admin (checked first), EINVAL unless it is UTF-8.
+fn admin_text<'a>(req: &Request, value: &'a [u8]) -> Result<&'a str, stackfs_layers::Errno> {
+    if !is_admin(req) {
+        return Err(stackfs_layers::Errno(libc::EPERM));
+    }
+    std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)
+}
+
 impl FuseFs {
     /// A remount's options for the daemon (`stackfs.mount`), root only.
     pub(super) fn mount_policy(
@@ -112,10 +121,7 @@ impl FuseFs {
         req: &Request,
         value: &[u8],
     ) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
-        let opts = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
+        let opts = admin_text(req, value)?;
         let atime = crate::atime::AtimePolicy::decode(opts);
         let mut sync = None;
         for o in opts.split(',') {
@@ -137,16 +143,13 @@ impl FuseFs {
         req: &Request,
         value: &[u8],
     ) -> Result<(), stackfs_layers::Errno> {
-        if !is_admin(req) {
-            return Err(stackfs_layers::Errno(libc::EPERM));
-        }
+        let cmd = admin_text(req, value)?;
         let f = self
             .fs
             .stack
             .fault
             .as_ref()
             .ok_or(stackfs_layers::Errno(libc::ENOTSUP))?;
-        let cmd = std::str::from_utf8(value).map_err(|_| stackfs_layers::Errno::EINVAL)?;
         f.command(cmd).map_err(|e| {
             log::warn!("fault command {cmd:?}: {e}");
             stackfs_layers::Errno::EINVAL
