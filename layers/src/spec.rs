@@ -275,6 +275,23 @@ impl StackSpec {
         })
     }
 
+    /// Copies kept of every byte: N under `mirror=N`, else 1.
+    pub fn copies(&self) -> usize {
+        self.layers
+            .iter()
+            .find_map(|l| match l {
+                LayerSpec::Mirror { copies } => Some(*copies),
+                _ => None,
+            })
+            .unwrap_or(1)
+    }
+
+    /// Whether the stack can be built over `devices` devices (mirror
+    /// groups, a stripe to pool several), without building it.
+    pub fn check_devices(&self, devices: usize) -> Result<(), SpecError> {
+        self.shape(devices).map(|_| ())
+    }
+
     /// Where the stack pools and copies, checked against the device count.
     fn shape(&self, devices: usize) -> Result<Shape, SpecError> {
         if devices == 0 {
@@ -282,14 +299,7 @@ impl StackSpec {
         }
         let at = |kind: &str| self.layers.iter().position(|l| l.kind() == kind);
         let (stripe_at, mirror_at) = (at("stripe"), at("mirror"));
-        let copies = self
-            .layers
-            .iter()
-            .find_map(|l| match l {
-                LayerSpec::Mirror { copies } => Some(*copies),
-                _ => None,
-            })
-            .unwrap_or(1);
+        let copies = self.copies();
         if !devices.is_multiple_of(copies) {
             return Err(SpecError::Shape(format!(
                 "{devices} devices do not make groups of {copies} for mirror={copies} \

@@ -119,6 +119,8 @@ struct PoolSizes {
     per_device: u64,
     /// Pool space `[0, meta_len)` holds the metadata store.
     meta_len: u64,
+    /// Mirror groups (devices without a mirror) the stripe pools.
+    groups: u64,
 }
 
 impl PoolSizes {
@@ -126,31 +128,28 @@ impl PoolSizes {
     /// share) after probing the stack shape (device count vs stripe)
     /// without touching disks.
     fn plan(spec: &StackSpec, devs: &[Opened]) -> Result<PoolSizes, PoolError> {
-        if spec.chunk().is_none() && devs.len() > 1 {
-            return Err(PoolError::Spec(stackfs_layers::spec::SpecError::Shape(
-                format!(
-                    "{} devices but no stripe layer to pool them (add e.g. stripe=64k)",
-                    devs.len()
-                ),
-            )));
-        }
+        spec.check_devices(devs.len()).map_err(PoolError::Spec)?;
         let chunk = spec.chunk().unwrap_or(META_ALIGN).max(META_ALIGN);
         let smallest = devs.iter().map(|d| d.size).min().unwrap_or(0);
         // Leave the last 64 KiB of the smallest device for the backup superblock.
         let per_device = (smallest - DATA_START - (64 << 10)) / chunk * chunk;
-        let capacity = per_device * devs.len() as u64;
+        // Usable space: a mirror group holds one device's worth.
+        let groups = (devs.len() / spec.copies()) as u64;
+        let capacity = per_device * groups;
         let meta_len = (capacity / 8).clamp(16 << 20, 4 << 30).min(capacity / 2) / chunk * chunk;
         Ok(PoolSizes {
             chunk,
             per_device,
             meta_len,
+            groups,
         })
     }
 
     /// The most of the metadata region one device can hold, in whole
-    /// chunks, plus one chunk.
-    fn meta_share(&self, devices: u64) -> u64 {
-        (self.meta_len.div_ceil(devices)).div_ceil(self.chunk) * self.chunk + self.chunk
+    /// chunks, plus one chunk: the region is striped over the groups, and
+    /// every device of a group holds its group's share.
+    fn meta_share(&self) -> u64 {
+        (self.meta_len.div_ceil(self.groups)).div_ceil(self.chunk) * self.chunk + self.chunk
     }
 }
 
@@ -184,7 +183,7 @@ fn write_superblocks(
     sizes: &PoolSizes,
     progress: &dyn Fn(usize, u64, u64),
 ) -> Result<Superblock, PoolError> {
-    let meta_share = sizes.meta_share(devs.len() as u64).min(sizes.per_device);
+    let meta_share = sizes.meta_share().min(sizes.per_device);
     let mut first = None;
     for (i, d) in devs.iter().enumerate() {
         let mut sb = Superblock {
