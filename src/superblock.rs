@@ -39,10 +39,100 @@ pub struct Superblock {
     pub spec: String,
     /// Key material (KDF parameters, wrapped master key); empty when unencrypted.
     pub keys: Vec<u8>,
+    /// The members' copies (mirrored pools): which missed writes, a replace
+    /// in progress. Encoded as an empty field while there is nothing to say,
+    /// so that superblocks written before it had the field read the same.
+    pub states: MemberStates,
     /// HMAC-SHA256 of every field above (bytes 0..4060 as encoded) under a
     /// key derived from the master key; zeros on unencrypted pools and in
     /// version 1.
     pub mac: [u8; 32],
+}
+
+/// What the pool knows about its members' copies. Every member present
+/// carries it; the copy with the highest `seq` is the current one (a member
+/// that was away keeps an older one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberStates {
+    /// Bumped by every change.
+    pub seq: u64,
+    /// Members that missed writes, each with its resync cursor: the pool
+    /// address below which it is whole again.
+    pub stale: Vec<(u32, u64)>,
+    /// A replace in progress.
+    pub replace: Option<Replacing>,
+}
+
+/// A member being rebuilt onto a new device (`stackfs replace`). The new
+/// device gets its superblock only when it is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replacing {
+    pub index: u32,
+    /// The new device, as given (reopened to resume after a restart).
+    pub path: String,
+    pub device_uuid: [u8; 16],
+    /// The pool address below which the new device is complete.
+    pub cursor: u64,
+}
+
+impl MemberStates {
+    /// Nothing to say: encoded as no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0 && self.stale.is_empty() && self.replace.is_none()
+    }
+
+    pub fn is_stale(&self, index: u32) -> bool {
+        self.stale.iter().any(|(i, _)| *i == index)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let mut e = Enc::default();
+        e.u64(self.seq);
+        e.u32(self.stale.len() as u32);
+        for (index, cursor) in &self.stale {
+            e.u32(*index).u64(*cursor);
+        }
+        match &self.replace {
+            None => {
+                e.u8(0);
+            }
+            Some(r) => {
+                e.u8(1).u32(r.index).u64(r.cursor).bytes(&r.device_uuid);
+                e.blob(r.path.as_bytes());
+            }
+        }
+        e.0
+    }
+
+    fn decode(raw: &[u8]) -> Result<MemberStates, crate::codec::Short> {
+        if raw.is_empty() {
+            return Ok(MemberStates::default());
+        }
+        let mut d = Dec::new(raw);
+        let seq = d.u64()?;
+        let n = d.u32()?;
+        let mut stale = Vec::new();
+        for _ in 0..n.min(1024) {
+            stale.push((d.u32()?, d.u64()?));
+        }
+        let replace = match d.u8()? {
+            0 => None,
+            _ => Some(Replacing {
+                index: d.u32()?,
+                cursor: d.u64()?,
+                device_uuid: d.array()?,
+                path: String::from_utf8_lossy(d.blob()?).into_owned(),
+            }),
+        };
+        Ok(MemberStates {
+            seq,
+            stale,
+            replace,
+        })
+    }
 }
 
 /// The key that authenticates superblocks (derived from the master key).
@@ -92,6 +182,7 @@ impl Superblock {
         e.u64(self.nonce_next);
         e.blob(self.spec.as_bytes());
         e.blob(&self.keys);
+        e.blob(&self.states.encode());
         let mut out = e.0;
         assert!(out.len() <= MAC_AT, "superblock fields exceed 4 KiB");
         out.resize(MAC_AT, 0);
@@ -149,6 +240,8 @@ impl Superblock {
             spec: String::from_utf8(d.blob().map_err(m)?.to_vec())
                 .map_err(|_| SbError::Malformed("spec is not UTF-8"))?,
             keys: d.blob().map_err(m)?.to_vec(),
+            states: MemberStates::decode(d.blob().map_err(m)?)
+                .map_err(|_| SbError::Malformed("member states"))?,
             mac: if version >= 2 {
                 raw[MAC_AT..MAC_AT + 32].try_into().expect("32 bytes")
             } else {
@@ -237,6 +330,7 @@ mod tests {
             nonce_next: 0,
             spec: "stripe=64k".into(),
             keys: vec![],
+            states: MemberStates::default(),
         }
     }
 

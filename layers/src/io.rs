@@ -49,6 +49,10 @@ pub struct ExtentTag {
     /// by a caller re-reading an extent whose verification failed (see
     /// `retry_avoiding`). A mirror with every copy avoided fails with EIO.
     pub avoid: u32,
+    /// Copies a read may use, and nothing else (bit i: copy i of every
+    /// mirror below; 0: any). Such a read is not retried on another copy
+    /// and heals nothing: `scrub` reads each copy this way to verify it.
+    pub only: u32,
     /// Copies that served a read (bit i: copy i), set by the mirror and ORed
     /// up through the stack (with a stripe above: over every group). Unlike
     /// the other fields it travels up from a request that failed too: a read
@@ -81,6 +85,9 @@ impl ExtentTag {
         }
         if before.avoid != after.avoid {
             self.avoid = after.avoid;
+        }
+        if before.only != after.only {
+            self.only = after.only;
         }
         self.take_copies(before, after);
     }

@@ -7,12 +7,14 @@
 //! `stripe` (RAID-0), `mirror` (RAID-1, self-healing reads), `fault` (for tests), and `mem` (in memory, for tests
 //! and benchmarks).
 
+pub mod bay;
 pub mod buf;
 pub mod compress;
 pub mod crypt;
 pub mod device;
 pub mod errno;
 pub mod fault;
+pub mod health;
 pub mod io;
 pub mod layer;
 pub mod map;

@@ -140,6 +140,8 @@ struct ReadState {
     avoid: u32,
     /// Copies tried and failed.
     failed: u32,
+    /// Whether copies avoided are healed (not for a read of chosen copies).
+    heal: bool,
 }
 
 impl Mirror {
@@ -174,14 +176,18 @@ impl Mirror {
         self.lowers.len()
     }
 
+    /// Whether `copy` takes writes: it is not excluded and not faulted.
     fn usable(&self, copy: usize, excluded: u32) -> bool {
         excluded & (1 << copy) == 0 && !self.health.is_faulted(self.members[copy])
     }
 
-    /// The copy to read from: fewest reads in flight, lowest index on a tie.
+    /// The copy to read from: fewest reads in flight, lowest index on a tie;
+    /// never a copy being resynced (it is not whole yet).
     fn pick(&self, excluded: u32) -> Option<usize> {
         (0..self.copies())
-            .filter(|&copy| self.usable(copy, excluded))
+            .filter(|&copy| {
+                self.usable(copy, excluded) && !self.health.is_resyncing(self.members[copy])
+            })
             .min_by_key(|&copy| self.reads_in_flight[copy].load(Ordering::Relaxed))
     }
 
@@ -267,7 +273,21 @@ impl Mirror {
 
     /// Start a read, or fail it when every copy is avoided or faulted.
     fn read(&self, io: &Io) -> Mapping {
-        let avoid = io.tag().avoid;
+        let tag = io.tag();
+        if tag.only != 0 {
+            // Only the copies asked for, and no heal: the caller verifies them.
+            let state = ReadState {
+                since: 0,
+                avoid: !tag.only | tag.avoid,
+                failed: 0,
+                heal: false,
+            };
+            return match self.pick(state.avoid) {
+                Some(copy) => Mapping::Detached(copy, self.attempt(io, copy, state)),
+                None => Mapping::Fail(Errno::EIO),
+            };
+        }
+        let avoid = tag.avoid;
         // Only a read that avoids copies heals, and needs the write clock.
         let since = if avoid != 0 {
             self.writes.lock().clock
@@ -278,6 +298,7 @@ impl Mirror {
             since,
             avoid,
             failed: 0,
+            heal: true,
         };
         match self.pick(state.avoid) {
             Some(copy) => Mapping::Detached(copy, self.attempt(io, copy, state)),
@@ -311,7 +332,7 @@ impl Mirror {
                 let mut tag = origin.tag();
                 tag.copies = 1 << copy;
                 origin.set_tag(tag);
-                if state.avoid != 0 {
+                if state.avoid != 0 && state.heal {
                     self.heal(origin, copy, state, n);
                 } else {
                     origin.finish(Ok(n));

@@ -13,6 +13,7 @@ use crate::fault::{Fault, FaultControl};
 use crate::layer::{Counted, Layer};
 use crate::mirror::{Mirror, MAX_COPIES};
 use crate::stripe::Stripe;
+use crate::bay::Bay;
 use crate::watchdog::{Health, Watchdog};
 use std::fmt;
 use std::sync::Arc;
@@ -226,24 +227,43 @@ impl StackSpec {
         keys: Option<&CryptKeys>,
         timeout: Option<std::time::Duration>,
     ) -> Result<Stack, SpecError> {
+        let leaves = devices.into_iter().map(Leaf::Device).collect();
+        self.build_leaves(leaves, keys, timeout)
+    }
+
+    /// Build over the pool's members in pool order, some of which may be
+    /// missing (a degraded mount): a missing member needs a mirror, sits in
+    /// an empty bay and is marked missing in `Stack::health`.
+    pub fn build_leaves(
+        &self,
+        leaves: Vec<Leaf>,
+        keys: Option<&CryptKeys>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Stack, SpecError> {
         if self.has_crypt() && keys.is_none() {
             return Err(SpecError::Shape(
                 "the crypt layer needs the pool's key".into(),
             ));
         }
-        let shape = self.shape(devices.len())?;
+        let shape = self.shape(leaves.len())?;
+        let missing: Vec<usize> = (0..leaves.len())
+            .filter(|&i| matches!(leaves[i], Leaf::Missing { .. }))
+            .collect();
+        if !missing.is_empty() && shape.mirror_at.is_none() {
+            return Err(SpecError::Shape(
+                "a member is missing and the pool keeps one copy of its data (no mirror)".into(),
+            ));
+        }
         // One control for every fault layer: a power cut is pool-wide.
         let fault = self
             .layers
             .contains(&LayerSpec::Fault)
             .then(FaultControl::new);
-        let health = Health::new(
-            devices
-                .iter()
-                .map(|d| d.path().display().to_string())
-                .collect(),
-        );
-        let members = self.members(devices, &shape, &fault, &health, timeout);
+        let health = Health::new(leaves.iter().map(Leaf::name).collect());
+        let (members, bays) = self.members(leaves, &shape, &fault, &health, timeout);
+        for i in missing {
+            health.mark_missing(i);
+        }
         let mut groups = self.groups(members, &shape, &fault, &health)?;
         let mut top = match shape.stripe_at.map(|i| &self.layers[i]) {
             Some(LayerSpec::Stripe { chunk }) => {
@@ -272,6 +292,7 @@ impl StackSpec {
             meta,
             fault,
             health,
+            bays,
         })
     }
 
@@ -329,17 +350,35 @@ impl StackSpec {
 
     /// Each device with the filters below the pooling layers and, with a
     /// `timeout`, a watchdog naming the member it faults.
+    /// Below a mirror, each device sits in a bay (see bay.rs); the bays are
+    /// returned too.
     fn members(
         &self,
-        devices: Vec<Arc<Device>>,
+        leaves: Vec<Leaf>,
         shape: &Shape,
         fault: &Option<Arc<FaultControl>>,
         health: &Arc<Health>,
         timeout: Option<std::time::Duration>,
-    ) -> Vec<Arc<dyn Layer>> {
-        let mut members = Vec::with_capacity(devices.len());
-        for (i, dev) in devices.into_iter().enumerate() {
-            let mut l: Arc<dyn Layer> = Counted::wrap(dev);
+    ) -> (Vec<Arc<dyn Layer>>, Vec<Arc<Bay>>) {
+        let mut members = Vec::with_capacity(leaves.len());
+        let mut bays = Vec::new();
+        for (i, leaf) in leaves.into_iter().enumerate() {
+            let name = leaf.name();
+            let (device, capacity): (Option<Arc<dyn Layer>>, u64) = match leaf {
+                Leaf::Device(dev) => {
+                    let capacity = dev.capacity();
+                    (Some(Counted::wrap(dev)), capacity)
+                }
+                Leaf::Missing { capacity, .. } => (None, capacity),
+            };
+            let mut l: Arc<dyn Layer> = match (shape.mirror_at, device) {
+                (None, Some(device)) => device,
+                (_, device) => {
+                    let bay = Bay::new(device, capacity, name);
+                    bays.push(bay.clone());
+                    bay
+                }
+            };
             for spec in self.layers[shape.member_at..].iter().rev() {
                 l = self.make_filter(spec, l, fault, Some(i));
             }
@@ -348,7 +387,7 @@ impl StackSpec {
             }
             members.push(l);
         }
-        members
+        (members, bays)
     }
 
     /// The members in groups of `copies`, a mirror over each (with the
@@ -441,6 +480,25 @@ pub struct Stack {
     pub fault: Option<Arc<FaultControl>>,
     /// Which members answer (the watchdogs mark the ones that stop).
     pub health: Arc<crate::watchdog::Health>,
+    /// Each member's bay, in pool order, when the stack mirrors (empty
+    /// otherwise): where `replace` puts a new device.
+    pub bays: Vec<Arc<Bay>>,
+}
+
+/// One member of a pool to build a stack over.
+pub enum Leaf {
+    Device(Arc<Device>),
+    /// Not there (a degraded mount): `capacity` bytes of the pool's space.
+    Missing { name: String, capacity: u64 },
+}
+
+impl Leaf {
+    fn name(&self) -> String {
+        match self {
+            Leaf::Device(d) => d.path().display().to_string(),
+            Leaf::Missing { name, .. } => name.clone(),
+        }
+    }
 }
 
 /// Every node of the stack, top first, with its depth.

@@ -30,6 +30,7 @@ mod namespace;
 mod read;
 mod records;
 mod rename;
+mod scrub;
 mod txn;
 mod writeback;
 
@@ -40,6 +41,7 @@ use attr::{acl_create, ACL_ACCESS, ACL_DEFAULT};
 use dirty::DirtyUnit;
 use read::{copy_clipped, ReadSide};
 pub use records::*;
+pub use scrub::{CopyWalk, WalkCounts, WalkStep};
 use txn::Sync;
 
 /// Logical size of a file data unit: the granule of copy-on-write and of the
@@ -375,6 +377,7 @@ pub fn share(stack: &Stack) -> Stack {
         meta: stack.meta.clone(),
         fault: stack.fault.clone(),
         health: stack.health.clone(),
+        bays: stack.bays.clone(),
     }
 }
 

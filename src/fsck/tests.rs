@@ -17,6 +17,7 @@ fn mem_fs() -> Fs {
         meta: mem.clone(),
         fault: None,
         health: Health::new(vec!["mem".into()]),
+        bays: Vec::new(),
     };
     let geometry = Geometry {
         meta_len: 8 << 20,

@@ -77,7 +77,7 @@ pub fn health_json(fs: &Fs) -> serde_json::Value {
             serde_json::json!({
                 "index": i,
                 "path": m.name,
-                "state": if m.faulted.is_some() { "faulted" } else { "online" },
+                "state": m.state(),
                 "why": m.faulted,
                 "timeouts": m.timeouts,
                 "late_answers": m.late,

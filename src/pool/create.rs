@@ -58,6 +58,7 @@ pub fn mkfs(paths: &[PathBuf], opts: &MkfsOptions) -> Result<Superblock, PoolErr
         spec,
         keys,
         nonce_next: 0,
+        states: Default::default(),
     };
     let sb = write_superblocks(&devs, &pool_wide, master.as_ref(), &sizes, &*opts.progress)?;
     create_filesystem(&devs, &sb, &opts.spec, master)?;

@@ -8,11 +8,13 @@ mod errors;
 mod mirror;
 mod race;
 mod space;
+mod walk;
 
 use super::*;
 use stackfs_layers::compress::Codec;
 use stackfs_layers::compress::Compress;
 use stackfs_layers::crypt::Crypt;
+use stackfs_layers::bay::Bay;
 use stackfs_layers::mirror::Mirror;
 use stackfs_layers::watchdog::{Health, Watchdog};
 use stackfs_layers::{Counted, Fault, FaultAction, FaultControl, FaultRule, Keyring, Mem};
@@ -93,8 +95,17 @@ impl Rig {
             .collect();
         let health = Health::new((0..mems.len()).map(|i| format!("mem{i}")).collect());
         let mut members = Vec::new();
+        let mirrored = mems.len() > 1;
+        let mut bays = Vec::new();
         for (i, mem) in mems.into_iter().enumerate() {
-            let fault = Fault::new(mem, self.ctl.clone(), Some(i));
+            let cap = mem.capacity();
+            let mut device: Arc<dyn Layer> = mem;
+            if mirrored {
+                let bay = Bay::new(Some(device), cap, format!("mem{i}"));
+                bays.push(bay.clone());
+                device = bay;
+            }
+            let fault = Fault::new(device, self.ctl.clone(), Some(i));
             if i == 0 {
                 *self.fault.lock() = Some(fault.clone());
             }
@@ -128,6 +139,7 @@ impl Rig {
             meta,
             fault: Some(self.ctl.clone()),
             health,
+            bays,
         }
     }
 

@@ -1,0 +1,244 @@
+//! Walking the file data copy by copy: what `scrub`, resync and `replace`
+//! do to the data (the metadata store walks its own slots, `meta_walk`).
+//!
+//! Every committed extent is read through the whole stack and verified as
+//! any read is (CRC, and crypt's MAC), in pool order, so that a walk can stop
+//! and resume from a pool address (its cursor). What the tag's `avoid` asks
+//! of the mirrors below decides the walk:
+//! - `Check { copy }` reads copy `copy` only. A unit that fails is read again
+//!   from the other copies (`retry_avoiding`): the mirror rewrites the bad
+//!   copy from the good one, and the unit counts as repaired; when no copy
+//!   holds it, as unrepaired.
+//! - `Rebuild { copy }` reads from any other copy; the mirror compares copy
+//!   `copy` with what it read and rewrites it where it differs. A source
+//!   that fails verification is avoided in turn, as in `Check`.
+//!
+//! The extents are taken from a snapshot and checked again before their
+//! batch is read, under a read ticket, so that space freed meanwhile is not
+//! reused while it is read (a unit rewritten meanwhile is skipped: its new
+//! extent was written to every copy the mirror writes).
+
+use super::read::verify_unit;
+use super::*;
+
+/// Units read per batch.
+const BATCH_UNITS: usize = 32;
+
+/// What a walk does to each copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyWalk {
+    /// Read copy `copy` only; rewrite what is bad in it from the others.
+    Check { copy: usize },
+    /// Read the others; make copy `copy` the same (resync, replace).
+    Rebuild { copy: usize },
+}
+
+impl CopyWalk {
+    /// How the walk's first read of each unit is tagged, over mirrors of
+    /// `copies` copies: `only` the copy checked (no heal: its bytes are not
+    /// verified yet), or `avoid` the copy rebuilt (the mirror heals it).
+    pub fn tag(self, copies: usize, tag: ExtentTag) -> ExtentTag {
+        match self {
+            CopyWalk::Check { copy } if copies > 1 => ExtentTag {
+                only: 1 << copy,
+                ..tag
+            },
+            CopyWalk::Check { .. } => tag,
+            CopyWalk::Rebuild { copy } => ExtentTag {
+                avoid: 1 << copy,
+                ..tag
+            },
+        }
+    }
+}
+
+/// What a walk went over and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalkCounts {
+    /// Units (or metadata slots) read, and their bytes.
+    pub items: u64,
+    pub bytes: u64,
+    /// Found bad on the copy walked (`Check`), or on the copy read from.
+    pub bad: u64,
+    /// Bad ones read good from another copy (the mirror rewrote the bad one).
+    pub repaired: u64,
+    /// Bad ones that no copy holds intact.
+    pub unrepaired: u64,
+}
+
+impl WalkCounts {
+    pub fn add(&mut self, other: &WalkCounts) {
+        self.items += other.items;
+        self.bytes += other.bytes;
+        self.bad += other.bad;
+        self.repaired += other.repaired;
+        self.unrepaired += other.unrepaired;
+    }
+}
+
+/// Where a walk is, after each batch.
+pub struct WalkStep<'a> {
+    /// Bytes read by this batch.
+    pub bytes: u64,
+    /// Every extent starting below this pool address has been walked.
+    pub cursor: u64,
+    /// Units found unrepairable in this batch: (inode, byte offset).
+    pub lost: &'a [(u64, u64)],
+}
+
+/// An extent as found in the snapshot: (pool address, inode, unit, extent).
+type Placed = (u64, u64, u64, Extent);
+
+impl Fs {
+    /// Copies of every byte (mirror groups are all the same size).
+    pub fn copies(&self) -> usize {
+        self.stack.health.group_of(0).len()
+    }
+
+    /// Bytes of file data the walk would read from `from` on.
+    pub fn data_to_walk(&self, from: u64) -> R<u64> {
+        Ok(self
+            .placed_extents(from)?
+            .iter()
+            .map(|p| p.3.len as u64)
+            .sum())
+    }
+
+    /// Walk every extent starting at or above pool address `from`, in pool
+    /// order. `step` is told after each batch and stops the walk by
+    /// returning false (then the counts so far are returned).
+    pub fn walk_data(
+        &self,
+        mode: CopyWalk,
+        from: u64,
+        step: &mut dyn FnMut(WalkStep) -> bool,
+    ) -> R<WalkCounts> {
+        let copies = self.copies();
+        let mut counts = WalkCounts::default();
+        let placed = self.placed_extents(from)?;
+        for batch in placed.chunks(BATCH_UNITS) {
+            let (lost, bytes) = self.walk_batch(batch, mode, copies, &mut counts)?;
+            let cursor = batch.last().map_or(from, |p| p.0 + 1);
+            let go_on = step(WalkStep {
+                bytes,
+                cursor,
+                lost: &lost,
+            });
+            if !go_on {
+                break;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Every committed extent at or above `from`, in pool order.
+    fn placed_extents(&self, from: u64) -> R<Vec<Placed>> {
+        let rtx = self.db().begin_read().map_err(db_err)?;
+        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (ino, unit) = k.value();
+            let x = Extent::decode(v.value())?;
+            if x.phys >= from {
+                out.push((x.phys, ino, unit, x));
+            }
+        }
+        out.sort_unstable_by_key(|p| p.0);
+        Ok(out)
+    }
+
+    /// Read one batch (those of its extents still committed as they were)
+    /// and verify it. Returns the units lost and the bytes read.
+    fn walk_batch(
+        &self,
+        batch: &[Placed],
+        mode: CopyWalk,
+        copies: usize,
+        counts: &mut WalkCounts,
+    ) -> R<(Vec<(u64, u64)>, u64)> {
+        let (ticket, live) = self.pin(batch)?;
+        let mut ios = Vec::with_capacity(live.len());
+        let mut waits = Vec::with_capacity(live.len());
+        for (_, _, _, x) in &live {
+            let w = Waiter::new();
+            let io = Io::new(
+                Op::Read,
+                x.phys,
+                Buf::zeroed(x.len as usize),
+                Some(w.end_io()),
+            );
+            io.set_tag(mode.tag(copies, x.tag()));
+            waits.push((w, io.buf().clone()));
+            ios.push(io);
+        }
+        self.data.submit_batch(ios);
+        let mut lost = Vec::new();
+        let mut bytes = 0;
+        for ((_, ino, unit, x), (w, b)) in live.iter().zip(waits) {
+            let (r, served) = w.wait_tag();
+            counts.items += 1;
+            counts.bytes += x.len as u64;
+            bytes += x.len as u64;
+            if verify_unit(*ino, *unit, x, r, &b).is_ok() {
+                continue;
+            }
+            counts.bad += 1;
+            if self.reread_elsewhere(*ino, *unit, x, served) {
+                counts.repaired += 1;
+            } else {
+                counts.unrepaired += 1;
+                lost.push((*ino, unit * UNIT));
+            }
+        }
+        self.rd.leave(ticket);
+        Ok((lost, bytes))
+    }
+
+    /// A unit read bad: read it from the copies not tried yet (the mirror
+    /// rewrites the ones avoided from the first that verifies).
+    fn reread_elsewhere(&self, ino: u64, unit: u64, x: &Extent, served: ExtentTag) -> bool {
+        // What the first read was told to use no longer binds the retries.
+        let mut served = ExtentTag { only: 0, ..served };
+        while served.copies != 0 {
+            let b = Buf::zeroed(x.len as usize);
+            let tag = served.retry_avoiding();
+            let (r, again) =
+                stackfs_layers::submit_wait_tag(&*self.data, Op::Read, x.phys, b.clone(), tag);
+            if verify_unit(ino, unit, x, r, &b).is_ok() {
+                return true;
+            }
+            served = again;
+        }
+        false
+    }
+
+    /// Take a read ticket (space freed from now on is not reused until it is
+    /// given back) and keep the extents of `batch` still committed as found.
+    fn pin(&self, batch: &[Placed]) -> R<(u64, Vec<Placed>)> {
+        let ticket = {
+            let st = self.st.lock();
+            self.rd.enter(st.free_gen);
+            st.free_gen
+        };
+        let still = (|| {
+            let rtx = self.db().begin_read().map_err(db_err)?;
+            let t = rtx.open_table(EXTENTS).map_err(db_err)?;
+            let mut live = Vec::with_capacity(batch.len());
+            for p in batch {
+                let now = t.get((p.1, p.2)).map_err(db_err)?;
+                if now.is_some_and(|v| v.value() == p.3.encode().as_slice()) {
+                    live.push(p.clone());
+                }
+            }
+            Ok(live)
+        })();
+        match still {
+            Ok(live) => Ok((ticket, live)),
+            Err(e) => {
+                self.rd.leave(ticket);
+                Err(e)
+            }
+        }
+    }
+}
