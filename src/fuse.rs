@@ -20,10 +20,11 @@ mod requests;
 
 pub use attr::attr;
 use attr::{from_kernel, kind, missing, time};
-pub use control::{health_json, stack_stats};
 use control::{
-    is_admin, stats_json, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, MOUNT_XATTR, STATS_XATTR,
+    health_and_jobs, is_admin, stats_json, COPIED_XATTR, FAULT_XATTR, HEALTH_XATTR, JOB_XATTR,
+    MOUNT_XATTR, REPLACE_XATTR, SCRUB_XATTR, STATS_XATTR,
 };
+pub use control::{health_json, stack_stats};
 use privs::ReqPrivs;
 use requests::{Op, REQUESTS};
 
@@ -36,6 +37,8 @@ pub struct FuseFs {
     /// Tells the kernel when attributes it caches changed behind its back
     /// (an atime the daemon updated); set once the session exists.
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Resync, replace and scrub (read-write mounts of a pool).
+    pub jobs: Option<Arc<crate::rebuild::Jobs>>,
 }
 
 fn errno(e: stackfs_layers::Errno) -> Errno {
@@ -122,6 +125,10 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
+        // A resync or replace saves its cursor first (it goes on at the next mount).
+        if let Some(jobs) = &self.jobs {
+            jobs.stop();
+        }
         if let Err(e) = self.fs.shutdown() {
             log::error!("flushing at unmount failed: {e}");
         }
@@ -620,6 +627,9 @@ impl Filesystem for FuseFs {
         if ino.0 == ROOT && name.as_bytes() == MOUNT_XATTR {
             return Self::empty(reply, self.mount_policy(req, value));
         }
+        if ino.0 == ROOT && [SCRUB_XATTR, REPLACE_XATTR].contains(&name.as_bytes()) {
+            return Self::empty(reply, self.job_command(req, name.as_bytes(), value));
+        }
         let mut r = self.fs.setxattr(ino.0, name.as_bytes(), value, flags);
         if r.is_ok() && name.as_bytes() == b"system.posix_acl_access" {
             // The kernel would say so with FUSE_SETXATTR_ACL_KILL_SGID, which
@@ -639,6 +649,7 @@ impl Filesystem for FuseFs {
             COPIED_XATTR,
             MOUNT_XATTR,
             HEALTH_XATTR,
+            JOB_XATTR,
         ]
         .contains(&name.as_bytes());
         if ino.0 == ROOT && control && !is_admin(req) {
@@ -651,8 +662,14 @@ impl Filesystem for FuseFs {
                 Ok(stats_json(&self.fs.stack.top).to_string().into_bytes())
             }
             (ROOT, _) if name.as_bytes() == HEALTH_XATTR => {
-                Ok(health_json(&self.fs).to_string().into_bytes())
+                Ok(health_and_jobs(&self.fs, self.jobs.as_deref())
+                    .to_string()
+                    .into_bytes())
             }
+            (ROOT, _) if name.as_bytes() == JOB_XATTR => match &self.jobs {
+                Some(jobs) => Ok(jobs.status().to_string().into_bytes()),
+                None => Err(stackfs_layers::Errno(libc::ENODATA)),
+            },
             (ROOT, _) if name.as_bytes() == COPIED_XATTR => {
                 Ok(stackfs_layers::buf::copied_bytes().to_string().into_bytes())
             }

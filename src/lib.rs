@@ -12,4 +12,5 @@ pub mod keys;
 pub mod lock;
 pub mod metastore;
 pub mod pool;
+pub mod rebuild;
 pub mod superblock;

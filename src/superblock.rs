@@ -114,8 +114,11 @@ impl MemberStates {
         let mut d = Dec::new(raw);
         let seq = d.u64()?;
         let n = d.u32()?;
+        if n > 1024 {
+            return Err(crate::codec::Short);
+        }
         let mut stale = Vec::new();
-        for _ in 0..n.min(1024) {
+        for _ in 0..n {
             stale.push((d.u32()?, d.u64()?));
         }
         let replace = match d.u8()? {
@@ -127,11 +130,16 @@ impl MemberStates {
                 path: String::from_utf8_lossy(d.blob()?).into_owned(),
             }),
         };
-        Ok(MemberStates {
+        let states = MemberStates {
             seq,
             stale,
             replace,
-        })
+        };
+        // One encoding only: the MAC covers the fields as re-encoded.
+        if !d.rest().is_empty() || states.encode() != raw {
+            return Err(crate::codec::Short);
+        }
+        Ok(states)
     }
 }
 
@@ -350,6 +358,28 @@ mod tests {
             Superblock::decode(&raw[..100]),
             Err(SbError::NotStackfs)
         ));
+    }
+
+    #[test]
+    fn member_states_round_trip_and_have_one_encoding() {
+        let mut sb = sample();
+        sb.states = MemberStates {
+            seq: 9,
+            stale: vec![(1, 4 << 20), (3, 0)],
+            replace: Some(Replacing {
+                index: 2,
+                path: "/dev/loop7".into(),
+                device_uuid: [5; 16],
+                cursor: 123,
+            }),
+        };
+        let raw = sb.encode();
+        assert_eq!(Superblock::decode(&raw).unwrap(), sb);
+        // Empty states take no bytes: superblocks written before the field read the same.
+        assert!(MemberStates::default().encode().is_empty());
+        let mut padded = MemberStates::default().encode();
+        padded.extend_from_slice(&[0; 16]);
+        assert!(MemberStates::decode(&padded).is_err());
     }
 
     #[test]

@@ -528,6 +528,10 @@ impl HealJob {
                     mirror.repairs.count.fetch_add(1, Ordering::Relaxed);
                     mirror.repairs.bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
+                // Opened read-only (fsck, info, a ro mount): left for a scrub.
+                Err(e) if e == Errno(libc::EBADF) || e == Errno(libc::EROFS) => {
+                    log::info!("mirror: copy {copy} not repaired: the pool is open read-only");
+                }
                 Err(e) => {
                     mirror.health.count_write_error(member);
                     mirror

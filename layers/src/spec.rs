@@ -6,6 +6,7 @@
 //! with one group no stripe is needed (`mirror=2` over 2 devices, RAID-1).
 //! Filters below the mirror are made per member, each under its own watchdog.
 
+use crate::bay::Bay;
 use crate::compress::{Codec, Compress};
 use crate::crypt::{Crypt, KeyId, Keyring};
 use crate::device::Device;
@@ -13,7 +14,6 @@ use crate::fault::{Fault, FaultControl};
 use crate::layer::{Counted, Layer};
 use crate::mirror::{Mirror, MAX_COPIES};
 use crate::stripe::Stripe;
-use crate::bay::Bay;
 use crate::watchdog::{Health, Watchdog};
 use std::fmt;
 use std::sync::Arc;
@@ -261,10 +261,10 @@ impl StackSpec {
             .then(FaultControl::new);
         let health = Health::new(leaves.iter().map(Leaf::name).collect());
         let (members, bays) = self.members(leaves, &shape, &fault, &health, timeout);
+        let mut groups = self.groups(members, &shape, &fault, &health)?;
         for i in missing {
             health.mark_missing(i);
         }
-        let mut groups = self.groups(members, &shape, &fault, &health)?;
         let mut top = match shape.stripe_at.map(|i| &self.layers[i]) {
             Some(LayerSpec::Stripe { chunk }) => {
                 Counted::wrap(Arc::new(Stripe::new(*chunk, groups)?))
@@ -489,7 +489,10 @@ pub struct Stack {
 pub enum Leaf {
     Device(Arc<Device>),
     /// Not there (a degraded mount): `capacity` bytes of the pool's space.
-    Missing { name: String, capacity: u64 },
+    Missing {
+        name: String,
+        capacity: u64,
+    },
 }
 
 impl Leaf {

@@ -207,6 +207,7 @@ fn unmount_on_signal(mountpoint: PathBuf) -> Result<(), String> {
 pub fn serve(
     session: fuser::Session<FuseFs>,
     fs: Arc<Fs>,
+    jobs: Option<Arc<stackfs::rebuild::Jobs>>,
     mountpoint: &Path,
     commit: Duration,
 ) -> Result<(), String> {
@@ -216,6 +217,10 @@ pub fn serve(
         .commit_every(commit)
         .map_err(|e| format!("starting the commit thread: {e}"))?;
     let result = session.run();
+    // A resync or replace saves where it got to, and goes on at the next mount.
+    if let Some(jobs) = jobs {
+        jobs.stop();
+    }
     drop(committer);
     // The outcome of the unmount's flush (also when the session's destroy
     // ran it first): data that could not be written is an error exit.

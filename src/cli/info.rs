@@ -146,6 +146,7 @@ fn add_usage(out: &mut Value, paths: &[PathBuf], superblock: &Superblock, key: &
             secret.as_ref(),
             Some(pool::DEFAULT_TIMEOUT),
             None,
+            true,
         )?;
         let fs = Fs::open(
             pool,
@@ -292,7 +293,7 @@ fn why(member: &Value) -> String {
 }
 
 /// A JSON control xattr of a mounted pool's root, answered by its daemon.
-fn daemon_json(mountpoint: &Path, name: &CStr) -> Option<Value> {
+pub(super) fn daemon_json(mountpoint: &Path, name: &CStr) -> Option<Value> {
     let path = CString::new(mountpoint.as_os_str().as_encoded_bytes()).ok()?;
     let mut buf = vec![0u8; 1 << 16];
     // SAFETY: valid C strings; the buffer outlives the call.

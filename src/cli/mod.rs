@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod debug;
 pub mod fsck;
 pub mod info;
+pub mod jobs;
 pub mod mkfs;
 pub mod mount;
 pub mod open;
@@ -97,6 +98,36 @@ pub enum Cmd {
         #[command(flatten)]
         key: KeyArgs,
     },
+    /// Read every copy of everything the pool holds, verify it, and rewrite
+    /// bad copies from good ones. Online when SOURCE (devices or mount
+    /// point) is mounted, else offline. Exit 0 clean, 1 all repaired, 4
+    /// damage left, 8 could not scrub.
+    Scrub {
+        source: String,
+        /// Read at most this many bytes per second (e.g. 100M).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<u64>,
+        /// Stop the scrub running on a mounted pool.
+        #[arg(long)]
+        stop: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Rebuild member OLD (its device, or its number) of a mounted mirrored
+    /// pool onto NEW (a device, or an image file, created if missing), while
+    /// the pool runs. A crash or unmount midway resumes at the next mount.
+    Replace {
+        /// The pool: its devices or its mount point.
+        source: String,
+        old: String,
+        new: PathBuf,
+        /// Return once started (follow it with `stackfs info`).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Damage a pool's metadata on purpose (for testing fsck).
     #[command(hide = true)]
     DebugDamage {
@@ -138,6 +169,10 @@ pub struct KeyArgs {
     /// Unlock with the bytes of FILE instead of a passphrase.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    stackfs_layers::parse_size(s).ok_or(format!("{s:?} is not a size (e.g. 100M)"))
 }
 
 /// How long mount, fsck and passwd wait for a pool that another process is

@@ -47,10 +47,17 @@ pub fn mount(foreground: bool, options: &[String], source: &str, mountpoint: Pat
     let source = canonical_source(&paths);
     let notifier = Arc::new(OnceLock::new());
     stackfs::fs::use_coarse_clock(parsed.writeback && !parsed.read_only);
+    // Resync, replace, scrub and the record of faulted members.
+    let jobs = if parsed.read_only {
+        None
+    } else {
+        stackfs::rebuild::Jobs::start(&fs)
+    };
     let fusefs = FuseFs {
         fs: fs.clone(),
         writeback: parsed.writeback && !parsed.read_only,
         notifier: notifier.clone(),
+        jobs: jobs.clone(),
     };
     let session = mount_fuse(fusefs, &source, &mountpoint, &parsed)?;
     let _ = notifier.set(session.notifier());
@@ -58,7 +65,13 @@ pub fn mount(foreground: bool, options: &[String], source: &str, mountpoint: Pat
     if let Some(fd) = daemon::ready_fd() {
         daemon::detach(fd, parsed.log_file.as_deref());
     }
-    Ok(daemon::serve(session, fs, &mountpoint, parsed.commit)?)
+    Ok(daemon::serve(
+        session,
+        fs,
+        jobs,
+        &mountpoint,
+        parsed.commit,
+    )?)
 }
 
 /// Lock the pool (ours from here until the process exits, whatever
@@ -79,6 +92,7 @@ fn open_fs(paths: &[PathBuf], options: &MountOptions) -> CliResult<Fs> {
         key.as_ref(),
         options.timeout,
         Some(owner),
+        options.degraded,
     )?;
     drop(key);
     for warning in &pool.warnings {

@@ -41,6 +41,7 @@ pub fn open_pool(source: &str, key: &KeyArgs, read_only: bool) -> Result<Pool, F
         secret.as_ref(),
         Some(pool::DEFAULT_TIMEOUT),
         Some(owner),
+        false,
     )?;
     for warning in &pool.warnings {
         eprintln!("stackfs: warning: {warning}");

@@ -38,6 +38,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Interval of the periodic durable commit.
     pub commit: Duration,
+    /// Mount a mirrored pool with members missing (`degraded`).
+    pub degraded: bool,
 }
 
 impl Default for MountOptions {
@@ -59,6 +61,7 @@ impl Default for MountOptions {
             readahead_kb: 4096,
             threads: 4,
             commit: Duration::from_secs(1),
+            degraded: false,
         }
     }
 }
@@ -151,6 +154,7 @@ impl MountOptions {
             ("show_subtype", None) => self.show_subtype = true,
             ("default_permissions", None) => {}
             ("remount", None) => self.remount = true,
+            ("degraded", None) => self.degraded = true,
             ("readahead", Some(v)) => self.readahead_kb = parse_readahead(v)?,
             ("timeout", Some(v)) => self.timeout = parse_timeout(v)?,
             ("commit", Some(v)) => self.commit = parse_commit(v)?,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// The mount a `umount` target names: a mount point (in any spelling) or a
 /// source. The mount point itself is never stat'ed (its daemon may hang).
-fn find_mount(target: &str) -> Option<MountEntry> {
+pub(super) fn find_mount(target: &str) -> Option<MountEntry> {
     let path = Path::new(target);
     let absolute = std::env::current_dir()
         .map(|dir| dir.join(path))

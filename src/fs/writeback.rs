@@ -87,6 +87,15 @@ impl Fs {
         }
     }
 
+    /// Run `f` while the filesystem sends no write to the pool: with the
+    /// lock held and no flush writing (a device put into a mirror's bay
+    /// then misses no write in flight).
+    pub fn without_writes<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut st = self.st.lock();
+        self.wait_for_flush(&mut st);
+        f()
+    }
+
     /// Write the dirty units of several files as one batch (compressed on
     /// every core, one submission per device) and commit all their new
     /// extents in one transaction: group commit for many small files.

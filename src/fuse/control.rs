@@ -14,6 +14,13 @@ pub(super) const HEALTH_XATTR: &[u8] = b"stackfs.health";
 /// Set by `stackfs mount -o remount,...`: the atime and sync options the
 /// daemon applies itself (the kernel keeps the other flags).
 pub(super) const MOUNT_XATTR: &[u8] = b"stackfs.mount";
+/// Set by `stackfs scrub`: `start`, `start rate=BYTES`, or `stop`.
+pub(super) const SCRUB_XATTR: &[u8] = b"stackfs.scrub";
+/// Set by `stackfs replace`: the old member and the new device, one per line.
+pub(super) const REPLACE_XATTR: &[u8] = b"stackfs.replace";
+/// The background job running (resync, replace, scrub) and how the last one
+/// ended, JSON.
+pub(super) const JOB_XATTR: &[u8] = b"stackfs.job";
 
 /// Who may read and set the control xattrs: root, and the user running the
 /// daemon (a user's own mount).
@@ -105,6 +112,15 @@ pub fn health_json(fs: &Fs) -> serde_json::Value {
     })
 }
 
+/// The members' health with the background job's status (`stackfs info`).
+pub(super) fn health_and_jobs(fs: &Fs, jobs: Option<&crate::rebuild::Jobs>) -> serde_json::Value {
+    let mut v = health_json(fs);
+    if let (Some(jobs), Some(obj)) = (jobs, v.as_object_mut()) {
+        obj.insert("jobs".into(), jobs.status());
+    }
+    v
+}
+
 /// The text of a control xattr being set: EPERM unless the caller is an
 /// admin (checked first), EINVAL unless it is UTF-8.
 fn admin_text<'a>(req: &Request, value: &'a [u8]) -> Result<&'a str, stackfs_layers::Errno> {
@@ -134,6 +150,51 @@ impl FuseFs {
         self.fs.set_policy(atime, sync);
         log::info!("remount: {opts} -> {:?}", self.fs.policy());
         Ok(())
+    }
+
+    /// Start or stop a scrub (`stackfs.scrub`), or start a replace
+    /// (`stackfs.replace`). A refusal is EINVAL here; its reason is in
+    /// `stackfs.job`.
+    pub(super) fn job_command(
+        &self,
+        req: &Request,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<(), stackfs_layers::Errno> {
+        let text = admin_text(req, value)?;
+        let jobs = self
+            .jobs
+            .as_ref()
+            .ok_or(stackfs_layers::Errno(libc::EROFS))?;
+        let refused = |e: String| {
+            log::warn!("{}: {e}", String::from_utf8_lossy(name));
+            jobs.refused(&String::from_utf8_lossy(name), e);
+            stackfs_layers::Errno::EINVAL
+        };
+        if name == SCRUB_XATTR {
+            let mut words = text.split_whitespace();
+            return match (words.next(), words.next()) {
+                (Some("start"), None) => jobs.request_scrub(None).map_err(refused),
+                (Some("start"), Some(rate)) => {
+                    let rate = rate
+                        .strip_prefix("rate=")
+                        .and_then(stackfs_layers::parse_size)
+                        .ok_or_else(|| refused(format!("{rate:?} is not rate=BYTES")))?;
+                    jobs.request_scrub(Some(rate)).map_err(refused)
+                }
+                (Some("stop"), None) => {
+                    jobs.stop_job();
+                    Ok(())
+                }
+                _ => Err(refused(format!("{text:?}: start [rate=BYTES] or stop"))),
+            };
+        }
+        let (old, new) = text.split_once('\n').ok_or_else(|| {
+            refused("give the old member and the new device, one per line".into())
+        })?;
+        jobs.request_replace(old, std::path::Path::new(new))
+            .map(|started| log::info!("{started}"))
+            .map_err(refused)
     }
 
     /// Tests steer a stack's fault layers through the root directory's

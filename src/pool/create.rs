@@ -217,8 +217,12 @@ fn create_filesystem(
     spec: &StackSpec,
     master: Option<keys::Key>,
 ) -> Result<(), PoolError> {
-    let members = devs.iter().map(|d| (d.path.as_path(), sb.per_device));
-    let stack = build_stack(spec, members, master.as_ref(), false, None)?;
+    let members: Vec<(u32, Option<&std::path::Path>)> = devs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (i as u32, Some(d.path.as_path())))
+        .collect();
+    let stack = build_stack(spec, &members, sb.per_device, master.as_ref(), false, None)?;
     if let Err(e) =
         crate::metastore::MetaStore::format(stack.meta.clone(), sb.meta_len, sb.pool_uuid)
     {
@@ -233,6 +237,10 @@ fn create_filesystem(
         lock: None,
         paths: devs.iter().map(|d| d.path.clone()).collect(),
         sizes: devs.iter().map(|d| d.size).collect(),
+        indices: (0..devs.len() as u32).collect(),
+        missing: Vec::new(),
+        states: Default::default(),
+        new_lock: Default::default(),
         stack,
         warnings: Vec::new(),
     };

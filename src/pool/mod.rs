@@ -4,8 +4,9 @@
 
 use crate::keys::{self, KeyBlob, KeyError, Secret};
 use crate::lock::PoolLock;
+use crate::superblock::MemberStates;
 use crate::superblock::{self, SbError, SbKey, Superblock, DATA_START, SB_SIZE};
-use stackfs_layers::spec::Stack;
+use stackfs_layers::spec::{Leaf, Stack};
 use stackfs_layers::{CryptKeys, Keyring};
 use stackfs_layers::{Device, StackSpec};
 use std::fs::{File, OpenOptions};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod create;
+pub mod members;
 
 pub use create::{mkfs, MkfsOptions};
 
@@ -39,11 +41,12 @@ pub enum PoolError {
     },
     #[error("{a} and {b} are the same device")]
     Duplicate { a: PathBuf, b: PathBuf },
-    #[error("pool {uuid} has {count} devices; missing device number {missing} (give every device, in any order)")]
+    #[error("pool {uuid} has {count} devices; missing device number {missing}{hint}")]
     Missing {
         uuid: String,
         count: u32,
         missing: u32,
+        hint: &'static str,
     },
     #[error("{path} is too small: {size} bytes, the pool needs at least {need}")]
     TooSmall { path: PathBuf, size: u64, need: u64 },
@@ -132,9 +135,18 @@ pub struct Pool {
     pub sb_key: Option<SbKey>,
     /// The pool's members, locked for this process (None: `info` of a mounted pool).
     pub lock: Option<PoolLock>,
-    /// Devices in pool order.
+    /// The devices present, in pool order, with their sizes and indices.
     pub paths: Vec<PathBuf>,
     pub sizes: Vec<u64>,
+    pub indices: Vec<u32>,
+    /// Members not given (a degraded mount).
+    pub missing: Vec<u32>,
+    /// The members' copies as recorded in the superblocks (and, read-write,
+    /// as written back at open).
+    pub states: MemberStates,
+    /// The lock on the new device of a replace resumed at open (taken over
+    /// by the jobs thread).
+    pub new_lock: parking_lot::Mutex<Option<PoolLock>>,
     pub stack: Stack,
     pub warnings: Vec<String>,
 }
@@ -206,12 +218,16 @@ fn read_members(paths: &[PathBuf]) -> Result<Vec<Member>, PoolError> {
 pub fn inspect(paths: &[PathBuf]) -> Result<(Superblocks, Vec<String>), PoolError> {
     let members = read_members(paths)?;
     let warnings = backup_warnings(&members);
-    Ok((check_members(superblocks_of(members))?, warnings))
+    Ok((check_members(superblocks_of(members), true)?.0, warnings))
 }
 
 /// The checks every set of superblocks must pass, before anything is
-/// written; the members in pool order.
-fn check_members(mut found: Superblocks) -> Result<Superblocks, PoolError> {
+/// written; the members in pool order, and those missing (allowed only
+/// `degraded`, when every mirror group keeps a whole member).
+fn check_members(
+    mut found: Superblocks,
+    degraded: bool,
+) -> Result<(Superblocks, Vec<u32>), PoolError> {
     let (first_path, _, first) = found[0].clone();
     for (path, size, sb) in &found {
         if sb.pool_uuid != first.pool_uuid {
@@ -269,24 +285,28 @@ fn check_members(mut found: Superblocks) -> Result<Superblocks, PoolError> {
         }
         _ => {}
     }
-    for want in 0..first.count {
-        if !found.iter().any(|(_, _, sb)| sb.index == want) {
-            return Err(PoolError::Missing {
-                uuid: uuid_str(&first.pool_uuid),
-                count: first.count,
-                missing: want,
-            });
-        }
-    }
-    if found.len() as u32 != first.count {
+    let missing: Vec<u32> = (0..first.count)
+        .filter(|want| !found.iter().any(|(_, _, sb)| sb.index == *want))
+        .collect();
+    if found.len() as u32 + missing.len() as u32 != first.count {
         return Err(PoolError::Other(format!(
             "pool has {} devices but {} were given",
             first.count,
             found.len()
         )));
     }
+    members::check_diverged(&found)?;
+    let states = members::current(&found);
+    members::check_groups(
+        &spec,
+        first.count,
+        &missing,
+        &states,
+        degraded,
+        &first.pool_uuid,
+    )?;
     found.sort_by_key(|(_, _, sb)| sb.index);
-    Ok(found)
+    Ok((found, missing))
 }
 
 /// How long a device request may take before it is cancelled and fails
@@ -341,8 +361,9 @@ fn authenticate(
 pub fn authenticated(
     paths: &[PathBuf],
     secret: Option<&Secret>,
+    degraded: bool,
     warnings: &mut Vec<String>,
-) -> Result<(Superblocks, Vec<bool>, Option<keys::Key>), PoolError> {
+) -> Result<(Superblocks, Vec<u32>, Vec<PathBuf>, Option<keys::Key>), PoolError> {
     let members = read_members(paths)?;
     check_foreign(&members)?;
     let encrypted = members.iter().any(has_keys);
@@ -359,7 +380,15 @@ pub fn authenticated(
         warnings.extend(backup_warnings(&members));
         (superblocks_of(members), rewrite, None)
     };
-    Ok((check_members(found)?, rewrite, master))
+    // Devices whose copies need rewriting, by path (check_members reorders).
+    let rewrite = found
+        .iter()
+        .zip(rewrite)
+        .filter(|(_, again)| *again)
+        .map(|((path, _, _), _)| path.clone())
+        .collect();
+    let (found, missing) = check_members(found, degraded)?;
+    Ok((found, missing, rewrite, master))
 }
 
 /// Every device's authenticated superblock, with the master key already
@@ -367,7 +396,7 @@ pub fn authenticated(
 pub fn authenticated_with(paths: &[PathBuf], master: &keys::Key) -> Result<Superblocks, PoolError> {
     let mut warnings = Vec::new();
     let (found, _) = authenticate(read_members(paths)?, &SbKey::derive(master), &mut warnings)?;
-    check_members(found)
+    Ok(check_members(found, false)?.0)
 }
 
 /// A device whose every copy names another pool, with other key material,
@@ -418,39 +447,99 @@ fn has_keys(m: &Member) -> bool {
 /// Open a pool for use, holding `lock` on its members: check it, authenticate
 /// and repair superblocks (when writable), and build the stack. Every
 /// read-write open encrypts with a key of its own (see crypt.rs).
+/// `degraded`: open a mirrored pool with members missing, as long as every
+/// mirror group keeps a whole member; read-write, they are recorded as stale
+/// before anything is written.
 pub fn open(
     paths: &[PathBuf],
     read_only: bool,
     secret: Option<&Secret>,
     timeout: Option<std::time::Duration>,
     lock: Option<PoolLock>,
+    degraded: bool,
 ) -> Result<Pool, PoolError> {
     let mut warnings = Vec::new();
-    let (found, rewrite, master) = authenticated(paths, secret, &mut warnings)?;
+    let (found, missing, rewrite, master) = authenticated(paths, secret, degraded, &mut warnings)?;
     let sb_key = master.as_ref().map(|m| SbKey::derive(m));
+    let mut states = members::current(&found);
+    let mut missing = missing;
+    let mut resumed = None;
     if !read_only {
-        for ((path, size, sb), again) in found.iter().zip(&rewrite) {
-            if *again {
-                let mut sb = sb.clone();
-                if let Some(k) = &sb_key {
-                    sb.seal(k);
+        for (path, size, sb) in found.iter().filter(|(p, _, _)| rewrite.contains(p)) {
+            let mut sb = sb.clone();
+            if let Some(k) = &sb_key {
+                sb.seal(k);
+            }
+            let f = open_dev(path, true)?;
+            superblock::write(&f.file, *size, &sb).map_err(dev_err(path))?;
+            warnings.push(format!("{}: superblocks rewritten", path.display()));
+        }
+        if let Some(r) = states.replace.clone() {
+            let need = DATA_START + found[0].2.per_device + SB_SIZE as u64;
+            match members::reopen_new(&r, need) {
+                Ok(lock) => {
+                    missing.retain(|i| *i != r.index);
+                    resumed = Some((r.index, PathBuf::from(&r.path), lock));
                 }
-                let f = open_dev(path, true)?;
-                superblock::write(&f.file, *size, &sb).map_err(dev_err(path))?;
-                warnings.push(format!("{}: superblocks rewritten", path.display()));
+                Err(why) => {
+                    warnings.push(format!(
+                        "the replace of member {} by {} cannot go on ({why}); \
+                         the member is resynced instead",
+                        r.index, r.path
+                    ));
+                    states = members::drop_replace(&states);
+                    let devices: Vec<(PathBuf, u64)> =
+                        found.iter().map(|(p, s, _)| (p.clone(), *s)).collect();
+                    members::record(&devices, sb_key.as_ref(), &states)?;
+                }
             }
         }
+        if let Some(next) = members::after_open(&states, &missing) {
+            let devices: Vec<(PathBuf, u64)> =
+                found.iter().map(|(p, s, _)| (p.clone(), *s)).collect();
+            members::record(&devices, sb_key.as_ref(), &next)?;
+            states = next;
+        }
+    }
+    for i in &missing {
+        warnings.push(format!(
+            "member {i} is missing: the pool runs degraded, each mirror group reading from the copies left"
+        ));
     }
     let sb = found[0].2.clone();
     let spec = StackSpec::parse(&sb.spec)?;
-    let members = found.iter().map(|(p, _, s)| (p.as_path(), s.per_device));
-    let stack = build_stack(&spec, members, master.as_ref(), read_only, timeout)?;
+    let replaced = resumed.as_ref().map(|(i, _, _)| *i);
+    let mut leaves: Vec<(u32, Option<&Path>)> = found
+        .iter()
+        .filter(|(_, _, s)| Some(s.index) != replaced)
+        .map(|(p, _, s)| (s.index, Some(p.as_path())))
+        .chain(missing.iter().map(|i| (*i, None)))
+        .chain(resumed.iter().map(|(i, p, _)| (*i, Some(p.as_path()))))
+        .collect();
+    leaves.sort_by_key(|(i, _)| *i);
+    let stack = build_stack(
+        &spec,
+        &leaves,
+        sb.per_device,
+        master.as_ref(),
+        read_only,
+        timeout,
+    )?;
+    for i in 0..sb.count {
+        if members::behind(&states, i) && !missing.contains(&i) {
+            stack.health.set_resyncing(i as usize, true);
+        }
+    }
     Ok(Pool {
         sb,
         sb_key,
         lock,
         paths: found.iter().map(|(p, _, _)| p.clone()).collect(),
         sizes: found.iter().map(|(_, s, _)| *s).collect(),
+        indices: found.iter().map(|(_, _, s)| s.index).collect(),
+        missing,
+        states,
+        new_lock: parking_lot::Mutex::new(resumed.map(|(_, _, lock)| lock)),
         stack,
         warnings,
     })
@@ -458,18 +547,25 @@ pub fn open(
 
 /// The layer stack over the pool's members in pool order: (path, bytes
 /// used from `DATA_START`). A writable stack encrypts with a key of its own.
-fn build_stack<'a>(
+fn build_stack(
     spec: &StackSpec,
-    members: impl IntoIterator<Item = (&'a Path, u64)>,
+    members: &[(u32, Option<&Path>)],
+    per_device: u64,
     master: Option<&keys::Key>,
     read_only: bool,
     timeout: Option<std::time::Duration>,
 ) -> Result<Stack, PoolError> {
-    let mut devices = Vec::new();
-    for (path, per_device) in members {
-        devices.push(Arc::new(
-            Device::open(path, DATA_START, per_device, read_only).map_err(dev_err(path))?,
-        ));
+    let mut leaves = Vec::new();
+    for (index, path) in members {
+        leaves.push(match path {
+            Some(path) => Leaf::Device(Arc::new(
+                Device::open(path, DATA_START, per_device, read_only).map_err(dev_err(path))?,
+            )),
+            None => Leaf::Missing {
+                name: format!("member {index}"),
+                capacity: per_device,
+            },
+        });
     }
     let crypt_keys = match master {
         Some(m) => Some(CryptKeys {
@@ -482,7 +578,7 @@ fn build_stack<'a>(
         }),
         None => None,
     };
-    Ok(spec.build_with(devices, crypt_keys.as_ref(), timeout)?)
+    Ok(spec.build_leaves(leaves, crypt_keys.as_ref(), timeout)?)
 }
 
 /// A random key id for this mount's writes (never all zeros: that names

@@ -11,10 +11,10 @@ mod space;
 mod walk;
 
 use super::*;
+use stackfs_layers::bay::Bay;
 use stackfs_layers::compress::Codec;
 use stackfs_layers::compress::Compress;
 use stackfs_layers::crypt::Crypt;
-use stackfs_layers::bay::Bay;
 use stackfs_layers::mirror::Mirror;
 use stackfs_layers::watchdog::{Health, Watchdog};
 use stackfs_layers::{Counted, Fault, FaultAction, FaultControl, FaultRule, Keyring, Mem};
