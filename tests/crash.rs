@@ -2,7 +2,9 @@
 //! dm-flakey tests and CrashMonkey): the pool's fault layer acknowledges and
 //! drops every write after the Nth. After remounting, every state that was
 //! durable before the cut must be there (or a later one), every rename must be
-//! all or nothing, and every file must read without error.
+//! all or nothing, and every file must read without error. On a mirrored
+//! pool (a fault layer over each member, one control) every file must then
+//! read the same from the second copy of each group.
 
 mod support;
 
@@ -15,6 +17,10 @@ use std::path::Path;
 use support::*;
 
 const LAYERS: &str = "compress=zstd:1,crypt=aes-256-gcm,stripe=64k,fault";
+/// RAID-10 over 4 devices, a fault layer over each member.
+const MIRRORED: &str = "compress=zstd:1,crypt=aes-256-gcm,stripe=64k,mirror=2,fault";
+/// Cut points of the mirrored run: chosen so that it adds about a minute.
+const MIRRORED_POINTS: u64 = 90;
 
 fn fault(mnt: &Path, cmd: &str) {
     let p = CString::new(mnt.as_os_str().as_bytes()).unwrap();
@@ -41,9 +47,14 @@ fn fault_status(mnt: &Path) -> String {
 }
 
 fn writes(status: &str) -> u64 {
+    counter(status, "writes=")
+}
+
+/// A counter of the fault status line, e.g. `injected=`.
+fn counter(status: &str, key: &str) -> u64 {
     status
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("writes="))
+        .find_map(|w| w.strip_prefix(key))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -195,15 +206,20 @@ fn workload(mnt: &Path) -> Journal {
     j
 }
 
-fn check(mnt: &Path, j: &Journal, cut: u64) {
+/// Checks the remounted pool against the journal; returns what every listed
+/// name read.
+fn check(mnt: &Path, j: &Journal, cut: u64) -> BTreeMap<String, Vec<u8>> {
     let mut listed: Vec<String> = fs::read_dir(mnt)
         .unwrap_or_else(|e| panic!("cut {cut}: readdir failed: {e}"))
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     listed.sort();
-    for name in &listed {
+    let mut read = BTreeMap::new();
+    for name in listed {
         // Everything present reads without error (no torn or corrupt extent).
-        fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("cut {cut}: reading {name}: {e}"));
+        let data =
+            fs::read(mnt.join(&name)).unwrap_or_else(|e| panic!("cut {cut}: reading {name}: {e}"));
+        read.insert(name, data);
     }
     for (path, states) in &j.states {
         if j.unknown.contains(path) {
@@ -218,11 +234,75 @@ fn check(mnt: &Path, j: &Journal, cut: u64) {
             states[from..].iter().map(|s| s.as_ref().map(|v| v.len())).collect::<Vec<_>>()
         );
     }
+    read
 }
 
-#[test]
-fn power_cut_at_200_points() {
-    let p = Pool::with(3, "96M", &["--layers", LAYERS, "--force"]);
+/// Copies per mirror group of a layer spec (1 without a mirror).
+fn copies(layers: &str) -> usize {
+    layers
+        .split(',')
+        .find_map(|l| l.strip_prefix("mirror="))
+        .map_or(1, |n| n.parse().expect("mirror=N in the test's spec"))
+}
+
+/// After a fresh mount (empty caches), every file again, with reads from the
+/// first copy of each mirror group failing, so the other copy serves them:
+/// both copies must give what the first read gave. Returns the reads the
+/// fault layer turned away (the second copy served those).
+fn reread_from_second_copies(
+    p: &Pool,
+    devices: usize,
+    copies: usize,
+    first: &BTreeMap<String, Vec<u8>>,
+    cut: u64,
+) -> u64 {
+    p.mount();
+    for dev in (0..devices).step_by(copies) {
+        fault(&p.mnt, &format!("error read dev={dev}"));
+    }
+    for (name, data) in first {
+        let again = fs::read(p.mnt.join(name)).unwrap_or_else(|e| {
+            panic!("cut {cut}: reading {name} from the second copies failed: {e}")
+        });
+        assert!(
+            again == *data,
+            "cut {cut}: {name} reads differently from the second copies (len {} then {})",
+            data.len(),
+            again.len()
+        );
+    }
+    let turned_away = counter(&fault_status(&p.mnt), "injected=");
+    p.umount();
+    turned_away
+}
+
+fn mkfs(p: &Pool, layers: &str) {
+    let args = [
+        "mkfs",
+        "--force",
+        "--size",
+        "96M",
+        "--kdf-memory",
+        "8M",
+        "--kdf-time",
+        "1",
+        "--layers",
+        layers,
+    ];
+    let paths: Vec<String> = p.imgs.iter().map(|i| i.display().to_string()).collect();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(paths.iter().map(|s| s.as_str()));
+    ok(stackfs(&all));
+}
+
+/// The crash group: the workload on a pool of `devices` image files with
+/// `layers` (which must hold `fault`), cut at `points` write counts spread
+/// over it, each on a fresh pool; after each cut the remounted pool is
+/// checked against the journal, read from the second copies when mirrored,
+/// and fsck'd.
+fn power_cuts(layers: &str, devices: usize, points: u64) {
+    let started = std::time::Instant::now();
+    let p = Pool::with(devices, "96M", &["--layers", layers, "--force"]);
     // A run without a cut: how many writes reach the devices in all.
     p.mount();
     let before = writes(&fault_status(&p.mnt));
@@ -232,29 +312,14 @@ fn power_cut_at_200_points() {
     p.mount();
     check(&p.mnt, &full, u64::MAX);
     p.umount();
-    assert!(total > 200, "the workload makes only {total} writes");
+    assert!(total > points, "the workload makes only {total} writes");
 
-    let points = 200u64;
-    let mut cuts_with_loss = 0;
+    let copies = copies(layers);
+    let (mut cuts_with_loss, mut turned_away) = (0, 0);
     for n in 0..points {
         // Fresh pool each time; the cut counts writes from when it is armed.
         let cut = n * total / points;
-        let args = [
-            "mkfs",
-            "--force",
-            "--size",
-            "96M",
-            "--kdf-memory",
-            "8M",
-            "--kdf-time",
-            "1",
-            "--layers",
-            LAYERS,
-        ];
-        let paths: Vec<String> = p.imgs.iter().map(|i| i.display().to_string()).collect();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(paths.iter().map(|s| s.as_str()));
-        ok(stackfs(&all));
+        mkfs(&p, layers);
         p.mount();
         fault(&p.mnt, &format!("cut-after {cut}"));
         let j = workload(&p.mnt);
@@ -263,8 +328,11 @@ fn power_cut_at_200_points() {
         }
         p.umount();
         p.mount();
-        check(&p.mnt, &j, cut);
+        let first = check(&p.mnt, &j, cut);
         p.umount();
+        if copies > 1 {
+            turned_away += reread_from_second_copies(&p, devices, copies, &first, cut);
+        }
         let f = stackfs(&["fsck", &p.source()]);
         assert_eq!(
             f.status.code(),
@@ -273,11 +341,37 @@ fn power_cut_at_200_points() {
             String::from_utf8_lossy(&f.stdout)
         );
     }
-    eprintln!("{points} power-cut points over {total} writes; {cuts_with_loss} cut before the end");
+    let second = if copies > 1 {
+        format!("; {turned_away} reads served by second copies")
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "{layers} over {devices} devices: {points} power-cut points over {total} writes; \
+         {cuts_with_loss} cut before the end{second}; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         cuts_with_loss >= points - 2,
         "most runs must actually lose power"
     );
+    assert!(
+        copies == 1 || turned_away > 0,
+        "no read was turned away from a first copy: the second copies were not read"
+    );
+}
+
+#[test]
+fn power_cut_at_200_points() {
+    power_cuts(LAYERS, 3, 200);
+}
+
+/// RAID-10 (two mirrors of two, striped) with a fault layer below each
+/// mirror member, all on one control: a cut may fall between the copies of
+/// one write, so the copies differ in what was in flight.
+#[test]
+fn power_cut_on_a_mirrored_pool() {
+    power_cuts(MIRRORED, 4, MIRRORED_POINTS);
 }
 
 /// The classic safe replace: write a new version under a temporary name,
