@@ -124,6 +124,23 @@ struct Shared {
     retired: Vec<Arc<dyn Layer>>,
 }
 
+/// Where the member-state record is kept: the superblocks of the members
+/// present (`pool_recorder`), or wherever a test keeps it.
+pub type Recorder =
+    Box<dyn Fn(&Fs, &MemberStates, &[(PathBuf, u64)]) -> Result<(), String> + Send + Sync>;
+
+/// The record in the superblocks of `devices` (sealed on an encrypted pool).
+pub fn pool_recorder() -> Recorder {
+    Box::new(|fs, states, devices| {
+        // A test's power cut (the fault layer) loses superblock writes too.
+        if fs.stack.fault.as_ref().is_some_and(|f| f.is_power_cut()) {
+            return Err("the power is cut (fault layer): no superblock is written".into());
+        }
+        let key = fs.pool.as_ref().and_then(|p| p.sb_key.as_ref());
+        members::record(devices, key, states).map_err(|e| e.to_string())
+    })
+}
+
 /// The background jobs of one mount.
 pub struct Jobs {
     fs: Weak<Fs>,
@@ -131,6 +148,9 @@ pub struct Jobs {
     wake: Condvar,
     pub progress: Progress,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recorder: Recorder,
+    /// How often a rebuild saves its cursor.
+    checkpoint_every: Duration,
 }
 
 impl Jobs {
@@ -145,22 +165,8 @@ impl Jobs {
             .zip(&pool.sizes)
             .map(|((i, p), s)| (*i, p.clone(), *s))
             .collect();
-        let jobs = Arc::new(Jobs {
-            fs: Arc::downgrade(fs),
-            shared: Mutex::new(Shared {
-                states: pool.states.clone(),
-                devices,
-                scrub: None,
-                running: None,
-                last: None,
-                stop: false,
-                new_lock: pool.new_lock.lock().take(),
-                retired: Vec::new(),
-            }),
-            wake: Condvar::new(),
-            progress: Progress::default(),
-            thread: Mutex::new(None),
-        });
+        let jobs = Jobs::new(fs, pool.states.clone(), devices, pool_recorder());
+        jobs.shared.lock().new_lock = pool.new_lock.lock().take();
         let me = jobs.clone();
         let handle = std::thread::Builder::new()
             .name("stackfs-jobs".into())
@@ -168,6 +174,62 @@ impl Jobs {
             .ok()?;
         *jobs.thread.lock() = Some(handle);
         Some(jobs)
+    }
+
+    /// Jobs over `fs` whose record is `states` (kept by `recorder`) and
+    /// whose members present are `devices`: (index, path, size). No thread
+    /// runs them: `step` does (`start` makes the thread).
+    pub fn new(
+        fs: &Arc<Fs>,
+        states: MemberStates,
+        devices: Vec<(u32, PathBuf, u64)>,
+        recorder: Recorder,
+    ) -> Arc<Jobs> {
+        Arc::new(Jobs {
+            fs: Arc::downgrade(fs),
+            shared: Mutex::new(Shared {
+                states,
+                devices,
+                scrub: None,
+                running: None,
+                last: None,
+                stop: false,
+                new_lock: None,
+                retired: Vec::new(),
+            }),
+            wake: Condvar::new(),
+            progress: Progress::default(),
+            thread: Mutex::new(None),
+            recorder,
+            checkpoint_every: CHECKPOINT_EVERY,
+        })
+    }
+
+    /// Save the cursor after every batch (tests of power cuts).
+    pub fn checkpoint_always(self: Arc<Self>) -> Arc<Self> {
+        let mut me = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("jobs shared before set-up"));
+        me.checkpoint_every = Duration::ZERO;
+        Arc::new(me)
+    }
+
+    /// The record as last written.
+    pub fn states(&self) -> MemberStates {
+        self.shared.lock().states.clone()
+    }
+
+    /// Record faults, then run the next job if there is one; whether one ran.
+    pub fn step(&self) -> bool {
+        let Some(fs) = self.fs.upgrade() else {
+            return false;
+        };
+        self.record_faults(&fs);
+        match self.next_job(&fs) {
+            Some(job) => {
+                self.run_job(&fs, job);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stop the job running (its cursor is saved) and the thread.
@@ -182,19 +244,13 @@ impl Jobs {
 
     fn run(&self) {
         loop {
-            let Some(fs) = self.fs.upgrade() else { return };
-            if self.shared.lock().stop {
+            if self.shared.lock().stop || self.fs.strong_count() == 0 {
                 return;
             }
-            self.record_faults(&fs);
-            match self.next_job(&fs) {
-                Some(job) => self.run_job(&fs, job),
-                None => {
-                    drop(fs);
-                    let mut shared = self.shared.lock();
-                    if !shared.stop {
-                        self.wake.wait_for(&mut shared, Duration::from_secs(1));
-                    }
+            if !self.step() {
+                let mut shared = self.shared.lock();
+                if !shared.stop {
+                    self.wake.wait_for(&mut shared, Duration::from_secs(1));
                 }
             }
         }
@@ -285,7 +341,6 @@ impl Jobs {
     /// Write `next` into the superblocks of every member present that
     /// answers, and keep it.
     fn record(&self, fs: &Fs, shared: &mut Shared, next: MemberStates) -> Result<(), String> {
-        let key = fs.pool.as_ref().and_then(|p| p.sb_key.as_ref());
         let health = &fs.stack.health;
         let devices: Vec<(PathBuf, u64)> = shared
             .devices
@@ -293,7 +348,7 @@ impl Jobs {
             .filter(|(i, _, _)| !health.is_faulted(*i as usize))
             .map(|(_, p, s)| (p.clone(), *s))
             .collect();
-        members::record(&devices, key, &next).map_err(|e| e.to_string())?;
+        (self.recorder)(fs, &next, &devices)?;
         shared.states = next;
         Ok(())
     }
@@ -339,7 +394,7 @@ impl Jobs {
         let mut failed = None;
         fs.walk_data(mode, from.max(meta_len), &mut |step| {
             self.progress.advance(step.bytes);
-            if saved.elapsed() >= CHECKPOINT_EVERY {
+            if saved.elapsed() >= self.checkpoint_every {
                 saved = Instant::now();
                 if let Err(e) = self.checkpoint(fs, |s| save(s, step.cursor)) {
                     failed = Some(e);

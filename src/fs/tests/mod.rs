@@ -7,6 +7,7 @@ mod crash;
 mod errors;
 mod mirror;
 mod race;
+mod resync;
 mod space;
 mod walk;
 
