@@ -108,6 +108,23 @@ fn describe(found: &Found, encryption: &Option<String>) -> Value {
         "capacity": superblock.per_device * superblock.count as u64 / mirror_copies(&superblock.spec),
         "raw_capacity": superblock.per_device * superblock.count as u64,
         "metadata_region": superblock.meta_len,
+        "members_recorded": recorded_states(found),
+    })
+}
+
+/// What the superblocks record about the members' copies: who missed
+/// writes (and how far its resync got), a replace in progress, who is
+/// missing here.
+fn recorded_states(found: &Found) -> Value {
+    let states = pool::members::current(&found.to_vec());
+    let count = found[0].2.count;
+    let missing: Vec<u32> = (0..count)
+        .filter(|i| !found.iter().any(|(_, _, s)| s.index == *i))
+        .collect();
+    json!({
+        "stale": states.stale.iter().map(|(i, c)| json!({"member": i, "resynced_to": c})).collect::<Vec<_>>(),
+        "replacing": states.replace.as_ref().map(|r| json!({"member": r.index, "new": r.path, "rebuilt_to": r.cursor})),
+        "missing": missing,
     })
 }
 
@@ -204,28 +221,92 @@ fn print_pool(out: &Value, found: &Found, encryption: Option<&str>, mountpoint: 
     if let Some(m) = mountpoint {
         println!("state:       mounted at {m}");
     }
-    if let Some(health) = out["health"].as_object() {
-        match (health["state"].as_str(), health["failure"].as_str()) {
-            (Some("failed"), Some(why)) => println!("pool state:  FAILED: {why}"),
-            (Some("failed"), None) => println!("pool state:  FAILED: data of a member that stopped answering is not on any other copy; read-only until remounted (fsck after it answers again)"),
-            (Some("degraded"), _) => println!("pool state:  DEGRADED: a mirror member is faulted; every group still has a good copy"),
-            _ => println!("pool state:  ONLINE"),
-        }
-        for member in health["members"].as_array().into_iter().flatten() {
-            println!(
-                "  [{}] {:<8} {} timeouts, {} late answers, errors: {} read, {} write, {} checksum; {} repairs ({} bytes){}",
-                member["index"],
-                member["state"].as_str().unwrap_or("?"),
+    match out["health"].as_object() {
+        Some(health) => print_health(health),
+        None => print_recorded(&out["members_recorded"]),
+    }
+}
+
+/// The record in the superblocks of a pool that is not mounted.
+fn print_recorded(recorded: &Value) {
+    for i in recorded["missing"].as_array().into_iter().flatten() {
+        println!("  [{i}] missing (mount -o degraded uses the pool without it)");
+    }
+    for s in recorded["stale"].as_array().into_iter().flatten() {
+        println!(
+            "  member {} missed writes; its resync (at {} MiB) runs at the next read-write mount",
+            s["member"],
+            s["resynced_to"].as_u64().unwrap_or(0) >> 20
+        );
+    }
+    if let Some(r) = recorded["replacing"].as_object() {
+        println!(
+            "  member {} is being replaced by {} (rebuilt to {} MiB); it goes on at the next mount",
+            r["member"],
+            r["new"].as_str().unwrap_or("?"),
+            r["rebuilt_to"].as_u64().unwrap_or(0) >> 20
+        );
+    }
+}
+
+/// The daemon's view: the pool state (as `zpool status`), the job running
+/// or the last one, and each member.
+fn print_health(health: &serde_json::Map<String, Value>) {
+    match (health["state"].as_str(), health["failure"].as_str()) {
+        (Some("failed"), Some(why)) => println!("pool state:  FAILED: {why}"),
+        (Some("failed"), None) => println!("pool state:  FAILED: data of a member that stopped answering is not on any other copy; read-only until remounted (fsck after it answers again)"),
+        (Some("degraded"), _) => println!("pool state:  DEGRADED: a member is missing, faulted or resyncing; every mirror group still has a good copy"),
+        _ => println!("pool state:  ONLINE"),
+    }
+    if let Some(jobs) = health.get("jobs") {
+        print_scan(jobs);
+    }
+    for member in health["members"].as_array().into_iter().flatten() {
+        println!(
+            "  [{}] {:<9} {}: {} timeouts, {} late answers, errors: {} read, {} write, {} checksum; {} repairs ({} bytes){}",
+            member["index"],
+            member["state"].as_str().unwrap_or("?"),
+            member["path"].as_str().unwrap_or("?"),
                 member["timeouts"],
                 member["late_answers"],
                 member["read_errors"],
                 member["write_errors"],
                 member["checksum_errors"],
                 member["repairs"],
-                member["bytes_repaired"],
-                why(member)
-            );
-        }
+            member["bytes_repaired"],
+            why(member)
+        );
+    }
+}
+
+/// The `scan:` line: the job running with its progress, or the last one.
+fn print_scan(jobs: &Value) {
+    let running = &jobs["running"];
+    if running.is_object() {
+        let (done, total) = (
+            running["done"].as_u64().unwrap_or(0),
+            running["total"].as_u64().unwrap_or(0).max(1),
+        );
+        println!(
+            "scan:        {} in progress: {:.1}% ({} of {} MiB)",
+            running["what"].as_str().unwrap_or("?"),
+            100.0 * done as f64 / total as f64,
+            done >> 20,
+            total >> 20
+        );
+        return;
+    }
+    let last = &jobs["last"];
+    if let Some(e) = last["error"].as_str() {
+        println!("scan:        the last {} failed: {e}", last["job"].as_str().unwrap_or("job"));
+    } else if last["copies"].is_array() {
+        println!(
+            "scan:        scrub done in {:.1} s, exit code {} (stackfs scrub --json for the report)",
+            last["seconds"].as_f64().unwrap_or(0.0),
+            last["exit_code"]
+        );
+    } else if let Some(job) = last["job"].as_str() {
+        println!("scan:        {job} of member {} done", last["member"]);
     }
 }
 

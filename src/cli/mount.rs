@@ -51,7 +51,7 @@ pub fn mount(foreground: bool, options: &[String], source: &str, mountpoint: Pat
     let jobs = if parsed.read_only {
         None
     } else {
-        stackfs::rebuild::Jobs::start(&fs)
+        stackfs::rebuild::Jobs::start(&fs, parsed.resync_rate)
     };
     let fusefs = FuseFs {
         fs: fs.clone(),

@@ -40,6 +40,8 @@ pub struct MountOptions {
     pub commit: Duration,
     /// Mount a mirrored pool with members missing (`degraded`).
     pub degraded: bool,
+    /// Bytes per second a resync or replace reads at most (`resync_rate=`).
+    pub resync_rate: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -62,6 +64,7 @@ impl Default for MountOptions {
             threads: 4,
             commit: Duration::from_secs(1),
             degraded: false,
+            resync_rate: None,
         }
     }
 }
@@ -155,6 +158,10 @@ impl MountOptions {
             ("default_permissions", None) => {}
             ("remount", None) => self.remount = true,
             ("degraded", None) => self.degraded = true,
+            ("resync_rate", Some(v)) => {
+                self.resync_rate =
+                    Some(parse_size(v).ok_or(format!("resync_rate={v} is not a size (e.g. 50M)"))?)
+            }
             ("readahead", Some(v)) => self.readahead_kb = parse_readahead(v)?,
             ("timeout", Some(v)) => self.timeout = parse_timeout(v)?,
             ("commit", Some(v)) => self.commit = parse_commit(v)?,

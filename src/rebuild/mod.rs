@@ -151,12 +151,15 @@ pub struct Jobs {
     recorder: Recorder,
     /// How often a rebuild saves its cursor.
     checkpoint_every: Duration,
+    /// Bytes per second a resync or replace may read (None: no limit).
+    rebuild_rate: Mutex<Option<u64>>,
 }
 
 impl Jobs {
     /// Start the thread of a read-write pool, which first resumes what the
-    /// member-state record asks for. None for a filesystem without a pool.
-    pub fn start(fs: &Arc<Fs>) -> Option<Arc<Jobs>> {
+    /// member-state record asks for; resyncs and replaces read at most
+    /// `rebuild_rate` bytes per second. None for a filesystem without a pool.
+    pub fn start(fs: &Arc<Fs>, rebuild_rate: Option<u64>) -> Option<Arc<Jobs>> {
         let pool = fs.pool.as_ref()?;
         let devices = pool
             .indices
@@ -167,6 +170,7 @@ impl Jobs {
             .collect();
         let jobs = Jobs::new(fs, pool.states.clone(), devices, pool_recorder());
         jobs.shared.lock().new_lock = pool.new_lock.lock().take();
+        jobs.set_rebuild_rate(rebuild_rate);
         let me = jobs.clone();
         let handle = std::thread::Builder::new()
             .name("stackfs-jobs".into())
@@ -202,6 +206,7 @@ impl Jobs {
             thread: Mutex::new(None),
             recorder,
             checkpoint_every: CHECKPOINT_EVERY,
+            rebuild_rate: Mutex::new(None),
         })
     }
 
@@ -210,6 +215,12 @@ impl Jobs {
         let mut me = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("jobs shared before set-up"));
         me.checkpoint_every = Duration::ZERO;
         Arc::new(me)
+    }
+
+    /// Keep resyncs and replaces under `rate` bytes per second (the mount's
+    /// `resync_rate=`), so that they leave the disks to the workload.
+    pub fn set_rebuild_rate(&self, rate: Option<u64>) {
+        *self.rebuild_rate.lock() = rate;
     }
 
     /// The record as last written.
@@ -392,8 +403,10 @@ impl Jobs {
         self.progress.say(format!("{what}: data"));
         let mut saved = Instant::now();
         let mut failed = None;
+        let mut pace = Pace::new(*self.rebuild_rate.lock());
         fs.walk_data(mode, from.max(meta_len), &mut |step| {
             self.progress.advance(step.bytes);
+            pace.after(step.bytes);
             if saved.elapsed() >= self.checkpoint_every {
                 saved = Instant::now();
                 if let Err(e) = self.checkpoint(fs, |s| save(s, step.cursor)) {
