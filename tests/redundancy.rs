@@ -69,7 +69,13 @@ fn mount_devices(p: &Pool, imgs: &[&Path], options: &str) -> std::process::Outpu
     } else {
         format!("{log},{options}")
     };
-    stackfs(&["mount", "-o", &opts, &source.join(":"), p.mnt.to_str().unwrap()])
+    stackfs(&[
+        "mount",
+        "-o",
+        &opts,
+        &source.join(":"),
+        p.mnt.to_str().unwrap(),
+    ])
 }
 
 /// Unmount and wait for the daemon (whatever devices it was given).
@@ -130,7 +136,10 @@ fn members_used_apart_are_refused_together() {
         put_files(&p.mnt, tag, 1, 50_000);
         umount(&p);
     }
-    fails_with(mount_devices(&p, &[&d0, &d1], ""), "each used without the other");
+    fails_with(
+        mount_devices(&p, &[&d0, &d1], ""),
+        "each used without the other",
+    );
     assert!(!is_mounted(&p.mnt));
 }
 
@@ -162,12 +171,19 @@ fn replace_onto_a_new_image_then_remove_the_old() {
     p.mount();
     check_files(&p.mnt, &files);
     p.umount();
-    let out = stackfs(&["fsck", "--verify-data", &p.source()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     // The new member alone holds everything.
-    ok(mount_devices(&p, &[&new], "degraded"));
-    check_files(&p.mnt, &files);
-    umount(&p);
+    fsck_clean_and_whole_on(&p, &new, &files);
+}
+
+/// `fsck --verify-data` of the pool finds nothing, then the member `alone`
+/// mounted by itself (degraded) holds every file.
+fn fsck_clean_and_whole_on(p: &Pool, alone: &Path, files: &[(PathBuf, Vec<u8>)]) {
+    let out = stackfs(&["fsck", "--verify-data", &p.source()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    ok(mount_devices(p, &[alone], "degraded"));
+    check_files(&p.mnt, files);
+    umount(p);
 }
 
 /// Garbage over 4 KiB at each of `offsets` of an image file.
@@ -234,6 +250,18 @@ fn scrub_repairs_damage_on_every_member() {
     assert!(text.contains("1 bad, 1 repaired, 0 unrepaired"), "{text}");
 }
 
+/// Kill the daemon (SIGKILL) and detach its mount.
+fn kill_daemon(p: &Pool) {
+    let pid = p.daemon_pid().expect("daemon");
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&p.mnt)
+        .status();
+    p.wait_daemon_gone();
+}
+
 #[test]
 fn a_resync_cut_by_a_killed_daemon_goes_on_at_the_next_mount() {
     let p = raid1();
@@ -246,12 +274,8 @@ fn a_resync_cut_by_a_killed_daemon_goes_on_at_the_next_mount() {
     umount(&p);
     // A slow resync (resync_rate=), and the daemon dies midway.
     ok(mount_devices(&p, &[&d0, &d1], "resync_rate=8M"));
-    let pid = p.daemon_pid().expect("daemon");
     std::thread::sleep(Duration::from_millis(700));
-    // SAFETY: kill has no memory preconditions.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let _ = std::process::Command::new("umount").arg("-l").arg(&p.mnt).status();
-    p.wait_daemon_gone();
+    kill_daemon(&p);
     let recorded = json(ok(stackfs(&["info", "--json", &p.source()])).as_bytes());
     let stale = &recorded["members_recorded"]["stale"];
     assert_eq!(stale[0]["member"], 1, "the resync was not cut: {recorded}");
@@ -259,9 +283,74 @@ fn a_resync_cut_by_a_killed_daemon_goes_on_at_the_next_mount() {
     wait_online(&p.mnt);
     check_files(&p.mnt, &files);
     umount(&p);
-    let out = stackfs(&["fsck", "--verify-data", &p.source()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
-    ok(mount_devices(&p, &[&d1], "degraded"));
+    fsck_clean_and_whole_on(&p, &d1, &files);
+}
+
+#[test]
+fn a_replace_cut_by_a_killed_daemon_goes_on_at_the_next_mount() {
+    let mut p = raid1();
+    p.mount_with("resync_rate=8M");
+    let files = put_files(&p.mnt, "f", 24, 1_000_000);
+    let new = p.dir.path().join("new.img");
+    ok(stackfs(&[
+        "replace",
+        "--no-wait",
+        p.mnt.to_str().unwrap(),
+        p.imgs[1].to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]));
+    std::thread::sleep(Duration::from_millis(700));
+    kill_daemon(&p);
+    // Half built: the new image is no member yet.
+    fails_with(
+        stackfs(&["info", new.to_str().unwrap()]),
+        "not a stackfs device",
+    );
+    let recorded = json(ok(stackfs(&["info", "--json", &p.source()])).as_bytes());
+    assert_eq!(
+        recorded["members_recorded"]["replacing"]["member"], 1,
+        "{recorded}"
+    );
+    // The same devices as before: the replace goes on by itself.
+    p.mount();
+    wait_online(&p.mnt);
+    let health = json(&getxattr(&p.mnt, c"stackfs.health"));
+    assert_eq!(
+        health["members"][1]["path"],
+        new.display().to_string(),
+        "{health}"
+    );
     check_files(&p.mnt, &files);
     umount(&p);
+    fs::remove_file(&p.imgs[1]).unwrap();
+    p.imgs[1] = new;
+    p.mount();
+    check_files(&p.mnt, &files);
+    p.umount();
+}
+
+#[test]
+fn a_missing_member_is_replaced_by_its_number() {
+    let mut p = raid1();
+    p.mount();
+    let files = put_files(&p.mnt, "f", 6, 500_000);
+    p.umount();
+    fs::remove_file(&p.imgs[1]).unwrap();
+    let d0 = p.imgs[0].clone();
+    ok(mount_devices(&p, &[&d0], "degraded"));
+    let new = p.dir.path().join("new.img");
+    let said = ok(stackfs(&[
+        "replace",
+        p.mnt.to_str().unwrap(),
+        "1",
+        new.to_str().unwrap(),
+    ]));
+    assert!(said.contains("member 1 is now"), "{said}");
+    let health = json(&getxattr(&p.mnt, c"stackfs.health"));
+    assert_eq!(health["state"], "online", "{health}");
+    umount(&p);
+    p.imgs[1] = new;
+    p.mount();
+    check_files(&p.mnt, &files);
+    p.umount();
 }

@@ -298,7 +298,10 @@ fn print_scan(jobs: &Value) {
     }
     let last = &jobs["last"];
     if let Some(e) = last["error"].as_str() {
-        println!("scan:        the last {} failed: {e}", last["job"].as_str().unwrap_or("job"));
+        println!(
+            "scan:        the last {} failed: {e}",
+            last["job"].as_str().unwrap_or("job")
+        );
     } else if last["copies"].is_array() {
         println!(
             "scan:        scrub done in {:.1} s, exit code {} (stackfs scrub --json for the report)",
@@ -389,6 +392,27 @@ pub(super) fn daemon_json(mountpoint: &Path, name: &CStr) -> Option<Value> {
     (n > 0)
         .then(|| serde_json::from_slice(&buf[..n as usize]).ok())
         .flatten()
+}
+
+/// Set a control xattr of a mounted pool's root (its daemon acts on it).
+pub(super) fn set_control(mountpoint: &Path, name: &CStr, value: &str) -> std::io::Result<()> {
+    let path =
+        CString::new(mountpoint.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: valid C strings; the value outlives the call.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// `info` when the devices do not answer: the daemon's view of its members,

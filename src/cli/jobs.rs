@@ -2,14 +2,14 @@
 //! job through its root's control xattrs and follow it with a progress bar;
 //! `scrub` of a pool that is not mounted runs here instead.
 
-use super::info::daemon_json;
+use super::info::{daemon_json, set_control};
 use super::open::open_fs;
 use super::umount::find_mount;
 use super::{CliResult, KeyArgs};
 use serde_json::Value;
 use stackfs::rebuild::scrub::{self, ScrubReport, OPERATIONAL};
 use stackfs::rebuild::Progress;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,22 +32,9 @@ fn bar() -> indicatif::ProgressBar {
 /// Set a control xattr of the mount's root; a refusal's reason is in
 /// `stackfs.job`.
 fn command(mountpoint: &Path, name: &CStr, value: &str) -> Result<(), String> {
-    let path =
-        CString::new(mountpoint.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: valid C strings; the value outlives the call.
-    let r = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
+    let Err(error) = set_control(mountpoint, name, value) else {
         return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
+    };
     let why = daemon_json(mountpoint, c"stackfs.job")
         .and_then(|s| s["last"]["error"].as_str().map(str::to_string));
     Err(why.unwrap_or_else(|| match error.raw_os_error() {

@@ -56,16 +56,12 @@ pub fn remount(mountpoint: &Path, options: &MountOptions) -> CliResult {
         )
         .into());
     }
-    hand_over_daemon_rules(&target, &canonical, options)
+    hand_over_daemon_rules(&canonical, options)
 }
 
 /// The atime and sync rules are the daemon's: hand over what was said,
 /// through the `stackfs.mount` control xattr of the root.
-fn hand_over_daemon_rules(
-    target: &CString,
-    mountpoint: &Path,
-    options: &MountOptions,
-) -> CliResult {
+fn hand_over_daemon_rules(mountpoint: &Path, options: &MountOptions) -> CliResult {
     let mut said = vec![options.atime.encode()];
     said.extend(
         options
@@ -82,22 +78,10 @@ fn hand_over_daemon_rules(
     if said.is_empty() {
         return Ok(());
     }
-    let name = c"stackfs.mount";
-    // SAFETY: valid C strings and a buffer that outlive the call.
-    let result = unsafe {
-        libc::setxattr(
-            target.as_ptr(),
-            name.as_ptr(),
-            said.as_ptr().cast(),
-            said.len(),
-            0,
-        )
-    };
-    if result != 0 {
+    if let Err(e) = super::info::set_control(mountpoint, c"stackfs.mount", &said) {
         return Err(format!(
-            "remounted {}, but the daemon did not take {said}: {}",
+            "remounted {}, but the daemon did not take {said}: {e}",
             mountpoint.display(),
-            std::io::Error::last_os_error()
         )
         .into());
     }

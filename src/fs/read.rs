@@ -89,15 +89,7 @@ impl Fs {
                     out[i] = Some(d.clone());
                     continue;
                 }
-                let w = Waiter::new();
-                let io = Io::new(
-                    Op::Read,
-                    x.phys,
-                    Buf::zeroed(x.len as usize),
-                    Some(w.end_io()),
-                );
-                // The transform layers need back what they recorded at write time.
-                io.set_tag(x.tag());
+                let (io, w) = unit_read(x, x.tag());
                 waits.push((i, w, io.buf().clone()));
                 ios.push(io);
             }
@@ -349,6 +341,20 @@ pub(super) fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
 }
 
 /// Check a unit read from the pool; its bytes up to the logical length.
+/// The read of a committed unit, tagged with `tag`: what the transform
+/// layers recorded at write time (`Extent::tag`), and which copies to read.
+pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
+    let w = Waiter::new();
+    let io = Io::new(
+        Op::Read,
+        x.phys,
+        Buf::zeroed(x.len as usize),
+        Some(w.end_io()),
+    );
+    io.set_tag(tag);
+    (io, w)
+}
+
 pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> R<Buf> {
     if let Err(e) = r {
         // A cancelled sibling of a failed read has nothing new to say.

@@ -18,7 +18,7 @@
 //! reused while it is read (a unit rewritten meanwhile is skipped: its new
 //! extent was written to every copy the mirror writes).
 
-use super::read::verify_unit;
+use super::read::{unit_read, verify_unit};
 use super::*;
 
 /// Units read per batch.
@@ -161,14 +161,7 @@ impl Fs {
         let mut ios = Vec::with_capacity(live.len());
         let mut waits = Vec::with_capacity(live.len());
         for (_, _, _, x) in &live {
-            let w = Waiter::new();
-            let io = Io::new(
-                Op::Read,
-                x.phys,
-                Buf::zeroed(x.len as usize),
-                Some(w.end_io()),
-            );
-            io.set_tag(mode.tag(copies, x.tag()));
+            let (io, w) = unit_read(x, mode.tag(copies, x.tag()));
             waits.push((w, io.buf().clone()));
             ios.push(io);
         }
