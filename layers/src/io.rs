@@ -109,6 +109,11 @@ pub const TAG_DETACHED: u8 = 1;
 /// `TAG_RAW`: store the bytes uncompressed (space the caller wants claimed,
 /// such as preallocated zeros).
 pub const TAG_RAW: u8 = 2;
+/// `TAG_NO_HEAL`: a read that avoids copies only to choose the one it reads
+/// (the metadata store reading each copy in turn, a scrub checking one):
+/// the mirror does not heal the avoided copies from it. Without it, a read
+/// that avoids copies takes the bytes it got as the good ones.
+pub const TAG_NO_HEAL: u8 = 4;
 
 /// Bytes transferred, or the errno that ended the request.
 pub type IoResult = Result<u64, Errno>;

@@ -24,6 +24,9 @@
 //! counting the repair (per member in `Health`, per layer in `Stats`). The
 //! comparison keeps the count exact when `avoid` is wider than the damage
 //! (with a stripe above, `copies` is ORed over every group a read touched).
+//! A read tagged `TAG_NO_HEAL` avoids copies only to choose the one it
+//! reads (the metadata store reading every copy of its root, a scrub
+//! checking one copy): it heals nothing.
 //!
 //! A heal must never overwrite newer data (the metadata store rewrites its
 //! slots in place): it is skipped (left to a scrub) when a write overlapping
@@ -34,7 +37,7 @@
 
 use crate::buf::Buf;
 use crate::errno::Errno;
-use crate::io::{Io, IoResult, Op};
+use crate::io::{Io, IoResult, Op, TAG_NO_HEAL};
 use crate::layer::{check_range, Layer, Repairs};
 use crate::map::{self, Map, Mapping};
 use crate::spec::SpecError;
@@ -140,6 +143,8 @@ struct ReadState {
     avoid: u32,
     /// Copies tried and failed.
     failed: u32,
+    /// Whether a success heals the avoided copies (not with `TAG_NO_HEAL`).
+    heals: bool,
 }
 
 impl Mirror {
@@ -267,17 +272,16 @@ impl Mirror {
 
     /// Start a read, or fail it when every copy is avoided or faulted.
     fn read(&self, io: &Io) -> Mapping {
-        let avoid = io.tag().avoid;
+        let tag = io.tag();
+        let avoid = tag.avoid;
         // Only a read that avoids copies heals, and needs the write clock.
-        let since = if avoid != 0 {
-            self.writes.lock().clock
-        } else {
-            0
-        };
+        let heals = avoid != 0 && tag.flags & TAG_NO_HEAL == 0;
+        let since = if heals { self.writes.lock().clock } else { 0 };
         let state = ReadState {
             since,
             avoid,
             failed: 0,
+            heals,
         };
         match self.pick(state.avoid) {
             Some(copy) => Mapping::Detached(copy, self.attempt(io, copy, state)),
@@ -311,7 +315,7 @@ impl Mirror {
                 let mut tag = origin.tag();
                 tag.copies = 1 << copy;
                 origin.set_tag(tag);
-                if state.avoid != 0 {
+                if state.heals {
                     self.heal(origin, copy, state, n);
                 } else {
                     origin.finish(Ok(n));
