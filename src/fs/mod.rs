@@ -289,6 +289,7 @@ fn open_database(
         geometry.meta_len,
         geometry.pool_uuid,
         read_only,
+        stack.copies(),
     )
     .map_err(FsError::damaged)?;
     let watch = store.watch();

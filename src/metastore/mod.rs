@@ -22,6 +22,19 @@
 //! torn or lost write is never read. Writes are buffered until `sync_data`
 //! (or until the buffer is large).
 //!
+//! Over a mirror (`copies` > 1, given at open from the stack), copies can
+//! differ: one that missed commits (faulted, or cut off by a power loss)
+//! holds an older root, valid. Opening reads both root slots from every
+//! copy, each alone (`avoid` every other copy, `TAG_NO_HEAL`: the mirror
+//! heals nothing from it; the next commit rewrites the root on every copy),
+//! and takes the valid root with the highest sequence over all of them; a
+//! copy that does not answer (EIO) is skipped. The fallback (the other slot
+//! of the pair unusable or erased) is judged on the copies holding that
+//! root: it is one only if no such copy has that slot usable. Every other
+//! read that finds a slot not holding the version it must (damaged, or older
+//! on such a copy) is read again avoiding the copies that served it, and the
+//! mirror rewrites them from the copy that answers (`other_copies_at`).
+//!
 //! The parts: `ondisk` (records and their encoding), `slots` (slot I/O),
 //! `load` (open: root and version tables), `versions` (the version table in
 //! memory), `write_out` (commits), `backend` (what redb calls).
@@ -39,6 +52,7 @@ pub use ondisk::SECTOR;
 
 use ondisk::{Layout, Root, RootRec, Ver, ROOT_SECTOR, SLOT, STAMP, TABLE_BASE};
 use parking_lot::Mutex;
+use stackfs_layers::mirror::MAX_COPIES;
 use stackfs_layers::{Buf, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -154,6 +168,8 @@ pub struct MetaStore {
     /// Writes (redb's recovery on open) stay in memory and never reach the pool.
     read_only: bool,
     watch: Arc<StoreWatch>,
+    /// Copies the stack below keeps of every byte (`mirror=N`; 1 without).
+    copies: usize,
 }
 
 impl std::fmt::Debug for MetaStore {
@@ -172,7 +188,13 @@ impl MetaStore {
         region: u64,
         pool_uuid: [u8; 16],
         read_only: bool,
+        copies: usize,
     ) -> io::Result<MetaStore> {
+        if !(1..=MAX_COPIES).contains(&copies) {
+            return Err(eio(format!(
+                "{copies} copies below: a stack keeps 1 to {MAX_COPIES}"
+            )));
+        }
         let slot_len = SLOT.saturating_sub(top.overhead()) as usize;
         if slot_len < SECTOR + STAMP {
             return Err(eio(format!(
@@ -203,13 +225,14 @@ impl MetaStore {
             }),
             read_only,
             watch: Arc::new(StoreWatch::default()),
+            copies,
         })
     }
 
     /// Write the root of a new, empty store, durably. For a new pool only
     /// (a fresh pool UUID): sequence numbers start over.
     pub fn format(top: Arc<dyn Layer>, region: u64, pool_uuid: [u8; 16]) -> io::Result<()> {
-        let m = MetaStore::new(top, region, pool_uuid, false)?;
+        let m = MetaStore::new(top, region, pool_uuid, false, 1)?;
         if m.layout.pairs < 1 {
             return Err(eio("the metadata region cannot hold a root record"));
         }
@@ -230,14 +253,17 @@ impl MetaStore {
     }
 
     /// Open the store of a pool. A region without a root record is refused:
-    /// `format` writes the first one.
+    /// `format` writes the first one. `copies`: the copies the stack below
+    /// keeps (`Stack::copies`); with more than one, the root is read from
+    /// every copy.
     pub fn open(
         top: Arc<dyn Layer>,
         region: u64,
         pool_uuid: [u8; 16],
         read_only: bool,
+        copies: usize,
     ) -> io::Result<MetaStore> {
-        let m = MetaStore::new(top, region, pool_uuid, read_only)?;
+        let m = MetaStore::new(top, region, pool_uuid, read_only, copies)?;
         let (rec, seq, slot) = m.read_root()?;
         let mut st = m.state.lock();
         st.root_seq = seq;
