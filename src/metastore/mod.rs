@@ -35,9 +35,19 @@
 //! on such a copy) is read again avoiding the copies that served it, and the
 //! mirror rewrites them from the copy that answers (`other_copies_at`).
 //!
+//! A walk (`walk`, through the `MetaCopies` handle, usable while redb owns
+//! the store) goes over every live slot — the durable root's slot, and the
+//! slot the current version of each table and data sector names — on one
+//! copy: `Check` reads each from that copy alone and, where it does not hold
+//! its version, again from the others (the mirror rewrites the copy);
+//! `Rebuild` reads each avoiding the copy (the mirror rewrites it where it
+//! differs). A slot whose sector got a newer version during the walk is not
+//! bad. The walk writes nothing itself.
+//!
 //! The parts: `ondisk` (records and their encoding), `slots` (slot I/O),
 //! `load` (open: root and version tables), `versions` (the version table in
-//! memory), `write_out` (commits), `backend` (what redb calls).
+//! memory), `write_out` (commits), `backend` (what redb calls), `walk`
+//! (walks over one copy).
 
 mod backend;
 mod load;
@@ -46,9 +56,11 @@ mod slots;
 #[cfg(test)]
 mod tests;
 mod versions;
+mod walk;
 mod write_out;
 
 pub use ondisk::SECTOR;
+pub use walk::{CopyWalk, MetaCopies, WalkCounts};
 
 use ondisk::{Layout, Root, RootRec, Ver, ROOT_SECTOR, SLOT, STAMP, TABLE_BASE};
 use parking_lot::Mutex;
@@ -164,7 +176,8 @@ pub struct MetaStore {
     /// Bytes of one slot write, so that with the layers' overhead it takes 8 KiB.
     slot_len: usize,
     pool_uuid: [u8; 16],
-    state: Mutex<State>,
+    /// Shared with the handles of `copies_handle`.
+    state: Arc<Mutex<State>>,
     /// Writes (redb's recovery on open) stay in memory and never reach the pool.
     read_only: bool,
     watch: Arc<StoreWatch>,
@@ -208,7 +221,7 @@ impl MetaStore {
             layout: Layout::of(region),
             slot_len,
             pool_uuid,
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 format: Format::Versioned,
                 len: 0,
                 high: 0,
@@ -222,7 +235,7 @@ impl MetaStore {
                 root_slot: 0,
                 pending_root: None,
                 next_seq: 1,
-            }),
+            })),
             read_only,
             watch: Arc::new(StoreWatch::default()),
             copies,
