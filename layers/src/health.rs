@@ -88,6 +88,16 @@ impl Health {
         *self.groups.lock() = groups;
     }
 
+    /// The mirror groups, by member index (none without a mirror).
+    pub fn groups(&self) -> Vec<Vec<usize>> {
+        self.groups.lock().clone()
+    }
+
+    /// Copies each mirror group keeps (1 without a mirror).
+    pub fn copies(&self) -> usize {
+        self.groups.lock().first().map_or(1, |g| g.len().max(1))
+    }
+
     /// The members that hold the same data as member `i` (itself included);
     /// just `i` when it is in no mirror group.
     pub fn group_of(&self, i: usize) -> Vec<usize> {

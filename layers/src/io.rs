@@ -49,10 +49,6 @@ pub struct ExtentTag {
     /// by a caller re-reading an extent whose verification failed (see
     /// `retry_avoiding`). A mirror with every copy avoided fails with EIO.
     pub avoid: u32,
-    /// Copies a read may use, and nothing else (bit i: copy i of every
-    /// mirror below; 0: any). Such a read is not retried on another copy
-    /// and heals nothing: `scrub` reads each copy this way to verify it.
-    pub only: u32,
     /// Copies that served a read (bit i: copy i), set by the mirror and ORed
     /// up through the stack (with a stripe above: over every group). Unlike
     /// the other fields it travels up from a request that failed too: a read
@@ -86,9 +82,6 @@ impl ExtentTag {
         if before.avoid != after.avoid {
             self.avoid = after.avoid;
         }
-        if before.only != after.only {
-            self.only = after.only;
-        }
         self.take_copies(before, after);
     }
 
@@ -116,6 +109,11 @@ pub const TAG_DETACHED: u8 = 1;
 /// `TAG_RAW`: store the bytes uncompressed (space the caller wants claimed,
 /// such as preallocated zeros).
 pub const TAG_RAW: u8 = 2;
+/// `TAG_NO_HEAL`: a read that avoids copies only to choose the one it reads
+/// (the metadata store reading each copy in turn, a scrub checking one):
+/// the mirror does not heal the avoided copies from it. Without it, a read
+/// that avoids copies takes the bytes it got as the good ones.
+pub const TAG_NO_HEAL: u8 = 4;
 
 /// Bytes transferred, or the errno that ended the request.
 pub type IoResult = Result<u64, Errno>;

@@ -24,6 +24,9 @@
 //! counting the repair (per member in `Health`, per layer in `Stats`). The
 //! comparison keeps the count exact when `avoid` is wider than the damage
 //! (with a stripe above, `copies` is ORed over every group a read touched).
+//! A read tagged `TAG_NO_HEAL` avoids copies only to choose the one it
+//! reads (the metadata store reading every copy of its root, a scrub
+//! checking one copy): it heals nothing.
 //!
 //! A heal must never overwrite newer data (the metadata store rewrites its
 //! slots in place): it is skipped (left to a scrub) when a write overlapping
@@ -34,7 +37,7 @@
 
 use crate::buf::Buf;
 use crate::errno::Errno;
-use crate::io::{Io, IoResult, Op};
+use crate::io::{Io, IoResult, Op, TAG_NO_HEAL};
 use crate::layer::{check_range, Layer, Repairs};
 use crate::map::{self, Map, Mapping};
 use crate::spec::SpecError;
@@ -140,8 +143,8 @@ struct ReadState {
     avoid: u32,
     /// Copies tried and failed.
     failed: u32,
-    /// Whether copies avoided are healed (not for a read of chosen copies).
-    heal: bool,
+    /// Whether a success heals the avoided copies (not with `TAG_NO_HEAL`).
+    heals: bool,
 }
 
 impl Mirror {
@@ -176,7 +179,6 @@ impl Mirror {
         self.lowers.len()
     }
 
-    /// Whether `copy` takes writes: it is not excluded and not faulted.
     fn usable(&self, copy: usize, excluded: u32) -> bool {
         excluded & (1 << copy) == 0 && !self.health.is_faulted(self.members[copy])
     }
@@ -274,31 +276,15 @@ impl Mirror {
     /// Start a read, or fail it when every copy is avoided or faulted.
     fn read(&self, io: &Io) -> Mapping {
         let tag = io.tag();
-        if tag.only != 0 {
-            // Only the copies asked for, and no heal: the caller verifies them.
-            let state = ReadState {
-                since: 0,
-                avoid: !tag.only | tag.avoid,
-                failed: 0,
-                heal: false,
-            };
-            return match self.pick(state.avoid) {
-                Some(copy) => Mapping::Detached(copy, self.attempt(io, copy, state)),
-                None => Mapping::Fail(Errno::EIO),
-            };
-        }
         let avoid = tag.avoid;
         // Only a read that avoids copies heals, and needs the write clock.
-        let since = if avoid != 0 {
-            self.writes.lock().clock
-        } else {
-            0
-        };
+        let heals = avoid != 0 && tag.flags & TAG_NO_HEAL == 0;
+        let since = if heals { self.writes.lock().clock } else { 0 };
         let state = ReadState {
             since,
             avoid,
             failed: 0,
-            heal: true,
+            heals,
         };
         match self.pick(state.avoid) {
             Some(copy) => Mapping::Detached(copy, self.attempt(io, copy, state)),
@@ -332,7 +318,7 @@ impl Mirror {
                 let mut tag = origin.tag();
                 tag.copies = 1 << copy;
                 origin.set_tag(tag);
-                if state.avoid != 0 && state.heal {
+                if state.heals {
                     self.heal(origin, copy, state, n);
                 } else {
                     origin.finish(Ok(n));

@@ -504,6 +504,14 @@ impl Leaf {
     }
 }
 
+impl Stack {
+    /// Copies kept of every byte (`mirror=N`: N; 1 without a mirror), as
+    /// the stack was built (from its mirror groups in `health`).
+    pub fn copies(&self) -> usize {
+        self.health.copies()
+    }
+}
+
 /// Every node of the stack, top first, with its depth.
 pub fn walk(top: &Arc<dyn Layer>) -> Vec<(usize, Arc<dyn Layer>)> {
     let mut out = Vec::new();

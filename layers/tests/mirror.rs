@@ -4,7 +4,7 @@
 //! is retried, a read that avoids a copy heals it, and a heal never
 //! overwrites a newer write.
 
-use stackfs_layers::io::TAG_DETACHED;
+use stackfs_layers::io::{TAG_DETACHED, TAG_NO_HEAL};
 use stackfs_layers::mem::noise;
 use stackfs_layers::watchdog::Health;
 use stackfs_layers::*;
@@ -199,6 +199,32 @@ fn a_read_that_avoids_a_copy_heals_it() {
     assert_eq!(rig.health.members()[0].repairs, 1, "counted once");
     assert_eq!(rig.stats().repairs, 1);
     assert!(!rig.health.any_faulted());
+}
+
+/// A read that avoids copies only to choose its copy (`TAG_NO_HEAL`)
+/// reads that copy, damaged or not, and rewrites nothing.
+#[test]
+fn a_read_choosing_its_copy_heals_nothing() {
+    let rig = rig(2);
+    let data = noise(LEN, 5);
+    rig.write(ADDR, &data).unwrap();
+    rig.corrupt(1, ADDR, 4096);
+    let bad = rig.copy_bytes(1, ADDR, LEN);
+    for (copy, want) in [(1usize, &bad), (0, &data)] {
+        let only = ExtentTag {
+            avoid: 0b11 & !(1 << copy),
+            flags: TAG_NO_HEAL,
+            ..ExtentTag::default()
+        };
+        let (res, bytes, tag) = rig.read(ADDR, LEN, only);
+        assert_eq!((res, tag.copies), (Ok(LEN as u64), 1 << copy));
+        assert!(&bytes == want, "copy {copy} read as it is");
+    }
+    assert!(rig.copy_bytes(0, ADDR, LEN) == data, "copy 0 untouched");
+    assert!(rig.copy_bytes(1, ADDR, LEN) == bad, "copy 1 untouched");
+    let members = rig.health.members();
+    assert_eq!((members[0].repairs, members[1].repairs), (0, 0));
+    assert_eq!(rig.stats().repairs, 0);
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn open_store(pool: &Pool, read_only: bool) -> CliResult<MetaStore> {
         pool.sb.meta_len,
         pool.sb.pool_uuid,
         read_only,
+        pool.stack.copies(),
     )
     .map_err(|e| e.to_string())?)
 }

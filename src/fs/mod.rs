@@ -7,7 +7,7 @@
 use crate::alloc::{Allocator, BLOCK};
 use crate::codec::{Dec, Enc};
 use crate::error::FsError;
-use crate::metastore::{MetaStore, StoreWatch};
+use crate::metastore::{MetaCopies, MetaStore, StoreWatch};
 use crate::pool::Pool;
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod attr;
 mod dirty;
+mod meta_walk;
 mod namespace;
 mod read;
 mod records;
@@ -37,11 +38,12 @@ mod writeback;
 #[cfg(test)]
 mod tests;
 
+pub use crate::metastore::{CopyWalk, WalkCounts};
 use attr::{acl_create, ACL_ACCESS, ACL_DEFAULT};
 use dirty::DirtyUnit;
 use read::{copy_clipped, ReadSide};
 pub use records::*;
-pub use scrub::{CopyWalk, WalkCounts, WalkStep};
+pub use scrub::WalkStep;
 use txn::Sync;
 
 /// Logical size of a file data unit: the granule of copy-on-write and of the
@@ -243,6 +245,9 @@ pub struct Fs {
     db: parking_lot::RwLock<Database>,
     /// What the metadata store tells about itself (space, damage).
     store: Mutex<Arc<StoreWatch>>,
+    /// The metadata store's handle for walks over its copies (scrub,
+    /// resync); replaced with `store`.
+    meta_copies: Mutex<Arc<MetaCopies>>,
     _stop: StackGuard,
     /// The outcome of `shutdown`, once it ran (later calls return it again).
     closed: Mutex<Option<R<()>>>,
@@ -280,25 +285,27 @@ pub struct Geometry {
     pub pool_uuid: [u8; 16],
 }
 
-/// The metadata store of a stack, and redb over it.
+/// The metadata store of a stack, and redb over it; the store's handles.
 fn open_database(
     stack: &Stack,
     geometry: Geometry,
     read_only: bool,
-) -> Result<(Database, Arc<StoreWatch>), FsError> {
+) -> Result<(Database, Arc<StoreWatch>, Arc<MetaCopies>), FsError> {
     let store = MetaStore::open(
         stack.meta.clone(),
         geometry.meta_len,
         geometry.pool_uuid,
         read_only,
+        stack.copies(),
     )
     .map_err(FsError::damaged)?;
     let watch = store.watch();
+    let copies = store.copies_handle();
     let db = Database::builder()
         .set_cache_size(64 << 20)
         .create_with_backend(store)
         .map_err(|e| FsError::damaged(format!("metadata store: {e}")))?;
-    Ok((db, watch))
+    Ok((db, watch, copies))
 }
 
 /// After the store's root was read from its older copy (a torn root write,
@@ -477,7 +484,7 @@ impl Fs {
     fn open_inner(stack: Stack, geometry: Geometry, opts: FsOptions) -> Result<Fs, FsError> {
         let top = stack.top.clone();
         let meta_len = geometry.meta_len;
-        let (mut db, watch) = open_database(&stack, geometry, opts.read_only)?;
+        let (mut db, watch, meta_copies) = open_database(&stack, geometry, opts.read_only)?;
         let store_problem = check_store(&mut db, &watch, opts.lenient)?;
         watch.release();
         let (alloc, next_ino, next_gen) =
@@ -486,6 +493,7 @@ impl Fs {
         let fs = Fs {
             db: parking_lot::RwLock::new(db),
             store: Mutex::new(watch.clone()),
+            meta_copies: Mutex::new(meta_copies),
             _stop: StackGuard(top.clone()),
             closed: Mutex::new(None),
             failure: std::sync::OnceLock::new(),

@@ -20,59 +20,32 @@
 
 use super::read::{unit_read, verify_unit};
 use super::*;
+use stackfs_layers::io::TAG_NO_HEAL;
 
 /// Units read per batch.
 const BATCH_UNITS: usize = 32;
 
-/// What a walk does to each copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyWalk {
-    /// Read copy `copy` only; rewrite what is bad in it from the others.
-    Check { copy: usize },
-    /// Read the others; make copy `copy` the same (resync, replace).
-    Rebuild { copy: usize },
-}
-
-impl CopyWalk {
-    /// How the walk's first read of each unit is tagged, over mirrors of
-    /// `copies` copies: `only` the copy checked (no heal: its bytes are not
-    /// verified yet), or `avoid` the copy rebuilt (the mirror heals it).
-    pub fn tag(self, copies: usize, tag: ExtentTag) -> ExtentTag {
-        match self {
-            CopyWalk::Check { copy } if copies > 1 => ExtentTag {
-                only: 1 << copy,
-                ..tag
-            },
-            CopyWalk::Check { .. } => tag,
-            CopyWalk::Rebuild { copy } => ExtentTag {
-                avoid: 1 << copy,
-                ..tag
-            },
-        }
-    }
-}
-
-/// What a walk went over and found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WalkCounts {
-    /// Units (or metadata slots) read, and their bytes.
-    pub items: u64,
-    pub bytes: u64,
-    /// Found bad on the copy walked (`Check`), or on the copy read from.
-    pub bad: u64,
-    /// Bad ones read good from another copy (the mirror rewrote the bad one).
-    pub repaired: u64,
-    /// Bad ones that no copy holds intact.
-    pub unrepaired: u64,
-}
-
-impl WalkCounts {
-    pub fn add(&mut self, other: &WalkCounts) {
-        self.items += other.items;
-        self.bytes += other.bytes;
-        self.bad += other.bad;
-        self.repaired += other.repaired;
-        self.unrepaired += other.unrepaired;
+/// How the walk's first read of each unit is tagged, over mirrors of
+/// `copies` copies: `Check` reads the copy checked alone and heals nothing
+/// (its bytes are not verified yet); `Rebuild` avoids the copy rebuilt, so
+/// the mirror heals it.
+fn walk_tag(mode: CopyWalk, copies: usize, tag: ExtentTag) -> ExtentTag {
+    let all = if copies >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << copies) - 1
+    };
+    match mode {
+        CopyWalk::Check { copy } if copies > 1 => ExtentTag {
+            avoid: all & !(1 << copy),
+            flags: tag.flags | TAG_NO_HEAL,
+            ..tag
+        },
+        CopyWalk::Check { .. } => tag,
+        CopyWalk::Rebuild { copy } => ExtentTag {
+            avoid: 1 << copy,
+            ..tag
+        },
     }
 }
 
@@ -90,11 +63,6 @@ pub struct WalkStep<'a> {
 type Placed = (u64, u64, u64, Extent);
 
 impl Fs {
-    /// Copies of every byte (mirror groups are all the same size).
-    pub fn copies(&self) -> usize {
-        self.stack.health.group_of(0).len()
-    }
-
     /// Bytes of file data the walk would read from `from` on.
     pub fn data_to_walk(&self, from: u64) -> R<u64> {
         Ok(self
@@ -161,7 +129,7 @@ impl Fs {
         let mut ios = Vec::with_capacity(live.len());
         let mut waits = Vec::with_capacity(live.len());
         for (_, _, _, x) in &live {
-            let (io, w) = unit_read(x, mode.tag(copies, x.tag()));
+            let (io, w) = unit_read(x, walk_tag(mode, copies, x.tag()));
             waits.push((w, io.buf().clone()));
             ios.push(io);
         }
@@ -177,7 +145,7 @@ impl Fs {
                 continue;
             }
             counts.bad += 1;
-            if self.reread_elsewhere(*ino, *unit, x, served) {
+            if self.reread_elsewhere(mode, (*ino, *unit), x, served) {
                 counts.repaired += 1;
             } else {
                 counts.unrepaired += 1;
@@ -190,9 +158,23 @@ impl Fs {
 
     /// A unit read bad: read it from the copies not tried yet (the mirror
     /// rewrites the ones avoided from the first that verifies).
-    fn reread_elsewhere(&self, ino: u64, unit: u64, x: &Extent, served: ExtentTag) -> bool {
-        // What the first read was told to use no longer binds the retries.
-        let mut served = ExtentTag { only: 0, ..served };
+    fn reread_elsewhere(
+        &self,
+        mode: CopyWalk,
+        (ino, unit): (u64, u64),
+        x: &Extent,
+        served: ExtentTag,
+    ) -> bool {
+        // The retries heal what they avoid: the copy checked and the copies
+        // that served bad bytes (a rebuild keeps avoiding its copy).
+        let mut served = ExtentTag {
+            flags: served.flags & !TAG_NO_HEAL,
+            avoid: match mode {
+                CopyWalk::Check { .. } => 0,
+                CopyWalk::Rebuild { copy } => 1 << copy,
+            },
+            ..served
+        };
         while served.copies != 0 {
             let b = Buf::zeroed(x.len as usize);
             let tag = served.retry_avoiding();
@@ -233,16 +215,5 @@ impl Fs {
                 Err(e)
             }
         }
-    }
-}
-
-// TEMPORARY until the metastore walk lands (helper branch `meta`).
-impl Fs {
-    pub fn walk_metadata(
-        &self,
-        _mode: CopyWalk,
-        _progress: &dyn Fn(u64),
-    ) -> Result<WalkCounts, crate::error::FsError> {
-        Ok(WalkCounts::default())
     }
 }

@@ -55,13 +55,14 @@ impl Fs {
             return; // another thread did it
         }
         match open_database(&self.stack, self.geometry, self.read_only) {
-            Ok((fresh, watch)) if watch.fell_back().is_none() => {
+            Ok((fresh, watch, copies)) if watch.fell_back().is_none() => {
                 watch.release();
                 *db = fresh;
                 *store = watch;
+                *self.meta_copies.lock() = copies;
                 log::warn!("metadata region full: an operation was refused with ENOSPC");
             }
-            Ok((_, watch)) => {
+            Ok((_, watch, _)) => {
                 *store = watch;
                 self.fail("the metadata store was full and its root could not be read back".into());
             }

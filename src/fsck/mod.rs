@@ -248,6 +248,7 @@ fn check_metadata_store(fs: &Fs) -> Vec<Problem> {
         fs.geometry.meta_len,
         fs.geometry.pool_uuid,
         true,
+        fs.stack.copies(),
     ) {
         Ok(view) => problems.extend(
             view.verify_all()

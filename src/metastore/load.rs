@@ -5,59 +5,96 @@ use super::ondisk::{
     le64, Root, RootRec, Slot, Ver, Versioned, MAX_SEQ, PER_TABLE, ROOT_SECTOR, SECTOR, TABLE_BASE,
 };
 use super::{eio, Format, MetaStore, State, LEGACY_BATCH, LEGACY_SEQ_GAP};
-use stackfs_layers::Errno;
+use stackfs_layers::{Errno, ExtentTag};
 use std::io;
 
+/// Both root slots as one copy holds them: the copy, and slots 0 and 1.
+type RootPair = (usize, [Slot; 2]);
+
+fn unusable(x: &Slot) -> bool {
+    matches!(x, Slot::Damaged | Slot::Failed(_) | Slot::Moved(..))
+}
+
 impl MetaStore {
-    /// Read both root slots; take the valid one with the higher sequence.
-    /// Returns the record, its sequence and slot; notes a fallback.
+    /// Read both root slots (from every copy, when the stack keeps several);
+    /// take the valid one with the highest sequence. Returns the record, its
+    /// sequence and slot; notes a fallback.
     pub(super) fn read_root(&self) -> io::Result<(RootRec, u64, u64)> {
-        let mut got = self.read_slots(&[(ROOT_SECTOR, 0), (ROOT_SECTOR, 1)]);
-        let b = self.read_slot_retry(ROOT_SECTOR, 1, got.pop().unwrap_or(Slot::Damaged));
-        let a = self.read_slot_retry(ROOT_SECTOR, 0, got.pop().unwrap_or(Slot::Damaged));
-        for x in [&a, &b] {
-            if let Slot::Failed(e) = x {
-                if *e != Errno::EIO {
-                    return Err(eio(format!("reading the root record: {e}")));
-                }
-            }
-        }
-        let unusable = |x: &Slot| matches!(x, Slot::Damaged | Slot::Failed(_) | Slot::Moved(..));
-        let (best, slot, other) = match (&a, &b) {
-            (Slot::Valid(qa, _), Slot::Valid(qb, _)) if qb > qa => (&b, 1, &a),
-            (Slot::Valid(..), _) => (&a, 0, &b),
-            (_, Slot::Valid(..)) => (&b, 1, &a),
-            _ if !unusable(&a) && !unusable(&b) => return Err(eio(
-                "metadata store has no root record: the metadata region was erased or overwritten",
-            )),
-            _ => {
-                return Err(eio(format!(
-                    "metadata root record: no usable copy (found {} and {})",
-                    a.describe(),
-                    b.describe()
-                )))
-            }
+        let pairs = self.root_pairs()?;
+        let Some((seq, slot, payload, other)) = newest_root(&pairs) else {
+            return Err(no_root(&pairs));
         };
-        let Slot::Valid(seq, payload) = best else {
-            unreachable!("matched valid above")
-        };
-        if *seq > MAX_SEQ {
+        if seq > MAX_SEQ {
             return Err(eio(format!("metadata root record claims version {seq}")));
         }
         // The first root ever written has sequence 1 and roots alternate
         // slots: from 2 on, the other slot was written, so empty means erased.
-        let erased = *seq >= 2 && matches!(other, Slot::Empty | Slot::Foreign);
+        let erased = seq >= 2 && matches!(other, Slot::Empty | Slot::Foreign);
         if unusable(other) || erased {
             *self.watch.fell_back.lock() = Some(format!(
-                "the other copy of the metadata root record is unusable ({}{}); \
-                 the remaining copy (version {seq}) was used",
+                "the other slot of the metadata root record is unusable ({}{}); \
+                 the remaining slot (version {seq}) was used",
                 other.describe(),
                 if erased { ", zeroed?" } else { "" }
             ));
         }
+        for (copy, pair) in &pairs {
+            if !matches!(&pair[slot as usize], Slot::Valid(q, _) if *q == seq) {
+                log::warn!(
+                    "metadata root record: copy {copy} holds {} where another holds \
+                     version {seq}, which was taken (a copy that missed commits; \
+                     the next commit rewrites the root on every copy)",
+                    pair[slot as usize].describe()
+                );
+            }
+        }
         let rec = Root::decode(payload)
             .map_err(|why| eio(format!("metadata root record (version {seq}): {why}")))?;
-        Ok((rec, *seq, slot))
+        Ok((rec, seq, slot))
+    }
+
+    /// Both root slots of every copy (one copy, read as any slot, without a
+    /// mirror; with one, each copy alone, healing nothing: the next commit
+    /// rewrites the root on every copy). A copy that does not answer (EIO)
+    /// holds failed slots; another errno, after one retry, is an error.
+    fn root_pairs(&self) -> io::Result<Vec<RootPair>> {
+        let mirrored = self.copies > 1;
+        let tags: Vec<ExtentTag> = match mirrored {
+            true => (0..self.copies).map(|c| self.only_copy(c)).collect(),
+            false => vec![ExtentTag::default()],
+        };
+        let reqs: Vec<(u64, u64, ExtentTag)> = tags
+            .iter()
+            .flat_map(|&t| [(ROOT_SECTOR, 0, t), (ROOT_SECTOR, 1, t)])
+            .collect();
+        let got = self.read_tagged(&reqs);
+        let mut slots = Vec::with_capacity(reqs.len());
+        for (req, (first, served)) in reqs.iter().zip(got) {
+            let mut x = match first {
+                Slot::Failed(e) if e != Errno::EIO => self
+                    .read_tagged(std::slice::from_ref(req))
+                    .pop()
+                    .map_or(Slot::Failed(e), |(again, _)| again),
+                other => other,
+            };
+            if !mirrored {
+                x = self.from_other_copies(req.0, req.1, x, served);
+            }
+            if let Slot::Failed(e) = &x {
+                if *e != Errno::EIO {
+                    return Err(eio(format!("reading the root record: {e}")));
+                }
+            }
+            slots.push(x);
+        }
+        let mut slots = slots.into_iter();
+        let mut pairs = Vec::with_capacity(tags.len());
+        for copy in 0..tags.len() {
+            let a = slots.next().unwrap_or(Slot::Damaged);
+            let b = slots.next().unwrap_or(Slot::Damaged);
+            pairs.push((copy, [a, b]));
+        }
+        Ok(pairs)
     }
 
     /// Take a versioned root: read every table sector it names.
@@ -208,4 +245,57 @@ impl MetaStore {
         }
         Ok(out)
     }
+}
+
+/// The valid root with the highest sequence over every copy and slot (the
+/// lowest copy, then slot 0, on a tie): sequence, slot, payload, and the
+/// other slot of its pair as the copies holding that root have it (the
+/// most usable of them: a copy whose other slot is damaged while another's
+/// holds the previous root is not a fallback).
+fn newest_root(pairs: &[RootPair]) -> Option<(u64, u64, &[u8], &Slot)> {
+    let mut best: Option<(u64, usize, &[u8])> = None;
+    for (_, pair) in pairs {
+        for (k, x) in pair.iter().enumerate() {
+            if let Slot::Valid(q, p) = x {
+                if best.is_none_or(|(b, ..)| *q > b) {
+                    best = Some((*q, k, p));
+                }
+            }
+        }
+    }
+    let (seq, k, payload) = best?;
+    let rank = |x: &Slot| match x {
+        Slot::Valid(..) => 2,
+        Slot::Empty | Slot::Foreign => 1,
+        _ => 0,
+    };
+    let other = pairs
+        .iter()
+        .filter(|(_, pair)| matches!(&pair[k], Slot::Valid(q, _) if *q == seq))
+        .map(|(_, pair)| &pair[1 - k])
+        .reduce(|a, b| if rank(b) > rank(a) { b } else { a })?;
+    Some((seq, k as u64, payload, other))
+}
+
+/// The error when no copy holds a valid root: none was ever written (every
+/// slot empty or another pool's), or what each copy holds.
+fn no_root(pairs: &[RootPair]) -> io::Error {
+    if pairs
+        .iter()
+        .all(|(_, p)| !unusable(&p[0]) && !unusable(&p[1]))
+    {
+        return eio(
+            "metadata store has no root record: the metadata region was erased or overwritten",
+        );
+    }
+    let found = |p: &[Slot; 2]| format!("{} and {}", p[0].describe(), p[1].describe());
+    let what = match pairs {
+        [(_, p)] => format!("found {}", found(p)),
+        _ => pairs
+            .iter()
+            .map(|(c, p)| format!("copy {c}: found {}", found(p)))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    eio(format!("metadata root record: no usable copy ({what})"))
 }

@@ -22,9 +22,32 @@
 //! torn or lost write is never read. Writes are buffered until `sync_data`
 //! (or until the buffer is large).
 //!
+//! Over a mirror (`copies` > 1, given at open from the stack), copies can
+//! differ: one that missed commits (faulted, or cut off by a power loss)
+//! holds an older root, valid. Opening reads both root slots from every
+//! copy, each alone (`avoid` every other copy, `TAG_NO_HEAL`: the mirror
+//! heals nothing from it; the next commit rewrites the root on every copy),
+//! and takes the valid root with the highest sequence over all of them; a
+//! copy that does not answer (EIO) is skipped. The fallback (the other slot
+//! of the pair unusable or erased) is judged on the copies holding that
+//! root: it is one only if no such copy has that slot usable. Every other
+//! read that finds a slot not holding the version it must (damaged, or older
+//! on such a copy) is read again avoiding the copies that served it, and the
+//! mirror rewrites them from the copy that answers (`other_copies_at`).
+//!
+//! A walk (`walk`, through the `MetaCopies` handle, usable while redb owns
+//! the store) goes over every live slot — the durable root's slot, and the
+//! slot the current version of each table and data sector names — on one
+//! copy: `Check` reads each from that copy alone and, where it does not hold
+//! its version, again from the others (the mirror rewrites the copy);
+//! `Rebuild` reads each avoiding the copy (the mirror rewrites it where it
+//! differs). A slot whose sector got a newer version during the walk is not
+//! bad. The walk writes nothing itself.
+//!
 //! The parts: `ondisk` (records and their encoding), `slots` (slot I/O),
 //! `load` (open: root and version tables), `versions` (the version table in
-//! memory), `write_out` (commits), `backend` (what redb calls).
+//! memory), `write_out` (commits), `backend` (what redb calls), `walk`
+//! (walks over one copy).
 
 mod backend;
 mod load;
@@ -33,12 +56,15 @@ mod slots;
 #[cfg(test)]
 mod tests;
 mod versions;
+mod walk;
 mod write_out;
 
 pub use ondisk::SECTOR;
+pub use walk::{CopyWalk, MetaCopies, WalkCounts};
 
 use ondisk::{Layout, Root, RootRec, Ver, ROOT_SECTOR, SLOT, STAMP, TABLE_BASE};
 use parking_lot::Mutex;
+use stackfs_layers::mirror::MAX_COPIES;
 use stackfs_layers::{Buf, Io, Layer, Op, Waiter};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -150,10 +176,13 @@ pub struct MetaStore {
     /// Bytes of one slot write, so that with the layers' overhead it takes 8 KiB.
     slot_len: usize,
     pool_uuid: [u8; 16],
-    state: Mutex<State>,
+    /// Shared with the handles of `copies_handle`.
+    state: Arc<Mutex<State>>,
     /// Writes (redb's recovery on open) stay in memory and never reach the pool.
     read_only: bool,
     watch: Arc<StoreWatch>,
+    /// Copies the stack below keeps of every byte (`mirror=N`; 1 without).
+    copies: usize,
 }
 
 impl std::fmt::Debug for MetaStore {
@@ -172,7 +201,13 @@ impl MetaStore {
         region: u64,
         pool_uuid: [u8; 16],
         read_only: bool,
+        copies: usize,
     ) -> io::Result<MetaStore> {
+        if !(1..=MAX_COPIES).contains(&copies) {
+            return Err(eio(format!(
+                "{copies} copies below: a stack keeps 1 to {MAX_COPIES}"
+            )));
+        }
         let slot_len = SLOT.saturating_sub(top.overhead()) as usize;
         if slot_len < SECTOR + STAMP {
             return Err(eio(format!(
@@ -186,7 +221,7 @@ impl MetaStore {
             layout: Layout::of(region),
             slot_len,
             pool_uuid,
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 format: Format::Versioned,
                 len: 0,
                 high: 0,
@@ -200,16 +235,17 @@ impl MetaStore {
                 root_slot: 0,
                 pending_root: None,
                 next_seq: 1,
-            }),
+            })),
             read_only,
             watch: Arc::new(StoreWatch::default()),
+            copies,
         })
     }
 
     /// Write the root of a new, empty store, durably. For a new pool only
     /// (a fresh pool UUID): sequence numbers start over.
     pub fn format(top: Arc<dyn Layer>, region: u64, pool_uuid: [u8; 16]) -> io::Result<()> {
-        let m = MetaStore::new(top, region, pool_uuid, false)?;
+        let m = MetaStore::new(top, region, pool_uuid, false, 1)?;
         if m.layout.pairs < 1 {
             return Err(eio("the metadata region cannot hold a root record"));
         }
@@ -230,14 +266,17 @@ impl MetaStore {
     }
 
     /// Open the store of a pool. A region without a root record is refused:
-    /// `format` writes the first one.
+    /// `format` writes the first one. `copies`: the copies the stack below
+    /// keeps (`Stack::copies`); with more than one, the root is read from
+    /// every copy.
     pub fn open(
         top: Arc<dyn Layer>,
         region: u64,
         pool_uuid: [u8; 16],
         read_only: bool,
+        copies: usize,
     ) -> io::Result<MetaStore> {
-        let m = MetaStore::new(top, region, pool_uuid, read_only)?;
+        let m = MetaStore::new(top, region, pool_uuid, read_only, copies)?;
         let (rec, seq, slot) = m.read_root()?;
         let mut st = m.state.lock();
         st.root_seq = seq;

@@ -5,6 +5,7 @@ use super::ondisk::{
     le64, sector_name, Slot, Ver, PAIR, ROOT_SECTOR, SECTOR, SLOT, STAMP, TABLE_BASE,
 };
 use super::{eio, MetaStore};
+use stackfs_layers::io::TAG_NO_HEAL;
 use stackfs_layers::{submit_wait_tag, Buf, Errno, ExtentTag, Io, Op, Waiter};
 use std::io;
 
@@ -32,7 +33,7 @@ impl MetaStore {
     }
 
     /// Parse one slot read back for `sector`.
-    fn classify(&self, sector: u64, raw: &[u8]) -> Slot {
+    pub(super) fn classify(&self, sector: u64, raw: &[u8]) -> Slot {
         if raw.len() < SECTOR + STAMP {
             return Slot::Damaged;
         }
@@ -56,43 +57,76 @@ impl MetaStore {
     }
 
     /// Read slots (sector, slot index) in one batch. Each slot is its own
-    /// request: below crypt, each is sealed separately.
+    /// request: below crypt, each is sealed separately. A slot not valid as
+    /// read is read from the other mirror copies (`from_other_copies`).
     pub(super) fn read_slots(&self, reqs: &[(u64, u64)]) -> Vec<Slot> {
+        let tagged: Vec<(u64, u64, ExtentTag)> = reqs
+            .iter()
+            .map(|&(s, k)| (s, k, ExtentTag::default()))
+            .collect();
+        reqs.iter()
+            .zip(self.read_tagged(&tagged))
+            .map(|(&(s, k), (slot, served))| self.from_other_copies(s, k, slot, served))
+            .collect()
+    }
+
+    /// Read slots (sector, slot index, tag) in one batch, as they are: what
+    /// each holds, and the tag that came back (the copies that served it).
+    pub(super) fn read_tagged(&self, reqs: &[(u64, u64, ExtentTag)]) -> Vec<(Slot, ExtentTag)> {
         if reqs.is_empty() {
             return Vec::new();
         }
         let mut ios = Vec::with_capacity(reqs.len());
         let mut waits = Vec::with_capacity(reqs.len());
-        for &(s, k) in reqs {
+        for &(s, k, tag) in reqs {
             let w = Waiter::new();
             let addr = self.pair_addr(s) + k * SLOT;
-            ios.push(Io::new(
-                Op::Read,
-                addr,
-                Buf::zeroed(self.slot_len),
-                Some(w.end_io()),
-            ));
+            let io = Io::new(Op::Read, addr, Buf::zeroed(self.slot_len), Some(w.end_io()));
+            io.set_tag(tag);
+            ios.push(io);
             waits.push(w);
         }
         let bufs: Vec<Buf> = ios.iter().map(|io| io.buf().clone()).collect();
         self.top.submit_batch(ios);
         reqs.iter()
             .zip(waits.iter().zip(&bufs))
-            .map(|(&(s, k), (w, b))| {
+            .map(|(&(s, ..), (w, b))| {
                 let (r, served) = w.wait_tag();
                 let slot = match r {
                     Ok(_) => self.classify(s, b.as_slice()),
                     Err(e) => Slot::Failed(e),
                 };
-                self.from_other_copies(s, k, slot, served)
+                (slot, served)
             })
             .collect()
+    }
+
+    /// The tag of a read from mirror copy `copy` alone (copy `copy` of
+    /// every mirror below), healing nothing: the read fails with EIO when
+    /// that copy does not answer.
+    pub(super) fn only_copy(&self, copy: usize) -> ExtentTag {
+        ExtentTag {
+            avoid: self.all_copies() & !(1 << copy),
+            flags: TAG_NO_HEAL,
+            ..ExtentTag::default()
+        }
+    }
+
+    /// The `avoid` bits of every copy.
+    pub(super) fn all_copies(&self) -> u32 {
+        u32::MAX >> (32 - self.copies.clamp(1, 32))
     }
 
     /// A slot that is not valid as read, from mirror copies: read it from
     /// the others (the mirror rewrites the copies avoided from the one that
     /// answers) until one holds a valid slot; else what was read first.
-    fn from_other_copies(&self, s: u64, k: u64, first: Slot, mut served: ExtentTag) -> Slot {
+    pub(super) fn from_other_copies(
+        &self,
+        s: u64,
+        k: u64,
+        first: Slot,
+        mut served: ExtentTag,
+    ) -> Slot {
         let addr = self.pair_addr(s) + k * SLOT;
         while !matches!(first, Slot::Valid(..)) && served.copies != 0 {
             let buf = Buf::zeroed(self.slot_len);
@@ -104,6 +138,31 @@ impl MetaStore {
                     return valid;
                 }
             }
+        }
+        first
+    }
+
+    /// A slot read that does not hold version `v` (with a mirror below:
+    /// damaged, or older on a copy that missed writes): read it again
+    /// avoiding the copies that served it, until one holds `v` or none is
+    /// left. The mirror rewrites the copies avoided from the one that
+    /// answers. Returns the slot holding `v`, else what was read first.
+    pub(super) fn other_copies_at(
+        &self,
+        s: u64,
+        v: Ver,
+        first: Slot,
+        mut served: ExtentTag,
+    ) -> Slot {
+        while !holds(&first, v) && served.copies != 0 {
+            let tag = served.retry_avoiding();
+            let Some((again, tag_back)) = self.read_tagged(&[(s, v.slot(), tag)]).pop() else {
+                break;
+            };
+            if holds(&again, v) {
+                return again;
+            }
+            served = tag_back;
         }
         first
     }
@@ -121,12 +180,18 @@ impl MetaStore {
 
     /// Read sectors at the versions given (none of them `NONE`), in one
     /// batch: each from the slot its version names, accepted only if it
-    /// holds exactly that version.
+    /// holds exactly that version (from another mirror copy if the one read
+    /// holds anything else, as `other_copies_at`).
     pub(super) fn read_versions(&self, want: &[(u64, Ver)]) -> io::Result<Vec<Box<[u8]>>> {
-        let reqs: Vec<(u64, u64)> = want.iter().map(|(s, v)| (*s, v.slot())).collect();
-        let got = self.read_slots(&reqs);
+        let reqs: Vec<(u64, u64, ExtentTag)> = want
+            .iter()
+            .map(|(s, v)| (*s, v.slot(), ExtentTag::default()))
+            .collect();
+        let got = self.read_tagged(&reqs);
         let mut out = Vec::with_capacity(want.len());
-        for (&(s, v), x) in want.iter().zip(got) {
+        for (&(s, v), (x, served)) in want.iter().zip(got) {
+            // A copy that missed writes holds an older version: not taken.
+            let x = self.other_copies_at(s, v, x, served);
             match self.read_slot_retry(s, v.slot(), x) {
                 Slot::Valid(q, p) if q == v.seq() => out.push(p),
                 other => return Err(self.version_error(s, v, other)),
@@ -205,4 +270,9 @@ impl MetaStore {
         }
         Ok(())
     }
+}
+
+/// Whether a slot as read holds version `v`.
+pub(super) fn holds(x: &Slot, v: Ver) -> bool {
+    matches!(x, Slot::Valid(q, _) if *q == v.seq())
 }

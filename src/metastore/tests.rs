@@ -90,11 +90,11 @@ fn setup() -> (Arc<Tap>, Arc<dyn Layer>) {
 }
 
 fn open(top: &Arc<dyn Layer>) -> MetaStore {
-    MetaStore::open(top.clone(), REGION, UUID, false).unwrap()
+    MetaStore::open(top.clone(), REGION, UUID, false, 1).unwrap()
 }
 
 fn open_err(top: &Arc<dyn Layer>) -> String {
-    MetaStore::open(top.clone(), REGION, UUID, false)
+    MetaStore::open(top.clone(), REGION, UUID, false, 1)
         .map(|_| ())
         .unwrap_err()
         .to_string()
@@ -254,7 +254,7 @@ fn root_two_commits_old_is_detected() {
     drop(db);
     // Both root copies replaced by those of two commits earlier.
     tap.poke(0, &old);
-    let e = MetaStore::open(top.clone(), REGION, UUID, false)
+    let e = MetaStore::open(top.clone(), REGION, UUID, false, 1)
         .and_then(|m| {
             redb::Database::builder()
                 .create_with_backend(m)
@@ -307,7 +307,7 @@ fn torn_root_falls_back_and_holds_writes() {
     let m = open(&top);
     let why = m.fell_back().expect("fell back");
     assert!(
-        why.contains(&format!("remaining copy (version {seq})")),
+        why.contains(&format!("remaining slot (version {seq})")),
         "{why}"
     );
     // The previous commit reads back whole (its versions are still there).
@@ -434,7 +434,7 @@ fn overflow_write_outs_keep_the_commit() {
     let region = 160 << 20;
     let (_tap, top) = tap(region);
     MetaStore::format(top.clone(), region, UUID).unwrap();
-    let open = || MetaStore::open(top.clone(), region, UUID, false).unwrap();
+    let open = || MetaStore::open(top.clone(), region, UUID, false, 1).unwrap();
     let n = MAX_DIRTY as u64 + 100;
     let m = open();
     m.set_len(n * S).unwrap();
@@ -489,7 +489,7 @@ fn shrink_and_grow_read_zeros_and_the_cap_is_enforced() {
 /// `sectors` (seq 5, slot 1, the bytes; and an older seq 4 of garbage in
 /// slot 0) and the length record at pair 0 (seq 9; a shorter seq 8).
 fn write_legacy(top: &Arc<dyn Layer>, len: u64, sectors: &[(u64, Vec<u8>)]) {
-    let m = MetaStore::new(top.clone(), REGION, UUID, false).unwrap();
+    let m = MetaStore::new(top.clone(), REGION, UUID, false, 1).unwrap();
     let mut ios = Vec::new();
     for (s, bytes) in sectors {
         ios.push(m.seal_write(*s, Ver::new(5, 1), bytes));
@@ -548,7 +548,7 @@ fn legacy_store_is_read_and_upgraded() {
     write_legacy(&top, len, &sectors);
     // Read-only: read as before, nothing written.
     let writes = tap.writes.load(Relaxed);
-    let ro = MetaStore::open(top.clone(), REGION, UUID, true).unwrap();
+    let ro = MetaStore::open(top.clone(), REGION, UUID, true, 1).unwrap();
     assert_eq!(ro.state.lock().format, Format::LegacyReadOnly);
     let db = redb::Database::builder().create_with_backend(ro).unwrap();
     assert_eq!(rows(&db), want(200));
@@ -603,7 +603,7 @@ fn bench() {
     let (tap, top) = self::tap(256 << 20);
     let region = 64 << 20;
     MetaStore::format(top.clone(), region, [7; 16]).unwrap();
-    let s = MetaStore::open(top.clone(), region, [7; 16], false).unwrap();
+    let s = MetaStore::open(top.clone(), region, [7; 16], false, 1).unwrap();
     s.set_len(8 << 20).unwrap();
     let n = 5000u64;
     let (w0, f0) = (tap.writes.load(Relaxed), tap.flushes.load(Relaxed));
@@ -624,7 +624,7 @@ fn bench() {
     let (tap, top) = self::tap(256 << 20);
     MetaStore::format(top.clone(), region, [7; 16]).unwrap();
     let db = redb::Database::builder()
-        .create_with_backend(MetaStore::open(top.clone(), region, [7; 16], false).unwrap())
+        .create_with_backend(MetaStore::open(top.clone(), region, [7; 16], false, 1).unwrap())
         .unwrap();
     const T: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
     let n = 2000u64;
