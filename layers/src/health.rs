@@ -190,8 +190,14 @@ impl Health {
     /// Member `i` was not there when the pool was opened: faulted, and shown
     /// as missing.
     pub fn mark_missing(&self, i: usize) {
-        self.update(i, |member| member.missing = true);
-        self.mark_faulted(i, "missing when the pool was opened".into());
+        self.update(i, |member| {
+            member.missing = true;
+            member.faulted = Some("missing when the pool was opened".into());
+        });
+        if let Some(f) = self.faulted.get(i) {
+            f.store(true, Ordering::Release);
+            self.any.store(true, Ordering::Release);
+        }
     }
 
     /// Start or end the resync of member `i`.
