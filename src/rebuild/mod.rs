@@ -48,7 +48,6 @@ impl Progress {
     pub fn start(&self, total: u64) {
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
-        self.stop.store(false, Ordering::Relaxed);
     }
     pub fn advance(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
@@ -297,7 +296,15 @@ impl Jobs {
             ),
             Job::Scrub(_) => ("scrub", None),
         };
-        self.shared.lock().running = Some((name, member));
+        {
+            let mut shared = self.shared.lock();
+            // A stop asked for before the job began holds for it too.
+            if shared.stop {
+                return;
+            }
+            self.progress.stop.store(false, Ordering::Relaxed);
+            shared.running = Some((name, member));
+        }
         let outcome = match job {
             Job::Resync(m) => self
                 .resync(fs, m)
@@ -489,10 +496,14 @@ impl Jobs {
         self.shared.lock().last = Some(json!({"job": job, "error": why}));
     }
 
-    /// Stop the job running (`stackfs scrub --stop`).
+    /// Stop a scrub running or asked for (`stackfs scrub --stop`); a resync
+    /// or replace goes on.
     pub fn stop_job(&self) {
-        self.shared.lock().scrub = None;
-        self.progress.request_stop();
+        let mut shared = self.shared.lock();
+        shared.scrub = None;
+        if shared.running.is_some_and(|(job, _)| job == "scrub") {
+            self.progress.request_stop();
+        }
     }
 }
 
