@@ -150,9 +150,24 @@ impl Pool {
         self.dir.path().join("daemon.log")
     }
 
+    /// Unmount and wait for the daemon. A busy mount is tried again for a
+    /// while: a process another test thread is starting holds a copy of
+    /// this thread's open files until it execs (tests run in parallel), so
+    /// a file just closed here can keep the mount busy for a moment.
     pub fn umount(&self) {
-        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
-        assert!(st.success(), "umount failed");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("umount").arg(&self.mnt).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.contains("busy") && Instant::now() < deadline,
+                "umount failed: {said}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.wait_daemon_gone();
     }
 
