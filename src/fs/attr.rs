@@ -4,17 +4,17 @@ use super::*;
 
 impl Fs {
     pub fn getattr(&self, ino: u64) -> R<Inode> {
-        let st = self.st.lock();
-        self.shown_inode(&st, ino)
+        let state = self.state.lock();
+        self.shown_inode(&state, ino)
     }
 
     /// The inode as `stat` shows it: space counts the file's data still in
     /// memory too (what it will take at most once flushed), so that `du`
     /// and sparse-file heuristics (blocks < size) do not see a written file
     /// as empty before its group flush.
-    pub(super) fn shown_inode(&self, st: &State, ino: u64) -> R<Inode> {
-        let mut inode = self.load_inode(st, ino)?;
-        if let Some(f) = st.files.get(&ino).filter(|f| !f.units.is_empty()) {
+    pub(super) fn shown_inode(&self, state: &State, ino: u64) -> R<Inode> {
+        let mut inode = self.load_inode(state, ino)?;
+        if let Some(f) = state.files.get(&ino).filter(|f| !f.units.is_empty()) {
             // Units that replace a stored extent take its place, not more.
             let first = f.units.keys().next().copied().unwrap_or(0);
             let last = f.units.keys().next_back().copied().unwrap_or(0);
@@ -45,41 +45,41 @@ impl Fs {
     /// the change itself. The kernel leaves this to us
     /// (FUSE_HANDLE_KILLPRIV_V2). Cheap when the file has no set-id bits.
     pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> R<()> {
-        let mut st = self.st.lock();
-        if setid_loss(&self.load_inode(&st, ino)?, why, who) == 0 {
+        let mut state = self.state.lock();
+        if setid_loss(&self.load_inode(&state, ino)?, why, who) == 0 {
             return Ok(());
         }
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         inode.perm &= !setid_loss(&inode, why, who);
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 
     pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
-        let mut st = self.st.lock();
+        let mut state = self.state.lock();
         // Times only (the kernel's writeback cache sends these after writes),
         // on a file whose changed inode is still in memory: the change joins
         // it there and is committed with the file's data.
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
-            if let Some(inode) = st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
+            if let Some(inode) = state.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
                 Self::set_times(inode, &a);
-                return self.shown_inode(&st, ino);
+                return self.shown_inode(&state, ino);
             }
             // The times of a file removed since, written back by the kernel
             // before it forgets the inode: nothing to keep, nothing to fail
             // (an error here would reach the next syncfs as a write error).
-            if let Some(gone) = st.gone.get_mut(&ino) {
+            if let Some(gone) = state.gone.get_mut(&ino) {
                 Self::set_times(gone, &a);
                 return Ok(gone.clone());
             }
         }
         if let Some(size) = a.size {
-            self.truncate(&mut st, ino, size)?;
+            self.truncate(&mut state, ino, size)?;
         }
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         if let Some(m) = a.mode {
             inode.perm = (m & 0o7777) as u16;
         }
@@ -94,8 +94,8 @@ impl Fs {
             }
         }
         Self::set_times(&mut inode, &a);
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)?;
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)?;
         Ok(inode)
     }
 
@@ -157,9 +157,9 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(err(libc::E2BIG));
         }
-        let mut st = self.st.lock();
-        let tx = self.begin_adding(&mut st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let mut state = self.state.lock();
+        let tx = self.begin_adding(&mut state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
             // and one with no named entries is nothing but a mode (as on ext4).
@@ -171,8 +171,8 @@ impl Fs {
                     .remove((ino, name))
                     .map_err(db_err)?;
                 inode.ctime = Ts::now();
-                self.put_inode(&mut st, &tx, &inode)?;
-                return self.commit(&mut st, tx, false);
+                self.put_inode(&mut state, &tx, &inode)?;
+                return self.commit(&mut state, tx, false);
             }
         }
         {
@@ -187,16 +187,16 @@ impl Fs {
             t.insert((ino, name), value).map_err(db_err)?;
         }
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
         if name.len() > 255 {
             return Err(err(libc::ERANGE));
         }
-        let st = self.st.lock();
-        self.load_inode(&st, ino)?;
+        let state = self.state.lock();
+        self.load_inode(&state, ino)?;
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let v = t
@@ -207,8 +207,8 @@ impl Fs {
     }
 
     pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
-        let st = self.st.lock();
-        self.load_inode(&st, ino)?;
+        let state = self.state.lock();
+        self.load_inode(&state, ino)?;
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -225,9 +225,9 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> R<()> {
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         let gone = tx
             .open_table(XATTRS)
             .map_err(db_err)?
@@ -238,8 +238,8 @@ impl Fs {
             return Err(err(libc::ENODATA));
         }
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 }
 

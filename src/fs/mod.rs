@@ -256,12 +256,12 @@ pub struct Fs {
     /// File data enters the stack here (the top); metadata enters below
     /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
-    st: Mutex<State>,
+    state: Mutex<State>,
     /// Signalled when a flush that released the lock has committed.
     flush_done: parking_lot::Condvar,
     /// The commit thread's wake-up, while it runs (`commit_every`).
     writeback: Mutex<Option<Arc<(Mutex<writeback::Wake>, parking_lot::Condvar)>>>,
-    /// What reads share with their completions, which run without `st`.
+    /// What reads share with their completions, which run without `state`.
     rd: Arc<ReadSide>,
     read_only: bool,
     /// What redb's integrity check found at open (fsck, or after the
@@ -498,7 +498,7 @@ impl Fs {
             closed: Mutex::new(None),
             failure: std::sync::OnceLock::new(),
             data: top,
-            st: Mutex::new(State {
+            state: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
                 pending_mark: 0,
@@ -562,8 +562,8 @@ impl Fs {
     }
 
     pub(super) fn init_root(&self) -> R<()> {
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
         {
             let mut t = tx.open_table(INODES).map_err(db_err)?;
             if t.get(ROOT).map_err(db_err)?.is_some() {
@@ -578,14 +578,14 @@ impl Fs {
             tx.open_table(SYMLINKS).map_err(db_err)?;
             tx.open_table(ORPHANS).map_err(db_err)?;
             let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
-            c.insert("next_ino", st.next_ino).map_err(db_err)?;
-            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+            c.insert("next_ino", state.next_ino).map_err(db_err)?;
+            c.insert("next_gen", state.next_gen).map_err(db_err)?;
         }
-        self.commit(&mut st, tx, true)
+        self.commit(&mut state, tx, true)
     }
 
     pub fn usage(&self) -> R<Usage> {
-        let st = self.st.lock();
+        let state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         // A pool that was never mounted read-write has no tables yet.
         let inodes = match rtx.open_table(INODES) {
@@ -593,18 +593,18 @@ impl Fs {
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
             Err(e) => return Err(db_err(e)),
         };
-        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum::<u64>()
-            + st.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
+        let pending: u64 = state.pending_free.iter().map(|(_, l)| l).sum::<u64>()
+            + state.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
         Ok(Usage {
-            total: st.alloc.total_bytes(),
-            free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
+            total: state.alloc.total_bytes(),
+            free: (state.alloc.free_bytes() + pending).saturating_sub(state.dirty_bytes),
             inodes,
         })
     }
 
     /// File data as written (logical) and as stored in the pool: scans the extent map.
     pub fn space(&self) -> R<Space> {
-        let _st = self.st.lock();
+        let _state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         let mut sp = Space {
             logical: 0,
@@ -658,7 +658,7 @@ impl Fs {
             Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
             Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
         }
-        let mut st = self.st.lock();
-        self.flush_all(&mut st, true)
+        let mut state = self.state.lock();
+        self.flush_all(&mut state, true)
     }
 }

@@ -159,8 +159,8 @@ impl Fs {
         done: impl FnOnce(R<Vec<u8>>) + Send + 'static,
     ) {
         let plan = {
-            let st = self.st.lock();
-            self.plan_read(&st, ino, off, size)
+            let state = self.state.lock();
+            self.plan_read(&state, ino, off, size)
         };
         let (mut out, fetch, ticket, gen) = match plan {
             Err(e) => return done(Err(e)),
@@ -264,19 +264,19 @@ impl Fs {
     #[allow(clippy::type_complexity)]
     pub(super) fn plan_read(
         &self,
-        st: &State,
+        state: &State,
         ino: u64,
         off: u64,
         size: u32,
     ) -> R<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
-        let inode = self.load_inode(st, ino)?;
+        let inode = self.load_inode(state, ino)?;
         if off >= inode.size || size == 0 {
             return Ok((Vec::new(), Vec::new(), 0, 0));
         }
         let end = (off + size as u64).min(inode.size);
         let mut out = vec![0u8; (end - off) as usize];
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let file = st.files.get(&ino);
+        let file = state.files.get(&ino);
         let mut fetch = Vec::new();
         let place = |u: u64, src: &[u8], out: &mut [u8]| {
             let ustart = u * UNIT;
@@ -290,7 +290,7 @@ impl Fs {
         };
         let committed = self.extents(ino, first, last)?;
         // Units a flush is writing: newer than what is committed.
-        let flying = st.in_flight.get(&ino).map(|f| &f.units);
+        let flying = state.in_flight.get(&ino).map(|f| &f.units);
         let mut cache = self.rd.cache.lock();
         for (u, x) in committed {
             if file.is_some_and(|f| f.units.contains_key(&u))
@@ -313,7 +313,7 @@ impl Fs {
                 place(*u, d.data.as_slice(), &mut out);
             }
         }
-        let ticket = st.free_gen;
+        let ticket = state.free_gen;
         if !fetch.is_empty() {
             self.rd.enter(ticket);
         }

@@ -192,9 +192,9 @@ impl Fs {
     /// given back) and keep the extents of `batch` still committed as found.
     fn pin(&self, batch: &[Placed]) -> R<(u64, Vec<Placed>)> {
         let ticket = {
-            let st = self.st.lock();
-            self.rd.enter(st.free_gen);
-            st.free_gen
+            let state = self.state.lock();
+            self.rd.enter(state.free_gen);
+            state.free_gen
         };
         let still = (|| {
             let rtx = self.db().begin_read().map_err(db_err)?;
