@@ -271,7 +271,7 @@ impl Fs {
                     state.pending_free.push((x.phys, x.alloc as u64));
                     stored -= (x.alloc as u64).min(stored);
                 }
-                self.rd.uncache(ino, u);
+                self.reads.uncache(ino, u);
             } else if ustart < inode.size {
                 let (from, to) = ((from - ustart) as usize, (to - ustart) as usize);
                 self.zero_in_unit(state, ino, u, from, to)?;

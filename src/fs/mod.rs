@@ -262,7 +262,7 @@ pub struct Fs {
     /// The commit thread's wake-up, while it runs (`commit_every`).
     writeback: Mutex<Option<Arc<(Mutex<writeback::Wake>, parking_lot::Condvar)>>>,
     /// What reads share with their completions, which run without `state`.
-    rd: Arc<ReadSide>,
+    reads: Arc<ReadSide>,
     read_only: bool,
     /// What redb's integrity check found at open (fsck, or after the
     /// metadata store fell back to its older root copy).
@@ -519,7 +519,7 @@ impl Fs {
             }),
             flush_done: parking_lot::Condvar::new(),
             writeback: Mutex::new(None),
-            rd: Arc::new(ReadSide {
+            reads: Arc::new(ReadSide {
                 cache: Mutex::new(LruCache::new(
                     NonZeroUsize::new(cache_units).expect("non-zero"),
                 )),

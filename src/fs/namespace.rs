@@ -432,7 +432,7 @@ impl Fs {
             t.remove((ino, unit)).map_err(db_err)?;
             state.pending_free.push((x.phys, x.alloc as u64));
             freed += x.alloc as u64;
-            self.rd.uncache(ino, unit);
+            self.reads.uncache(ino, unit);
         }
         Ok(freed)
     }

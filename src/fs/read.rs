@@ -78,12 +78,12 @@ impl Fs {
     /// Read committed units from the pool in one batch and wait; verify each.
     /// For callers holding the filesystem lock (partial overwrites, fsck).
     pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Buf>> {
-        let gen = self.rd.generation();
+        let gen = self.reads.generation();
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
         let mut waits = Vec::new();
         {
-            let mut cache = self.rd.cache.lock();
+            let mut cache = self.reads.cache.lock();
             for (i, (u, x)) in units.iter().enumerate() {
                 if let Some(d) = cache.get(&(ino, *u)) {
                     out[i] = Some(d.clone());
@@ -101,7 +101,7 @@ impl Fs {
             let (r, served) = w.wait_tag();
             match self.verified_or_retried(ino, u, &x, r, served, b) {
                 Ok(d) => {
-                    self.rd.put((ino, u), d.clone(), gen);
+                    self.reads.put((ino, u), d.clone(), gen);
                     out[i] = Some(d);
                 }
                 Err(e) => {
@@ -169,7 +169,7 @@ impl Fs {
         if fetch.is_empty() {
             return done(Ok(out));
         }
-        let rd = self.rd.clone();
+        let reads = self.reads.clone();
         let shared = Arc::new(Mutex::new(std::mem::take(&mut out)));
         let result = shared.clone();
         let group = Io::new(
@@ -177,7 +177,7 @@ impl Fs {
             0,
             Buf::zeroed(0),
             Some(Box::new(move |_, r| {
-                rd.leave(ticket);
+                reads.leave(ticket);
                 let data = std::mem::take(&mut *result.lock());
                 done(r.map(|_| data));
                 r
@@ -188,7 +188,7 @@ impl Fs {
             off,
             gen,
             out: shared,
-            rd: self.rd.clone(),
+            reads: self.reads.clone(),
             data: self.data.clone(),
         });
         let ios = fetch
@@ -206,7 +206,7 @@ struct UnitRead {
     off: u64,
     gen: u64,
     out: Arc<Mutex<Vec<u8>>>,
-    rd: Arc<ReadSide>,
+    reads: Arc<ReadSide>,
     data: Arc<dyn Layer>,
 }
 
@@ -226,7 +226,7 @@ impl UnitRead {
                 match verify_unit(this.ino, u, &x, r, io.buf()) {
                     Ok(d) => {
                         this.place(u, &d);
-                        this.rd.put((this.ino, u), d, this.gen);
+                        this.reads.put((this.ino, u), d, this.gen);
                         Ok(x.len as u64)
                     }
                     Err(e) if served.copies == 0 => Err(e),
@@ -291,7 +291,7 @@ impl Fs {
         let committed = self.extents(ino, first, last)?;
         // Units a flush is writing: newer than what is committed.
         let flying = state.in_flight.get(&ino).map(|f| &f.units);
-        let mut cache = self.rd.cache.lock();
+        let mut cache = self.reads.cache.lock();
         for (u, x) in committed {
             if file.is_some_and(|f| f.units.contains_key(&u))
                 || flying.is_some_and(|f| f.contains_key(&u))
@@ -303,7 +303,10 @@ impl Fs {
                 None => fetch.push((u, x)),
             }
         }
-        let gen = self.rd.cache_gen.load(std::sync::atomic::Ordering::Relaxed);
+        let gen = self
+            .reads
+            .cache_gen
+            .load(std::sync::atomic::Ordering::Relaxed);
         drop(cache);
         for (u, data) in flying.into_iter().flat_map(|f| f.range(first..=last)) {
             place(*u, data.as_slice(), &mut out);
@@ -315,7 +318,7 @@ impl Fs {
         }
         let ticket = state.free_gen;
         if !fetch.is_empty() {
-            self.rd.enter(ticket);
+            self.reads.enter(ticket);
         }
         Ok((out, fetch, ticket, gen))
     }

@@ -152,7 +152,7 @@ impl Fs {
                 lost.push((*ino, unit * UNIT));
             }
         }
-        self.rd.leave(ticket);
+        self.reads.leave(ticket);
         Ok((lost, bytes))
     }
 
@@ -193,7 +193,7 @@ impl Fs {
     fn pin(&self, batch: &[Placed]) -> R<(u64, Vec<Placed>)> {
         let ticket = {
             let state = self.state.lock();
-            self.rd.enter(state.free_gen);
+            self.reads.enter(state.free_gen);
             state.free_gen
         };
         let still = (|| {
@@ -211,7 +211,7 @@ impl Fs {
         match still {
             Ok(live) => Ok((ticket, live)),
             Err(e) => {
-                self.rd.leave(ticket);
+                self.reads.leave(ticket);
                 Err(e)
             }
         }

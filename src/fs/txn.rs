@@ -218,7 +218,7 @@ impl Fs {
 
     /// Make reusable the freed space that no read in flight can still be reading.
     pub(super) fn release_deferred(&self, state: &mut State) {
-        let oldest = self.rd.oldest().unwrap_or(u64::MAX);
+        let oldest = self.reads.oldest().unwrap_or(u64::MAX);
         let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut state.deferred_free)
             .into_iter()
             .partition(|(g, _, _)| *g < oldest);

@@ -397,7 +397,7 @@ impl Fs {
         // cache lock to finish a read.
         for ((inode, _), placed) in batch.iter().zip(placed) {
             for (u, _) in placed {
-                self.rd.uncache(inode.ino, *u);
+                self.reads.uncache(inode.ino, *u);
             }
         }
         self.commit_with(state, tx, sync)
