@@ -24,7 +24,7 @@ impl Fs {
                 .map(|(u, _)| u)
                 .collect();
             for (u, d) in f.units.iter().filter(|(u, _)| !stored.contains(u)) {
-                let bytes = if d.keep {
+                let bytes = if d.preallocated {
                     UNIT
                 } else {
                     inode

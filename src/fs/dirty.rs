@@ -5,8 +5,9 @@ use super::*;
 pub(super) struct DirtyUnit {
     /// The whole unit, page-aligned: written below as it is (no copy).
     pub(super) data: Buf,
-    /// Store even if all zeros (space preallocated by fallocate).
-    pub(super) keep: bool,
+    /// Space preallocated by fallocate: stored whole and uncompressed, even
+    /// if all zeros or past the end of the file.
+    pub(super) preallocated: bool,
 }
 
 impl DirtyUnit {
@@ -51,12 +52,13 @@ impl Fs {
             let old = &old.as_slice()[..old.len().min(valid)];
             copy_clipped(data.as_mut_slice(), old, 0);
         }
-        state
-            .files
-            .entry(ino)
-            .or_default()
-            .units
-            .insert(u, DirtyUnit { data, keep: false });
+        state.files.entry(ino).or_default().units.insert(
+            u,
+            DirtyUnit {
+                data,
+                preallocated: false,
+            },
+        );
         state.dirty_bytes += UNIT;
         Ok(())
     }
@@ -156,7 +158,7 @@ impl Fs {
                         u,
                         DirtyUnit {
                             data: Buf::zeroed(UNIT as usize),
-                            keep: false,
+                            preallocated: false,
                         },
                     );
                     state.dirty_bytes += UNIT;
@@ -344,7 +346,7 @@ impl Fs {
             }
             let f = state.files.get_mut(&ino).expect("file");
             for (_, d) in f.units.range_mut(first..=last) {
-                d.keep = true;
+                d.preallocated = true;
             }
         }
         if !keep && end > inode.size {

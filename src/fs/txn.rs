@@ -219,10 +219,10 @@ impl Fs {
     /// Make reusable the freed space that no read in flight can still be reading.
     pub(super) fn release_deferred(&self, state: &mut State) {
         let oldest = self.reads.oldest().unwrap_or(u64::MAX);
-        let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut state.deferred_free)
+        let (free, later): (Vec<_>, Vec<_>) = std::mem::take(&mut state.deferred_free)
             .into_iter()
             .partition(|(g, _, _)| *g < oldest);
-        state.deferred_free = keep;
+        state.deferred_free = later;
         for (_, s, l) in free {
             state.alloc.free(s, l);
         }

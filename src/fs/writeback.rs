@@ -249,20 +249,20 @@ impl Fs {
         let prepare = |inode: &Inode, u: u64, d: &DirtyUnit| {
             let ustart = u * UNIT;
             // Units past EOF are kept only when fallocate reserved them.
-            if ustart >= inode.size && !d.keep {
+            if ustart >= inode.size && !d.preallocated {
                 return None;
             }
             let logical = inode.size.saturating_sub(ustart).min(UNIT);
             // Crypt keeps nonce and MAC in the extent record (detached), so a
             // unit needs at most its own length; what compression saves is freed later.
-            let len = if d.keep {
+            let len = if d.preallocated {
                 UNIT
             } else {
                 logical.div_ceil(BLOCK) * BLOCK
             };
             let bytes = &d.data.as_slice()[..logical as usize];
             // An all-zero unit is stored as a hole.
-            let hole = !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0);
+            let hole = !d.preallocated && logical == UNIT && bytes.iter().all(|b| *b == 0);
             Some(Prepared {
                 unit: u,
                 hole,
@@ -274,7 +274,7 @@ impl Fs {
                     crc32c::crc32c(&d.data.as_slice()[..len as usize])
                 },
                 map: if hole { 0 } else { block_map(bytes) },
-                raw: d.keep,
+                raw: d.preallocated,
             })
         };
         batch
