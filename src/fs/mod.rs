@@ -167,7 +167,7 @@ struct FileState {
     units: BTreeMap<u64, DirtyUnit>,
     open: u32,
     /// Counted in `State::closed_dirty` (closed with data not yet written).
-    counted: bool,
+    in_closed_dirty: bool,
 }
 
 struct State {

@@ -45,8 +45,8 @@ impl Fs {
                 state.files.remove(&ino);
             }
             Some(f) => {
-                if !f.counted {
-                    state.files.get_mut(&ino).expect("present").counted = true;
+                if !f.in_closed_dirty {
+                    state.files.get_mut(&ino).expect("present").in_closed_dirty = true;
                     state.closed_dirty += 1;
                 }
                 if state.closed_dirty >= CLOSED_BATCH {
@@ -156,7 +156,7 @@ impl Fs {
             state.in_flight.remove(&inode.ino);
             // Closed files have nothing left to keep.
             if let (Ok(()), Some(f)) = (&res, state.files.get_mut(&inode.ino)) {
-                f.counted = false;
+                f.in_closed_dirty = false;
                 if f.open == 0 && f.units.is_empty() && f.inode.is_none() {
                     state.files.remove(&inode.ino);
                 }
