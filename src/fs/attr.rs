@@ -3,7 +3,7 @@
 use super::*;
 
 impl Fs {
-    pub fn getattr(&self, ino: u64) -> R<Inode> {
+    pub fn getattr(&self, ino: u64) -> ErrnoResult<Inode> {
         let state = self.state.lock();
         self.shown_inode(&state, ino)
     }
@@ -12,7 +12,7 @@ impl Fs {
     /// memory too (what it will take at most once flushed), so that `du`
     /// and sparse-file heuristics (blocks < size) do not see a written file
     /// as empty before its group flush.
-    pub(super) fn shown_inode(&self, state: &State, ino: u64) -> R<Inode> {
+    pub(super) fn shown_inode(&self, state: &State, ino: u64) -> ErrnoResult<Inode> {
         let mut inode = self.load_inode(state, ino)?;
         if let Some(f) = state.files.get(&ino).filter(|f| !f.units.is_empty()) {
             // Units that replace a stored extent take its place, not more.
@@ -44,7 +44,7 @@ impl Fs {
     /// `ino` (`setid_loss`), as Linux does before (or, for an ACL, with)
     /// the change itself. The kernel leaves this to us
     /// (FUSE_HANDLE_KILLPRIV_V2). Cheap when the file has no set-id bits.
-    pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> R<()> {
+    pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         if setid_loss(&self.load_inode(&state, ino)?, why, who) == 0 {
             return Ok(());
@@ -57,7 +57,7 @@ impl Fs {
         self.commit(&mut state, tx, false)
     }
 
-    pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> ErrnoResult<Inode> {
         let mut state = self.state.lock();
         // Times only (the kernel's writeback cache sends these after writes),
         // on a file whose changed inode is still in memory: the change joins
@@ -116,7 +116,7 @@ impl Fs {
     /// An access to `ino` (an open for reading, or of a directory): update
     /// its atime if the mount's atime rules say so (see atime.rs). The
     /// ctime does not change. True when the atime moved.
-    pub fn touch_atime(&self, ino: u64, dir: bool) -> R<bool> {
+    pub fn touch_atime(&self, ino: u64, dir: bool) -> ErrnoResult<bool> {
         let p = self.policy();
         if self.read_only || (dir && p.nodiratime) {
             return Ok(false);
@@ -150,12 +150,12 @@ impl Fs {
         }
     }
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> ErrnoResult<()> {
         if name.is_empty() || name.len() > 255 {
-            return Err(err(libc::ERANGE));
+            return Err(errno(libc::ERANGE));
         }
         if value.len() > XATTR_SIZE_MAX {
-            return Err(err(libc::E2BIG));
+            return Err(errno(libc::E2BIG));
         }
         let mut state = self.state.lock();
         let tx = self.begin_adding(&mut state)?;
@@ -163,7 +163,7 @@ impl Fs {
         if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
             // and one with no named entries is nothing but a mode (as on ext4).
-            let (mode, minimal) = acl_mode(value).ok_or(err(libc::EINVAL))?;
+            let (mode, minimal) = acl_mode(value).ok_or(errno(libc::EINVAL))?;
             inode.perm = (inode.perm & !0o777) | mode;
             if minimal {
                 tx.open_table(XATTRS)
@@ -179,10 +179,10 @@ impl Fs {
             let mut t = tx.open_table(XATTRS).map_err(db_err)?;
             let exists = t.get((ino, name)).map_err(db_err)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
-                return Err(err(libc::EEXIST));
+                return Err(errno(libc::EEXIST));
             }
             if flags & libc::XATTR_REPLACE != 0 && !exists {
-                return Err(err(libc::ENODATA));
+                return Err(errno(libc::ENODATA));
             }
             t.insert((ino, name), value).map_err(db_err)?;
         }
@@ -191,9 +191,9 @@ impl Fs {
         self.commit(&mut state, tx, false)
     }
 
-    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> ErrnoResult<Vec<u8>> {
         if name.len() > 255 {
-            return Err(err(libc::ERANGE));
+            return Err(errno(libc::ERANGE));
         }
         let state = self.state.lock();
         self.load_inode(&state, ino)?;
@@ -202,11 +202,11 @@ impl Fs {
         let v = t
             .get((ino, name))
             .map_err(db_err)?
-            .ok_or(err(libc::ENODATA))?;
+            .ok_or(errno(libc::ENODATA))?;
         Ok(v.value().to_vec())
     }
 
-    pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
+    pub fn listxattr(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
         let state = self.state.lock();
         self.load_inode(&state, ino)?;
         let rtx = self.db().begin_read().map_err(db_err)?;
@@ -224,7 +224,7 @@ impl Fs {
         Ok(out)
     }
 
-    pub fn removexattr(&self, ino: u64, name: &[u8]) -> R<()> {
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
         let mut inode = self.inode_tx(&state, &tx, ino)?;
@@ -235,7 +235,7 @@ impl Fs {
             .map_err(db_err)?
             .is_some();
         if !gone {
-            return Err(err(libc::ENODATA));
+            return Err(errno(libc::ENODATA));
         }
         inode.ctime = Ts::now();
         self.put_inode(&mut state, &tx, &inode)?;

@@ -26,7 +26,7 @@ impl Fs {
     /// The unit's current contents, for a partial overwrite. Bytes past the
     /// file's size read as zeros, whatever the stored unit still holds there
     /// (a truncate committed before a crash shortened the file, not the unit).
-    pub(super) fn unit_for_write(&self, state: &mut State, ino: u64, u: u64) -> R<()> {
+    pub(super) fn unit_for_write(&self, state: &mut State, ino: u64, u: u64) -> ErrnoResult<()> {
         if state
             .files
             .get(&ino)
@@ -64,7 +64,14 @@ impl Fs {
     }
 
     /// Zero bytes `from..to` of unit `u` of a file, in its dirty copy.
-    fn zero_in_unit(&self, state: &mut State, ino: u64, u: u64, from: usize, to: usize) -> R<()> {
+    fn zero_in_unit(
+        &self,
+        state: &mut State,
+        ino: u64,
+        u: u64,
+        from: usize,
+        to: usize,
+    ) -> ErrnoResult<()> {
         self.unit_for_write(state, ino, u)?;
         let f = state
             .files
@@ -75,7 +82,7 @@ impl Fs {
         Ok(())
     }
 
-    pub(super) fn file_inode(&self, state: &mut State, ino: u64) -> R<Inode> {
+    pub(super) fn file_inode(&self, state: &mut State, ino: u64) -> ErrnoResult<Inode> {
         let inode = self.load_inode(state, ino)?;
         state.files.entry(ino).or_default().inode = Some(inode.clone());
         Ok(inode)
@@ -93,7 +100,13 @@ impl Fs {
     /// After a flush: whether the new units of a write to `off..end` can be
     /// placed exactly (a unit that ends the file needs only its blocks),
     /// next to the dirty units that are still in memory.
-    pub(super) fn fits_exactly(&self, state: &State, ino: u64, off: u64, end: u64) -> R<bool> {
+    pub(super) fn fits_exactly(
+        &self,
+        state: &State,
+        ino: u64,
+        off: u64,
+        end: u64,
+    ) -> ErrnoResult<bool> {
         let size = self.load_inode(state, ino)?.size.max(end);
         let dirty = state.files.get(&ino);
         let mut sizes = vec![UNIT; (state.dirty_bytes / UNIT) as usize];
@@ -107,14 +120,20 @@ impl Fs {
         Ok(state.alloc.fits(&sizes))
     }
 
-    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> ErrnoResult<u32> {
         self.write_by(ino, off, data, None)
     }
 
     /// A write that drops set-id bits as a data change by `kill` does
     /// (`setid_loss`): the kernel asks for it with FUSE_WRITE_KILL_SUIDGID.
     /// The bits go with the write's other inode changes, in memory.
-    pub fn write_by(&self, ino: u64, off: u64, data: &[u8], kill: Option<&dyn Privs>) -> R<u32> {
+    pub fn write_by(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        kill: Option<&dyn Privs>,
+    ) -> ErrnoResult<u32> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -122,7 +141,7 @@ impl Fs {
         let end = off
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
-            .ok_or(err(libc::EFBIG))?;
+            .ok_or(errno(libc::EFBIG))?;
         if data.is_empty() {
             return Ok(0);
         }
@@ -138,7 +157,7 @@ impl Fs {
             self.flush_all(&mut state, true)?;
             self.drain_deferred(&mut state);
             if !self.surely_fits(&state, new_units) && !self.fits_exactly(&state, ino, off, end)? {
-                return Err(err(libc::ENOSPC));
+                return Err(errno(libc::ENOSPC));
             }
         }
         let mut inode = self.file_inode(&mut state, ino)?;
@@ -186,19 +205,19 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    pub(super) fn truncate(&self, state: &mut Guard, ino: u64, size: u64) -> R<()> {
+    pub(super) fn truncate(&self, state: &mut Guard, ino: u64, size: u64) -> ErrnoResult<()> {
         // The units a flush is writing must be committed before they change.
         self.wait_for_flush(state);
         let mut inode = self.file_inode(state, ino)?;
         if inode.kind != Kind::File {
-            return Err(err(if inode.kind == Kind::Dir {
+            return Err(errno(if inode.kind == Kind::Dir {
                 libc::EISDIR
             } else {
                 libc::EINVAL
             }));
         }
         if size > i64::MAX as u64 {
-            return Err(err(libc::EFBIG));
+            return Err(errno(libc::EFBIG));
         }
         if size < inode.size {
             // Zero the tail of the last kept unit; drop every unit after it.
@@ -239,7 +258,13 @@ impl Fs {
     }
 
     /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
-    pub(super) fn zero_range(&self, state: &mut Guard, ino: u64, off: u64, len: u64) -> R<()> {
+    pub(super) fn zero_range(
+        &self,
+        state: &mut Guard,
+        ino: u64,
+        off: u64,
+        len: u64,
+    ) -> ErrnoResult<()> {
         let inode = self.file_inode(state, ino)?;
         let end = off + len;
         if len == 0 {
@@ -287,7 +312,7 @@ impl Fs {
         self.commit(state, tx, false)
     }
 
-    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> R<()> {
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> ErrnoResult<()> {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -295,23 +320,23 @@ impl Fs {
             & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
             != 0
         {
-            return Err(err(libc::EOPNOTSUPP));
+            return Err(errno(libc::EOPNOTSUPP));
         }
         if punch && (!keep || zero) {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         let end = off
             .checked_add(len)
             .filter(|e| *e <= i64::MAX as u64)
-            .ok_or(err(libc::EFBIG))?;
+            .ok_or(errno(libc::EFBIG))?;
         if len == 0 {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         let mut state = self.state.lock();
         self.wait_for_flush(&mut state);
         let inode = self.file_inode(&mut state, ino)?;
         if inode.kind != Kind::File {
-            return Err(err(libc::ENODEV));
+            return Err(errno(libc::ENODEV));
         }
         if punch || zero {
             let zend = if punch { end.min(inode.size) } else { end };
@@ -336,7 +361,7 @@ impl Fs {
                 self.flush_all(&mut state, true)?;
                 self.drain_deferred(&mut state);
                 if !self.surely_fits(&state, short.len() as u64) {
-                    return Err(err(libc::ENOSPC));
+                    return Err(errno(libc::ENOSPC));
                 }
                 // The flush committed the file's inode: take it up again.
                 self.file_inode(&mut state, ino)?;
@@ -360,11 +385,11 @@ impl Fs {
 
     /// SEEK_DATA / SEEK_HOLE at 4 KiB granularity: a block is data when it
     /// holds a non-zero byte (blocks of zeros read the same as holes).
-    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> R<u64> {
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> ErrnoResult<u64> {
         let state = self.state.lock();
         let inode = self.load_inode(&state, ino)?;
         if off >= inode.size {
-            return Err(err(libc::ENXIO));
+            return Err(errno(libc::ENXIO));
         }
         let (first, last) = (off / UNIT, (inode.size - 1) / UNIT);
         let mut maps: BTreeMap<u64, u16> = self
@@ -398,7 +423,7 @@ impl Fs {
                         }
                     }
                 }
-                Err(err(libc::ENXIO))
+                Err(errno(libc::ENXIO))
             }
             libc::SEEK_HOLE => {
                 let mut b = start_block;
@@ -411,7 +436,7 @@ impl Fs {
                 }
                 Ok(inode.size)
             }
-            _ => Err(err(libc::EINVAL)),
+            _ => Err(errno(libc::EINVAL)),
         }
     }
 }

@@ -57,9 +57,11 @@ const DIRTY_LIMIT: u64 = 256 << 20;
 const CLOSED_BATCH: usize = 64;
 const XATTR_SIZE_MAX: usize = 64 << 10;
 
-pub type R<T> = Result<T, Errno>;
+/// The result of a filesystem operation: its value, or the errno the caller gets.
+pub type ErrnoResult<T> = Result<T, Errno>;
 
-pub(crate) fn err(e: i32) -> Errno {
+/// The `Errno` of a libc error number (`errno(libc::ENOENT)`).
+pub(crate) fn errno(e: i32) -> Errno {
     Errno(e)
 }
 
@@ -250,7 +252,7 @@ pub struct Fs {
     meta_copies: Mutex<Arc<MetaCopies>>,
     _stop: StackGuard,
     /// The outcome of `shutdown`, once it ran (later calls return it again).
-    closed: Mutex<Option<R<()>>>,
+    closed: Mutex<Option<ErrnoResult<()>>>,
     /// Set once, when a metadata failure turned the filesystem read-only.
     failure: std::sync::OnceLock<String>,
     /// File data enters the stack here (the top); metadata enters below
@@ -561,7 +563,7 @@ impl Fs {
         self.store_problem.as_deref()
     }
 
-    pub(super) fn init_root(&self) -> R<()> {
+    pub(super) fn init_root(&self) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
         {
@@ -584,7 +586,7 @@ impl Fs {
         self.commit(&mut state, tx, true)
     }
 
-    pub fn usage(&self) -> R<Usage> {
+    pub fn usage(&self) -> ErrnoResult<Usage> {
         let state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         // A pool that was never mounted read-write has no tables yet.
@@ -603,7 +605,7 @@ impl Fs {
     }
 
     /// File data as written (logical) and as stored in the pool: scans the extent map.
-    pub fn space(&self) -> R<Space> {
+    pub fn space(&self) -> ErrnoResult<Space> {
         let _state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         let mut sp = Space {
@@ -626,7 +628,7 @@ impl Fs {
 
     /// Make everything durable and refuse further syncs; the stack stops
     /// when the last handle on the filesystem is dropped.
-    pub fn shutdown(&self) -> R<()> {
+    pub fn shutdown(&self) -> ErrnoResult<()> {
         let mut closed = self.closed.lock();
         if let Some(outcome) = *closed {
             return outcome;
@@ -639,7 +641,7 @@ impl Fs {
         outcome
     }
 
-    fn shut_down(&self) -> R<()> {
+    fn shut_down(&self) -> ErrnoResult<()> {
         if self.read_only {
             return Ok(());
         }

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Fs {
-    pub(super) fn purge_orphans(&self) -> R<()> {
+    pub(super) fn purge_orphans(&self) -> ErrnoResult<()> {
         let n = self.purge_all_orphans()?;
         if n > 0 {
             log::info!("removed {n} orphaned file(s) left by an unclean shutdown");
@@ -16,7 +16,7 @@ impl Fs {
     /// kernel): at mount, and at unmount once the session is over (the
     /// kernel sends no forget for what it still caches then, and a release
     /// or forget queued just before the unmount may never arrive).
-    pub(super) fn purge_all_orphans(&self) -> R<usize> {
+    pub(super) fn purge_all_orphans(&self) -> ErrnoResult<usize> {
         let mut state = self.state.lock();
         let orphans: Vec<u64> = {
             let rtx = self.db().begin_read().map_err(db_err)?;
@@ -40,16 +40,16 @@ impl Fs {
 
     /// Look a name up for the kernel: a directory found counts one lookup
     /// the kernel will forget (`forget`).
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
         let mut state = self.state.lock();
         let inode = self.lookup_in(&state, parent, name)?;
         Self::count_lookup(&mut state, &inode);
         Ok(inode)
     }
 
-    pub(super) fn lookup_in(&self, state: &State, parent: u64, name: &[u8]) -> R<Inode> {
+    pub(super) fn lookup_in(&self, state: &State, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
         if name.len() > NAME_MAX {
-            return Err(err(libc::ENAMETOOLONG));
+            return Err(errno(libc::ENAMETOOLONG));
         }
         // The kernel asks for "." and ".." when it decodes an exported file
         // handle (NFS, open_by_handle_at).
@@ -60,7 +60,7 @@ impl Fs {
         if name == b".." {
             let dir = self.load_inode(state, parent)?;
             if dir.kind != Kind::Dir {
-                return Err(err(libc::ENOTDIR));
+                return Err(errno(libc::ENOTDIR));
             }
             return self.load_inode(state, dir.parent);
         }
@@ -70,7 +70,7 @@ impl Fs {
         let Some(v) = v else {
             // Tell "no such entry" from "parent is not a directory".
             let p = self.load_inode(state, parent)?;
-            return Err(err(if p.kind == Kind::Dir {
+            return Err(errno(if p.kind == Kind::Dir {
                 libc::ENOENT
             } else {
                 libc::ENOTDIR
@@ -94,7 +94,7 @@ impl Fs {
         tx: &WriteTransaction,
         parent: u64,
         name: &[u8],
-    ) -> R<Option<(u64, Kind, u64)>> {
+    ) -> ErrnoResult<Option<(u64, Kind, u64)>> {
         let t = tx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         v.map(|v| dirent_decode(v.value())).transpose()
@@ -107,7 +107,7 @@ impl Fs {
         name: &[u8],
         ino: u64,
         kind: Kind,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         // The name's own place in the readdir order (see `name_cookie`).
         let cookie = {
             let mut cookies = tx.open_table(COOKIES).map_err(db_err)?;
@@ -133,7 +133,7 @@ impl Fs {
         tx: &WriteTransaction,
         dir: &mut Inode,
         name: &[u8],
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let old = tx
             .open_table(DIRENTS)
             .map_err(db_err)?
@@ -152,12 +152,12 @@ impl Fs {
         Ok(())
     }
 
-    pub(super) fn check_name(name: &[u8]) -> R<()> {
+    pub(super) fn check_name(name: &[u8]) -> ErrnoResult<()> {
         if name.len() > NAME_MAX {
-            return Err(err(libc::ENAMETOOLONG));
+            return Err(errno(libc::ENAMETOOLONG));
         }
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         Ok(())
     }
@@ -172,9 +172,9 @@ impl Fs {
         umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
-    ) -> R<Inode> {
+    ) -> ErrnoResult<Inode> {
         Self::check_name(name)?;
-        let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
+        let kind = Kind::from_mode(mode).ok_or(errno(libc::EINVAL))?;
         let mut state = self.state.lock();
         let tx = self.begin_adding(&mut state)?;
         let mut dir = self.dir_for_new_name(&state, &tx, parent, name)?;
@@ -243,7 +243,7 @@ impl Fs {
         mode: u32,
         umask: u32,
         c: Caller,
-    ) -> R<(u16, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    ) -> ErrnoResult<(u16, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
         let default_acl = match kind {
             Kind::Symlink => None,
             _ => tx
@@ -281,39 +281,39 @@ impl Fs {
         tx: &WriteTransaction,
         parent: u64,
         name: &[u8],
-    ) -> R<Inode> {
+    ) -> ErrnoResult<Inode> {
         let dir = self.inode_tx(state, tx, parent)?;
         if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         if dir.nlink == 0 {
-            return Err(err(libc::ENOENT));
+            return Err(errno(libc::ENOENT));
         }
         if self.find(tx, parent, name)?.is_some() {
-            return Err(err(libc::EEXIST));
+            return Err(errno(libc::EEXIST));
         }
         Ok(dir)
     }
 
-    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+    pub fn readlink(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
         let _state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::EINVAL))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::EINVAL))?;
         Ok(v.value().to_vec())
     }
 
-    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
         Self::check_name(name)?;
         let mut state = self.state.lock();
         let tx = self.begin_adding(&mut state)?;
         let mut inode = self.inode_tx(&state, &tx, ino)?;
         if inode.kind == Kind::Dir {
-            return Err(err(libc::EPERM));
+            return Err(errno(libc::EPERM));
         }
         let mut dir = self.dir_for_new_name(&state, &tx, parent, name)?;
         if inode.nlink >= u32::MAX - 1 {
-            return Err(err(libc::EMLINK));
+            return Err(errno(libc::EMLINK));
         }
         if inode.nlink == 0 {
             // Relinking an open, unlinked file (linkat with AT_EMPTY_PATH) revives it.
@@ -338,7 +338,7 @@ impl Fs {
         state: &mut State,
         tx: &WriteTransaction,
         inode: &mut Inode,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
             inode.nlink
         } else {
@@ -367,7 +367,12 @@ impl Fs {
     }
 
     /// Remove an inode and everything it owns.
-    pub(super) fn purge(&self, state: &mut State, tx: &WriteTransaction, ino: u64) -> R<()> {
+    pub(super) fn purge(
+        &self,
+        state: &mut State,
+        tx: &WriteTransaction,
+        ino: u64,
+    ) -> ErrnoResult<()> {
         // The kernel may still write a removed file's times back before it
         // forgets the inode (writeback cache): answered from here (`setattr`).
         if let Ok(mut last) = self.inode_tx(state, tx, ino) {
@@ -419,7 +424,7 @@ impl Fs {
         tx: &WriteTransaction,
         ino: u64,
         from_unit: u64,
-    ) -> R<u64> {
+    ) -> ErrnoResult<u64> {
         let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
         let doomed: Vec<(u64, Extent)> = t
             .range((ino, from_unit)..=(ino, u64::MAX))
@@ -437,12 +442,12 @@ impl Fs {
         Ok(freed)
     }
 
-    pub fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(errno(libc::ENOENT))?;
         if kind == Kind::Dir {
-            return Err(err(libc::EISDIR));
+            return Err(errno(libc::EISDIR));
         }
         let mut dir = self.inode_tx(&state, &tx, parent)?;
         self.remove_entry(&tx, &mut dir, name)?;
@@ -452,7 +457,7 @@ impl Fs {
         self.commit(&mut state, tx, false)
     }
 
-    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> R<bool> {
+    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> ErrnoResult<bool> {
         let t = tx.open_table(COOKIES).map_err(db_err)?;
         let empty = t
             .range((ino, 0)..=(ino, u64::MAX))
@@ -462,21 +467,21 @@ impl Fs {
         Ok(empty)
     }
 
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> ErrnoResult<()> {
         if name == b"." {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         if name == b".." {
-            return Err(err(libc::ENOTEMPTY));
+            return Err(errno(libc::ENOTEMPTY));
         }
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(errno(libc::ENOENT))?;
         if kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         if !self.is_empty_dir(&tx, ino)? {
-            return Err(err(libc::ENOTEMPTY));
+            return Err(errno(libc::ENOTEMPTY));
         }
         let mut dir = self.inode_tx(&state, &tx, parent)?;
         self.remove_entry(&tx, &mut dir, name)?;
@@ -488,11 +493,16 @@ impl Fs {
     }
 
     /// Entries after `offset` (a cookie; 0 = start, 1 = after ".", 2 = after "..").
-    pub fn readdir(&self, ino: u64, offset: u64, mut want: impl FnMut(&Entry) -> bool) -> R<()> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut want: impl FnMut(&Entry) -> bool,
+    ) -> ErrnoResult<()> {
         let state = self.state.lock();
         let dir = self.load_inode(&state, ino)?;
         if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         drop(state);
         if offset < 1
@@ -542,11 +552,11 @@ impl Fs {
 
     /// opendir: a handle on a directory, which keeps it (with no links, in
     /// `orphans`) if it is removed while open, until `release_dir`.
-    pub fn open_dir(&self, ino: u64) -> R<Inode> {
+    pub fn open_dir(&self, ino: u64) -> ErrnoResult<Inode> {
         let mut state = self.state.lock();
         let inode = self.load_inode(&state, ino)?;
         if inode.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         state.dirs.entry(ino).or_default().open += 1;
         Ok(inode)
@@ -554,7 +564,7 @@ impl Fs {
 
     /// releasedir: the last handle of a removed directory frees it, unless
     /// the kernel still holds it (lookups not yet forgotten).
-    pub fn release_dir(&self, ino: u64) -> R<()> {
+    pub fn release_dir(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let Some(d) = state.dirs.get_mut(&ino) else {
             return Ok(());
@@ -613,7 +623,7 @@ impl Fs {
 
     /// Free removed directories nothing holds (those that really have no
     /// links: the removal may not have committed).
-    pub(super) fn purge_dead_dirs(&self, state: &mut State, inos: &[u64]) -> R<()> {
+    pub(super) fn purge_dead_dirs(&self, state: &mut State, inos: &[u64]) -> ErrnoResult<()> {
         if inos.is_empty() || self.read_only {
             return Ok(());
         }
@@ -636,7 +646,7 @@ impl Fs {
 
     /// fsync: this file's data and all metadata so far, durably.
     /// The inode a directory entry names (committed state).
-    pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> R<Option<u64>> {
+    pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> ErrnoResult<Option<u64>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((dir, name)).map_err(db_err)?;

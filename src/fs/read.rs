@@ -59,12 +59,17 @@ impl ReadSide {
 }
 
 impl Fs {
-    pub(super) fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
+    pub(super) fn extent(&self, ino: u64, unit: u64) -> ErrnoResult<Option<Extent>> {
         Ok(self.extents(ino, unit, unit)?.pop().map(|(_, x)| x))
     }
 
     /// The committed extents of units `first..=last`, with one range lookup.
-    pub(super) fn extents(&self, ino: u64, first: u64, last: u64) -> R<Vec<(u64, Extent)>> {
+    pub(super) fn extents(
+        &self,
+        ino: u64,
+        first: u64,
+        last: u64,
+    ) -> ErrnoResult<Vec<(u64, Extent)>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -77,7 +82,7 @@ impl Fs {
 
     /// Read committed units from the pool in one batch and wait; verify each.
     /// For callers holding the filesystem lock (partial overwrites, fsck).
-    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Buf>> {
+    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> ErrnoResult<Vec<Buf>> {
         let gen = self.reads.generation();
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
@@ -126,7 +131,7 @@ impl Fs {
         mut r: IoResult,
         mut served: ExtentTag,
         mut b: Buf,
-    ) -> R<Buf> {
+    ) -> ErrnoResult<Buf> {
         loop {
             match verify_unit(ino, u, x, r, &b) {
                 Ok(d) => return Ok(d),
@@ -156,7 +161,7 @@ impl Fs {
         ino: u64,
         off: u64,
         size: u32,
-        done: impl FnOnce(R<Vec<u8>>) + Send + 'static,
+        done: impl FnOnce(ErrnoResult<Vec<u8>>) + Send + 'static,
     ) {
         let plan = {
             let state = self.state.lock();
@@ -268,7 +273,7 @@ impl Fs {
         ino: u64,
         off: u64,
         size: u32,
-    ) -> R<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
+    ) -> ErrnoResult<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
         let inode = self.load_inode(state, ino)?;
         if off >= inode.size || size == 0 {
             return Ok((Vec::new(), Vec::new(), 0, 0));
@@ -324,7 +329,7 @@ impl Fs {
     }
 
     /// Read and wait (copy_file_range).
-    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> ErrnoResult<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.read_async(ino, off, size, move |r| {
             let _ = tx.send(r);
@@ -358,7 +363,7 @@ pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
     (io, w)
 }
 
-pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> R<Buf> {
+pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> ErrnoResult<Buf> {
     if let Err(e) = r {
         // A cancelled sibling of a failed read has nothing new to say.
         if e != Errno::ECANCELED {

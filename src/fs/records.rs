@@ -185,7 +185,7 @@ impl Inode {
         e.0
     }
 
-    pub(crate) fn decode(ino: u64, raw: &[u8]) -> R<Inode> {
+    pub(crate) fn decode(ino: u64, raw: &[u8]) -> ErrnoResult<Inode> {
         let bad = |_| {
             log::error!("inode {ino}: record is malformed");
             Errno::EIO
@@ -199,7 +199,7 @@ impl Inode {
             log::error!("inode {ino}: unknown file type");
             Errno::EIO
         })?;
-        let ts = |d: &mut Dec| -> R<Ts> {
+        let ts = |d: &mut Dec| -> ErrnoResult<Ts> {
             Ok(Ts {
                 sec: d.i64().map_err(bad)?,
                 nsec: d.u32().map_err(bad)?,
@@ -302,7 +302,7 @@ impl Extent {
             .u16(self.map);
         e.0
     }
-    pub fn decode(raw: &[u8]) -> R<Extent> {
+    pub fn decode(raw: &[u8]) -> ErrnoResult<Extent> {
         let mut d = Dec::new(raw);
         let bad = |_| Errno::EIO;
         let version = d.u8().map_err(bad)?;
@@ -336,7 +336,7 @@ pub(crate) fn dirent_val(ino: u64, kind: Kind, cookie: u64) -> Vec<u8> {
     e.0
 }
 
-pub(crate) fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
+pub(crate) fn dirent_decode(raw: &[u8]) -> ErrnoResult<(u64, Kind, u64)> {
     let mut d = Dec::new(raw);
     let ino = d.u64().map_err(|_| Errno::EIO)?;
     let kind = d.u8().ok().and_then(Kind::from_code).ok_or(Errno::EIO)?;

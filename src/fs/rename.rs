@@ -10,7 +10,7 @@ impl Fs {
         tx: &WriteTransaction,
         ancestor: u64,
         mut dir: u64,
-    ) -> R<bool> {
+    ) -> ErrnoResult<bool> {
         for _ in 0..100_000 {
             if dir == ancestor {
                 return Ok(true);
@@ -30,11 +30,11 @@ impl Fs {
         newparent: u64,
         newname: &[u8],
         flags: u32,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
         const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
         if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         Self::check_name(newname)?;
         let mut state = self.state.lock();
@@ -50,22 +50,22 @@ impl Fs {
             }
         }
         let tx = self.begin_tx(&mut *state)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(errno(libc::ENOENT))?;
         let target = self.find(&tx, newparent, newname)?;
         self.inode_tx(&state, &tx, parent)?;
         let nd = self.inode_tx(&state, &tx, newparent)?;
         if nd.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         if nd.nlink == 0 {
             // Into a removed directory (still open somewhere): as ext4.
-            return Err(err(libc::ENOENT));
+            return Err(errno(libc::ENOENT));
         }
         if kind == Kind::Dir
             && parent != newparent
             && self.is_ancestor(&state, &tx, ino, newparent)?
         {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         let names = RenameNames {
             parent,
@@ -74,7 +74,7 @@ impl Fs {
             newname,
         };
         if flags & EXCHANGE != 0 {
-            let target = target.ok_or(err(libc::ENOENT))?;
+            let target = target.ok_or(errno(libc::ENOENT))?;
             if target.0 != ino {
                 self.exchange(&mut state, &tx, &names, (ino, kind), (target.0, target.1))?;
             }
@@ -82,16 +82,18 @@ impl Fs {
         }
         if let Some((tino, tkind, _)) = target {
             if flags & NOREPLACE != 0 {
-                return Err(err(libc::EEXIST));
+                return Err(errno(libc::EEXIST));
             }
             if tino == ino {
                 // Two names of one inode: POSIX says do nothing.
                 return self.commit(&mut state, tx, false);
             }
             match (kind == Kind::Dir, tkind == Kind::Dir) {
-                (true, false) => return Err(err(libc::ENOTDIR)),
-                (false, true) => return Err(err(libc::EISDIR)),
-                (true, true) if !self.is_empty_dir(&tx, tino)? => return Err(err(libc::ENOTEMPTY)),
+                (true, false) => return Err(errno(libc::ENOTDIR)),
+                (false, true) => return Err(errno(libc::EISDIR)),
+                (true, true) if !self.is_empty_dir(&tx, tino)? => {
+                    return Err(errno(libc::ENOTEMPTY))
+                }
                 _ => {}
             }
             let mut ndir = self.inode_tx(&state, &tx, newparent)?;
@@ -116,7 +118,7 @@ impl Fs {
         names: &RenameNames,
         ino: u64,
         kind: Kind,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let moves_dir = kind == Kind::Dir && names.parent != names.newparent;
         let mut pdir = self.inode_tx(state, tx, names.parent)?;
         self.remove_entry(tx, &mut pdir, names.name)?;
@@ -146,10 +148,10 @@ impl Fs {
         names: &RenameNames,
         (ino, kind): (u64, Kind),
         (tino, tkind): (u64, Kind),
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let (parent, newparent) = (names.parent, names.newparent);
         if tkind == Kind::Dir && parent != newparent && self.is_ancestor(state, tx, tino, parent)? {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         let mut pdir = self.inode_tx(state, tx, parent)?;
         self.remove_entry(tx, &mut pdir, names.name)?;

@@ -64,7 +64,7 @@ type Placed = (u64, u64, u64, Extent);
 
 impl Fs {
     /// Bytes of file data the walk would read from `from` on.
-    pub fn data_to_walk(&self, from: u64) -> R<u64> {
+    pub fn data_to_walk(&self, from: u64) -> ErrnoResult<u64> {
         Ok(self
             .placed_extents(from)?
             .iter()
@@ -80,7 +80,7 @@ impl Fs {
         mode: CopyWalk,
         from: u64,
         step: &mut dyn FnMut(WalkStep) -> bool,
-    ) -> R<WalkCounts> {
+    ) -> ErrnoResult<WalkCounts> {
         let copies = self.copies();
         let mut counts = WalkCounts::default();
         let placed = self.placed_extents(from)?;
@@ -100,7 +100,7 @@ impl Fs {
     }
 
     /// Every committed extent at or above `from`, in pool order.
-    fn placed_extents(&self, from: u64) -> R<Vec<Placed>> {
+    fn placed_extents(&self, from: u64) -> ErrnoResult<Vec<Placed>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -124,7 +124,7 @@ impl Fs {
         mode: CopyWalk,
         copies: usize,
         counts: &mut WalkCounts,
-    ) -> R<(Vec<(u64, u64)>, u64)> {
+    ) -> ErrnoResult<(Vec<(u64, u64)>, u64)> {
         let (ticket, live) = self.pin(batch)?;
         let mut ios = Vec::with_capacity(live.len());
         let mut waits = Vec::with_capacity(live.len());
@@ -190,7 +190,7 @@ impl Fs {
 
     /// Take a read ticket (space freed from now on is not reused until it is
     /// given back) and keep the extents of `batch` still committed as found.
-    fn pin(&self, batch: &[Placed]) -> R<(u64, Vec<Placed>)> {
+    fn pin(&self, batch: &[Placed]) -> ErrnoResult<(u64, Vec<Placed>)> {
         let ticket = {
             let state = self.state.lock();
             self.reads.enter(state.free_gen);

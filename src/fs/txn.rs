@@ -19,12 +19,12 @@ impl Fs {
     /// Begin a transaction under the filesystem lock. Frees recorded by a
     /// transaction that was abandoned (an error returned before its commit)
     /// are dropped here: the extents they name are still in the committed map.
-    pub(super) fn begin_tx(&self, state: &mut State) -> R<WriteTransaction> {
+    pub(super) fn begin_tx(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
         state.pending_free.truncate(state.pending_mark);
         self.begin()
     }
 
-    pub(crate) fn begin(&self) -> R<WriteTransaction> {
+    pub(crate) fn begin(&self) -> ErrnoResult<WriteTransaction> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -78,7 +78,7 @@ impl Fs {
     /// Begin a transaction that adds metadata (a name, an inode, an
     /// attribute): ENOSPC when the store is nearly full, so that the space
     /// left stays for removals, which need some to make room (copy-on-write).
-    pub(super) fn begin_adding(&self, state: &mut State) -> R<WriteTransaction> {
+    pub(super) fn begin_adding(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
         let tx = self.begin_tx(state)?;
         if self.near_full() {
             let (len, _) = self.store.lock().space();
@@ -120,7 +120,7 @@ impl Fs {
     /// given out twice. Changes fail with EIO (a faulted member) or EROFS
     /// (read-only after a metadata failure, as ext4's errors=remount-ro);
     /// reads go on (those of a faulted member fail with EIO).
-    pub fn writable(&self) -> R<()> {
+    pub fn writable(&self) -> ErrnoResult<()> {
         if self.stack.health.lost() {
             return Err(Errno::EIO);
         }
@@ -153,7 +153,12 @@ impl Fs {
     /// Commit a transaction. A durable commit first flushes the data below
     /// (so no committed extent points at bytes not yet on disk), then makes
     /// the pending frees reusable.
-    pub(super) fn commit(&self, state: &mut State, tx: WriteTransaction, durable: bool) -> R<()> {
+    pub(super) fn commit(
+        &self,
+        state: &mut State,
+        tx: WriteTransaction,
+        durable: bool,
+    ) -> ErrnoResult<()> {
         self.commit_with(state, tx, if durable { Sync::Flush } else { Sync::None })
     }
 
@@ -163,7 +168,7 @@ impl Fs {
         state: &mut State,
         mut tx: WriteTransaction,
         sync: Sync,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let sync = match sync {
             Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,
             other => other,
@@ -242,7 +247,7 @@ impl Fs {
     /// Flush the devices. Written data they have not made durable may be
     /// lost: nothing can be committed over it, so a failure fails the
     /// filesystem (EIO).
-    pub(super) fn flush_device(&self) -> R<()> {
+    pub(super) fn flush_device(&self) -> ErrnoResult<()> {
         let flushed = stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0));
         flushed.map(|_| ()).map_err(|e| {
             self.fail(format!("a device flush failed ({e})"));
@@ -251,13 +256,13 @@ impl Fs {
     }
 
     /// The newest inode: changed in memory, being flushed, or committed.
-    pub(super) fn load_inode(&self, state: &State, ino: u64) -> R<Inode> {
+    pub(super) fn load_inode(&self, state: &State, ino: u64) -> ErrnoResult<Inode> {
         if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(INODES).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
         Inode::decode(ino, v.value())
     }
 
@@ -266,12 +271,17 @@ impl Fs {
         changed.or_else(|| state.in_flight.get(&ino).map(|f| f.inode.clone()))
     }
 
-    pub(super) fn inode_tx(&self, state: &State, tx: &WriteTransaction, ino: u64) -> R<Inode> {
+    pub(super) fn inode_tx(
+        &self,
+        state: &State,
+        tx: &WriteTransaction,
+        ino: u64,
+    ) -> ErrnoResult<Inode> {
         if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
         let t = tx.open_table(INODES).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
         Inode::decode(ino, v.value())
     }
 
@@ -286,7 +296,7 @@ impl Fs {
         state: &mut State,
         tx: &WriteTransaction,
         inode: &Inode,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let mut record = inode.clone();
         let mut table = tx.open_table(INODES).map_err(db_err)?;
         let flying = state.in_flight.contains_key(&inode.ino);

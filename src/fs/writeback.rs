@@ -4,7 +4,7 @@
 use super::*;
 
 impl Fs {
-    pub fn open_file(&self, ino: u64) -> R<Inode> {
+    pub fn open_file(&self, ino: u64) -> ErrnoResult<Inode> {
         let mut state = self.state.lock();
         let inode = self.load_inode(&state, ino)?;
         state.files.entry(ino).or_default().open += 1;
@@ -12,7 +12,7 @@ impl Fs {
     }
 
     /// Write a file's dirty data out (not durably): close() reports its errors.
-    pub fn flush(&self, ino: u64) -> R<()> {
+    pub fn flush(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         self.flush_file(&mut state, ino, false)
     }
@@ -22,7 +22,7 @@ impl Fs {
     /// files wait for a group flush (every `CLOSED_BATCH` closes, the commit
     /// timer, memory pressure, fsync or unmount), so that many small files
     /// cost one batch of writes and one commit instead of one each.
-    pub fn release(&self, ino: u64) -> R<()> {
+    pub fn release(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let Some(f) = state.files.get_mut(&ino) else {
             return Ok(());
@@ -59,7 +59,7 @@ impl Fs {
     }
 
     /// Write a file's dirty units to fresh space and commit the new extents.
-    pub(super) fn flush_file(&self, state: &mut Guard, ino: u64, durable: bool) -> R<()> {
+    pub(super) fn flush_file(&self, state: &mut Guard, ino: u64, durable: bool) -> ErrnoResult<()> {
         self.flush_files(state, &[ino], durable)
     }
 
@@ -67,7 +67,7 @@ impl Fs {
     /// may take long: it writes back whatever the devices cache) runs with
     /// the lock released, holding the flush turn so that no data is written
     /// meanwhile; the durable commit after it needs no flush of its own.
-    pub(super) fn durable_commit(&self, state: &mut Guard) -> R<()> {
+    pub(super) fn durable_commit(&self, state: &mut Guard) -> ErrnoResult<()> {
         self.wait_for_flush(state);
         state.flushing = true;
         let flushed = Guard::unlocked(state, || self.flush_device());
@@ -104,7 +104,12 @@ impl Fs {
     /// to `in_flight`, where reads and partial overwrites find them, and
     /// lookups, getattr, readdir, reads and metadata changes go on meanwhile.
     /// The lock is taken again to commit.
-    pub(super) fn flush_files(&self, state: &mut Guard, inos: &[u64], durable: bool) -> R<()> {
+    pub(super) fn flush_files(
+        &self,
+        state: &mut Guard,
+        inos: &[u64],
+        durable: bool,
+    ) -> ErrnoResult<()> {
         // Failed: the dirty data stays in memory, unwritten (EIO to the caller).
         self.writable()?;
         self.wait_for_flush(state);
@@ -172,7 +177,7 @@ impl Fs {
         state: &mut Guard,
         batch: &mut [(Inode, BTreeMap<u64, DirtyUnit>)],
         durable: bool,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let prepared = Guard::unlocked(state, || Self::prepare_units(batch));
         let (mut placed, ios, waits) = self.place_units(state, batch, &prepared)?;
         // The data goes down without the lock; a durable flush also makes
@@ -296,7 +301,7 @@ impl Fs {
         state: &mut State,
         batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
         prepared: &[Vec<Prepared>],
-    ) -> R<(
+    ) -> ErrnoResult<(
         Vec<Vec<(u64, Option<Extent>)>>,
         Vec<Io>,
         Vec<(usize, usize, Waiter)>,
@@ -312,7 +317,7 @@ impl Fs {
                 }
                 let Some(phys) = state.alloc.alloc(p.len as u64) else {
                     self.free_placed(state, &placed);
-                    return Err(err(libc::ENOSPC));
+                    return Err(errno(libc::ENOSPC));
                 };
                 // The unit's own buffer goes down: past `logical` it holds zeros
                 // (truncate and writes past the end keep it so).
@@ -354,7 +359,7 @@ impl Fs {
         batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
         placed: &[Vec<(u64, Option<Extent>)>],
         sync: Sync,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let tx = self.begin_tx(&mut *state)?;
         for ((flushed, _), placed) in batch.iter().zip(placed) {
             let ino = flushed.ino;
@@ -411,7 +416,7 @@ impl Fs {
         tx: &WriteTransaction,
         ino: u64,
         placed: &[(u64, Option<Extent>)],
-    ) -> R<i64> {
+    ) -> ErrnoResult<i64> {
         let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
         let mut delta = 0i64;
         for (u, x) in placed {
@@ -430,7 +435,7 @@ impl Fs {
         Ok(delta)
     }
 
-    pub(super) fn flush_all(&self, state: &mut Guard, durable: bool) -> R<()> {
+    pub(super) fn flush_all(&self, state: &mut Guard, durable: bool) -> ErrnoResult<()> {
         // In inode order: files created one after another are laid out one
         // after another (and the layout does not depend on hash order).
         let mut inos: Vec<u64> = state
@@ -467,7 +472,7 @@ impl Fs {
         }
     }
 
-    pub fn fsync(&self, ino: u64) -> R<()> {
+    pub fn fsync(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         if state.closed_dirty > 0 {
             // A durable commit makes every earlier metadata change durable,
@@ -482,7 +487,7 @@ impl Fs {
     }
 
     /// Everything durable (timer, syncfs, unmount).
-    pub fn sync(&self) -> R<()> {
+    pub fn sync(&self) -> ErrnoResult<()> {
         if self.read_only || self.closed.lock().is_some() {
             return Ok(());
         }
