@@ -295,8 +295,8 @@ impl Fs {
                     .map_err(db_err)?
                     .map(|v| Extent::decode(v.value()));
                 if let Some(Ok(x)) = old {
-                    state.pending_free.push((x.phys, x.alloc as u64));
-                    stored -= (x.alloc as u64).min(stored);
+                    state.pending_free.push((x.phys, x.reserved_len as u64));
+                    stored -= (x.reserved_len as u64).min(stored);
                 }
                 self.reads.uncache(ino, u);
             } else if ustart < inode.size {
@@ -353,7 +353,7 @@ impl Fs {
             let short: Vec<u64> = (first..=last)
                 .filter(|u| {
                     !state.files[&ino].units.contains_key(u)
-                        && stored.get(u).is_none_or(|x| (x.alloc as u64) < UNIT)
+                        && stored.get(u).is_none_or(|x| (x.reserved_len as u64) < UNIT)
                 })
                 .collect();
             // Preallocated units are stored whole: only whole pieces count.

@@ -356,7 +356,7 @@ fn load_allocation(
             let x = Extent::decode(v.value()).map_err(|_| {
                 FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
             })?;
-            used.push((x.phys, x.alloc as u64));
+            used.push((x.phys, x.reserved_len as u64));
         }
     }
     let counter = |name: &str, default: u64| {
@@ -620,8 +620,8 @@ impl Fs {
         for row in t.iter().map_err(db_err)? {
             let (_, v) = row.map_err(db_err)?;
             let x = Extent::decode(v.value())?;
-            sp.logical += x.logical as u64;
-            sp.stored += x.alloc as u64;
+            sp.logical += x.data_len as u64;
+            sp.stored += x.reserved_len as u64;
         }
         Ok(sp)
     }

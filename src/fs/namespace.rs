@@ -435,8 +435,8 @@ impl Fs {
         let mut freed = 0;
         for (unit, x) in doomed {
             t.remove((ino, unit)).map_err(db_err)?;
-            state.pending_free.push((x.phys, x.alloc as u64));
-            freed += x.alloc as u64;
+            state.pending_free.push((x.phys, x.reserved_len as u64));
+            freed += x.reserved_len as u64;
             self.reads.uncache(ino, unit);
         }
         Ok(freed)

@@ -137,7 +137,7 @@ impl Fs {
                 Ok(d) => return Ok(d),
                 Err(e) if served.copies == 0 => return Err(e),
                 Err(_) => {
-                    b = Buf::zeroed(x.len as usize);
+                    b = Buf::zeroed(x.written_len as usize);
                     let tag = served.retry_avoiding();
                     (r, served) = stackfs_layers::submit_wait_tag(
                         &*self.data,
@@ -225,14 +225,14 @@ impl UnitRead {
         let io = group.child(
             Op::Read,
             x.phys,
-            Buf::zeroed(x.len as usize),
+            Buf::zeroed(x.written_len as usize),
             Some(Box::new(move |io, r| {
                 let served = io.tag();
                 match verify_unit(this.ino, u, &x, r, io.buf()) {
                     Ok(d) => {
                         this.place(u, &d);
                         this.reads.put((this.ino, u), d, this.gen);
-                        Ok(x.len as u64)
+                        Ok(x.written_len as u64)
                     }
                     Err(e) if served.copies == 0 => Err(e),
                     Err(_) => {
@@ -348,7 +348,6 @@ pub(super) fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
     }
 }
 
-/// Check a unit read from the pool; its bytes up to the logical length.
 /// The read of a committed unit, tagged with `tag`: what the transform
 /// layers recorded at write time (`Extent::tag`), and which copies to read.
 pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
@@ -356,13 +355,14 @@ pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
     let io = Io::new(
         Op::Read,
         x.phys,
-        Buf::zeroed(x.len as usize),
+        Buf::zeroed(x.written_len as usize),
         Some(w.end_io()),
     );
     io.set_tag(tag);
     (io, w)
 }
 
+/// Check a unit read from the pool; its bytes up to `data_len`.
 pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> ErrnoResult<Buf> {
     if let Err(e) = r {
         // A cancelled sibling of a failed read has nothing new to say.
@@ -379,6 +379,6 @@ pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) ->
         );
         return Err(Errno::EIO);
     }
-    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
+    let n = (x.data_len as usize).min(UNIT as usize).min(b.len());
     Ok(b.slice(0, n))
 }

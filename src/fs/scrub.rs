@@ -68,7 +68,7 @@ impl Fs {
         Ok(self
             .placed_extents(from)?
             .iter()
-            .map(|p| p.3.len as u64)
+            .map(|p| p.3.written_len as u64)
             .sum())
     }
 
@@ -139,8 +139,8 @@ impl Fs {
         for ((_, ino, unit, x), (w, b)) in live.iter().zip(waits) {
             let (r, served) = w.wait_tag();
             counts.items += 1;
-            counts.bytes += x.len as u64;
-            bytes += x.len as u64;
+            counts.bytes += x.written_len as u64;
+            bytes += x.written_len as u64;
             if verify_unit(*ino, *unit, x, r, &b).is_ok() {
                 continue;
             }
@@ -176,7 +176,7 @@ impl Fs {
             ..served
         };
         while served.copies != 0 {
-            let b = Buf::zeroed(x.len as usize);
+            let b = Buf::zeroed(x.written_len as usize);
             let tag = served.retry_avoiding();
             let (r, again) =
                 stackfs_layers::submit_wait_tag(&*self.data, Op::Read, x.phys, b.clone(), tag);

@@ -202,16 +202,18 @@ impl Fs {
                 .expect("written units have extents");
             if tag.codec != 0 {
                 x.codec = tag.codec;
-                x.stored = tag.stored_len;
+                x.stored_len = tag.stored_len;
             }
             x.nonce = tag.nonce;
             x.mac = tag.mac;
-            let used = (x.stored as u64)
+            let used = (x.stored_len as u64)
                 .div_ceil(BLOCK)
                 .saturating_mul(BLOCK)
-                .min(x.alloc as u64);
-            state.alloc.free(x.phys + used, x.alloc as u64 - used);
-            x.alloc = used as u32;
+                .min(x.reserved_len as u64);
+            state
+                .alloc
+                .free(x.phys + used, x.reserved_len as u64 - used);
+            x.reserved_len = used as u32;
         }
         if let Some((ino, e)) = failed {
             log::error!("inode {ino}: data write failed: {e}");
@@ -243,7 +245,7 @@ impl Fs {
             return;
         }
         for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
-            state.alloc.free(x.phys, x.alloc as u64);
+            state.alloc.free(x.phys, x.reserved_len as u64);
         }
     }
 
@@ -271,8 +273,8 @@ impl Fs {
             Some(Prepared {
                 unit: u,
                 hole,
-                logical: logical as u32,
-                len: len as u32,
+                data_len: logical as u32,
+                written_len: len as u32,
                 crc: if hole {
                     0
                 } else {
@@ -315,20 +317,20 @@ impl Fs {
                     placed[fi].push((p.unit, None));
                     continue;
                 }
-                let Some(phys) = state.alloc.alloc(p.len as u64) else {
+                let Some(phys) = state.alloc.alloc(p.written_len as u64) else {
                     self.free_placed(state, &placed);
                     return Err(errno(libc::ENOSPC));
                 };
-                // The unit's own buffer goes down: past `logical` it holds zeros
+                // The unit's own buffer goes down: past `data_len` it holds zeros
                 // (truncate and writes past the end keep it so).
-                let b = units[&p.unit].data.slice(0, p.len as usize);
+                let b = units[&p.unit].data.slice(0, p.written_len as usize);
                 let x = Extent {
                     phys,
-                    alloc: p.len,
-                    logical: p.logical,
-                    len: p.len,
+                    reserved_len: p.written_len,
+                    data_len: p.data_len,
+                    written_len: p.written_len,
                     codec: 0,
-                    stored: p.len,
+                    stored_len: p.written_len,
                     nonce: [0; 24],
                     mac: [0; 16],
                     crc: p.crc,
@@ -425,11 +427,11 @@ impl Fs {
                 None => t.remove((ino, *u)).map_err(db_err)?,
             };
             if let Some(Ok(old)) = old.map(|v| Extent::decode(v.value())) {
-                state.pending_free.push((old.phys, old.alloc as u64));
-                delta -= old.alloc as i64;
+                state.pending_free.push((old.phys, old.reserved_len as u64));
+                delta -= old.reserved_len as i64;
             }
             if let Some(x) = x {
-                delta += x.alloc as i64;
+                delta += x.reserved_len as i64;
             }
         }
         Ok(delta)
@@ -501,8 +503,9 @@ struct Prepared {
     unit: u64,
     /// All zeros: stored as a hole.
     hole: bool,
-    logical: u32,
-    len: u32,
+    /// As in `Extent`: bytes of file data, and bytes written (rounded up to 4 KiB).
+    data_len: u32,
+    written_len: u32,
     crc: u32,
     map: u16,
     /// Preallocated: stored whole, uncompressed.
