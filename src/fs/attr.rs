@@ -3,18 +3,18 @@
 use super::*;
 
 impl Fs {
-    pub fn getattr(&self, ino: u64) -> R<Inode> {
-        let st = self.st.lock();
-        self.shown_inode(&st, ino)
+    pub fn getattr(&self, ino: u64) -> ErrnoResult<Inode> {
+        let state = self.state.lock();
+        self.shown_inode(&state, ino)
     }
 
     /// The inode as `stat` shows it: space counts the file's data still in
     /// memory too (what it will take at most once flushed), so that `du`
     /// and sparse-file heuristics (blocks < size) do not see a written file
     /// as empty before its group flush.
-    pub(super) fn shown_inode(&self, st: &State, ino: u64) -> R<Inode> {
-        let mut inode = self.load_inode(st, ino)?;
-        if let Some(f) = st.files.get(&ino).filter(|f| !f.units.is_empty()) {
+    pub(super) fn shown_inode(&self, state: &State, ino: u64) -> ErrnoResult<Inode> {
+        let mut inode = self.load_inode(state, ino)?;
+        if let Some(f) = state.files.get(&ino).filter(|f| !f.units.is_empty()) {
             // Units that replace a stored extent take its place, not more.
             let first = f.units.keys().next().copied().unwrap_or(0);
             let last = f.units.keys().next_back().copied().unwrap_or(0);
@@ -24,7 +24,7 @@ impl Fs {
                 .map(|(u, _)| u)
                 .collect();
             for (u, d) in f.units.iter().filter(|(u, _)| !stored.contains(u)) {
-                let bytes = if d.keep {
+                let bytes = if d.preallocated {
                     UNIT
                 } else {
                     inode
@@ -44,42 +44,42 @@ impl Fs {
     /// `ino` (`setid_loss`), as Linux does before (or, for an ACL, with)
     /// the change itself. The kernel leaves this to us
     /// (FUSE_HANDLE_KILLPRIV_V2). Cheap when the file has no set-id bits.
-    pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> R<()> {
-        let mut st = self.st.lock();
-        if setid_loss(&self.load_inode(&st, ino)?, why, who) == 0 {
+    pub fn drop_setid(&self, ino: u64, why: SetidChange, who: &dyn Privs) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        if setid_loss(&self.load_inode(&state, ino)?, why, who) == 0 {
             return Ok(());
         }
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         inode.perm &= !setid_loss(&inode, why, who);
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 
-    pub fn setattr(&self, ino: u64, a: SetAttr) -> R<Inode> {
-        let mut st = self.st.lock();
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> ErrnoResult<Inode> {
+        let mut state = self.state.lock();
         // Times only (the kernel's writeback cache sends these after writes),
         // on a file whose changed inode is still in memory: the change joins
         // it there and is committed with the file's data.
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
-            if let Some(inode) = st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
+            if let Some(inode) = state.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
                 Self::set_times(inode, &a);
-                return self.shown_inode(&st, ino);
+                return self.shown_inode(&state, ino);
             }
             // The times of a file removed since, written back by the kernel
             // before it forgets the inode: nothing to keep, nothing to fail
             // (an error here would reach the next syncfs as a write error).
-            if let Some(gone) = st.gone.get_mut(&ino) {
+            if let Some(gone) = state.gone.get_mut(&ino) {
                 Self::set_times(gone, &a);
                 return Ok(gone.clone());
             }
         }
         if let Some(size) = a.size {
-            self.truncate(&mut st, ino, size)?;
+            self.truncate(&mut state, ino, size)?;
         }
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         if let Some(m) = a.mode {
             inode.perm = (m & 0o7777) as u16;
         }
@@ -94,8 +94,8 @@ impl Fs {
             }
         }
         Self::set_times(&mut inode, &a);
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)?;
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)?;
         Ok(inode)
     }
 
@@ -116,7 +116,7 @@ impl Fs {
     /// An access to `ino` (an open for reading, or of a directory): update
     /// its atime if the mount's atime rules say so (see atime.rs). The
     /// ctime does not change. True when the atime moved.
-    pub fn touch_atime(&self, ino: u64, dir: bool) -> R<bool> {
+    pub fn touch_atime(&self, ino: u64, dir: bool) -> ErrnoResult<bool> {
         let p = self.policy();
         if self.read_only || (dir && p.nodiratime) {
             return Ok(false);
@@ -150,20 +150,20 @@ impl Fs {
         }
     }
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> ErrnoResult<()> {
         if name.is_empty() || name.len() > 255 {
-            return Err(err(libc::ERANGE));
+            return Err(errno(libc::ERANGE));
         }
         if value.len() > XATTR_SIZE_MAX {
-            return Err(err(libc::E2BIG));
+            return Err(errno(libc::E2BIG));
         }
-        let mut st = self.st.lock();
-        let tx = self.begin_adding(&mut st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let mut state = self.state.lock();
+        let tx = self.begin_adding(&mut state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         if name == ACL_ACCESS {
             // The kernel leaves ACLs to us: an access ACL carries the mode bits,
             // and one with no named entries is nothing but a mode (as on ext4).
-            let (mode, minimal) = acl_mode(value).ok_or(err(libc::EINVAL))?;
+            let (mode, minimal) = acl_mode(value).ok_or(errno(libc::EINVAL))?;
             inode.perm = (inode.perm & !0o777) | mode;
             if minimal {
                 tx.open_table(XATTRS)
@@ -171,44 +171,44 @@ impl Fs {
                     .remove((ino, name))
                     .map_err(db_err)?;
                 inode.ctime = Ts::now();
-                self.put_inode(&mut st, &tx, &inode)?;
-                return self.commit(&mut st, tx, false);
+                self.put_inode(&mut state, &tx, &inode)?;
+                return self.commit(&mut state, tx, false);
             }
         }
         {
             let mut t = tx.open_table(XATTRS).map_err(db_err)?;
             let exists = t.get((ino, name)).map_err(db_err)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
-                return Err(err(libc::EEXIST));
+                return Err(errno(libc::EEXIST));
             }
             if flags & libc::XATTR_REPLACE != 0 && !exists {
-                return Err(err(libc::ENODATA));
+                return Err(errno(libc::ENODATA));
             }
             t.insert((ino, name), value).map_err(db_err)?;
         }
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 
-    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> ErrnoResult<Vec<u8>> {
         if name.len() > 255 {
-            return Err(err(libc::ERANGE));
+            return Err(errno(libc::ERANGE));
         }
-        let st = self.st.lock();
-        self.load_inode(&st, ino)?;
+        let state = self.state.lock();
+        self.load_inode(&state, ino)?;
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let v = t
             .get((ino, name))
             .map_err(db_err)?
-            .ok_or(err(libc::ENODATA))?;
+            .ok_or(errno(libc::ENODATA))?;
         Ok(v.value().to_vec())
     }
 
-    pub fn listxattr(&self, ino: u64) -> R<Vec<u8>> {
-        let st = self.st.lock();
-        self.load_inode(&st, ino)?;
+    pub fn listxattr(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
+        let state = self.state.lock();
+        self.load_inode(&state, ino)?;
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(XATTRS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -224,10 +224,10 @@ impl Fs {
         Ok(out)
     }
 
-    pub fn removexattr(&self, ino: u64, name: &[u8]) -> R<()> {
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         let gone = tx
             .open_table(XATTRS)
             .map_err(db_err)?
@@ -235,11 +235,11 @@ impl Fs {
             .map_err(db_err)?
             .is_some();
         if !gone {
-            return Err(err(libc::ENODATA));
+            return Err(errno(libc::ENODATA));
         }
         inode.ctime = Ts::now();
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)
     }
 }
 

@@ -5,8 +5,9 @@ use super::*;
 pub(super) struct DirtyUnit {
     /// The whole unit, page-aligned: written below as it is (no copy).
     pub(super) data: Buf,
-    /// Store even if all zeros (space preallocated by fallocate).
-    pub(super) keep: bool,
+    /// Space preallocated by fallocate: stored whole and uncompressed, even
+    /// if all zeros or past the end of the file.
+    pub(super) preallocated: bool,
 }
 
 impl DirtyUnit {
@@ -25,12 +26,16 @@ impl Fs {
     /// The unit's current contents, for a partial overwrite. Bytes past the
     /// file's size read as zeros, whatever the stored unit still holds there
     /// (a truncate committed before a crash shortened the file, not the unit).
-    pub(super) fn unit_for_write(&self, st: &mut State, ino: u64, u: u64) -> R<()> {
-        if st.files.get(&ino).is_some_and(|f| f.units.contains_key(&u)) {
+    pub(super) fn unit_for_write(&self, state: &mut State, ino: u64, u: u64) -> ErrnoResult<()> {
+        if state
+            .files
+            .get(&ino)
+            .is_some_and(|f| f.units.contains_key(&u))
+        {
             return Ok(());
         }
         let mut data = Buf::zeroed(UNIT as usize);
-        let flying = st
+        let flying = state
             .in_flight
             .get(&ino)
             .and_then(|f| f.units.get(&u))
@@ -42,24 +47,33 @@ impl Fs {
             (None, None) => None,
         };
         if let Some(old) = old {
-            let size = self.load_inode(st, ino)?.size;
+            let size = self.load_inode(state, ino)?.size;
             let valid = size.saturating_sub(u * UNIT).min(UNIT) as usize;
             let old = &old.as_slice()[..old.len().min(valid)];
             copy_clipped(data.as_mut_slice(), old, 0);
         }
-        st.files
-            .entry(ino)
-            .or_default()
-            .units
-            .insert(u, DirtyUnit { data, keep: false });
-        st.dirty_bytes += UNIT;
+        state.files.entry(ino).or_default().units.insert(
+            u,
+            DirtyUnit {
+                data,
+                preallocated: false,
+            },
+        );
+        state.dirty_bytes += UNIT;
         Ok(())
     }
 
     /// Zero bytes `from..to` of unit `u` of a file, in its dirty copy.
-    fn zero_in_unit(&self, st: &mut State, ino: u64, u: u64, from: usize, to: usize) -> R<()> {
-        self.unit_for_write(st, ino, u)?;
-        let f = st
+    fn zero_in_unit(
+        &self,
+        state: &mut State,
+        ino: u64,
+        u: u64,
+        from: usize,
+        to: usize,
+    ) -> ErrnoResult<()> {
+        self.unit_for_write(state, ino, u)?;
+        let f = state
             .files
             .get_mut(&ino)
             .expect("unit_for_write made the file state");
@@ -68,9 +82,9 @@ impl Fs {
         Ok(())
     }
 
-    pub(super) fn file_inode(&self, st: &mut State, ino: u64) -> R<Inode> {
-        let inode = self.load_inode(st, ino)?;
-        st.files.entry(ino).or_default().inode = Some(inode.clone());
+    pub(super) fn file_inode(&self, state: &mut State, ino: u64) -> ErrnoResult<Inode> {
+        let inode = self.load_inode(state, ino)?;
+        state.files.entry(ino).or_default().inode = Some(inode.clone());
         Ok(inode)
     }
 
@@ -78,18 +92,24 @@ impl Fs {
     /// may need a whole unit in one piece when it is written (compression
     /// only frees space after it). Counting free bytes instead would accept
     /// data that fragmented space cannot hold.
-    pub(super) fn surely_fits(&self, st: &State, new_units: u64) -> bool {
-        let pieces = st.alloc.free_pieces().saturating_mul(UNIT);
-        pieces >= st.dirty_bytes + new_units * UNIT
+    pub(super) fn surely_fits(&self, state: &State, new_units: u64) -> bool {
+        let pieces = state.alloc.free_pieces().saturating_mul(UNIT);
+        pieces >= state.dirty_bytes + new_units * UNIT
     }
 
     /// After a flush: whether the new units of a write to `off..end` can be
     /// placed exactly (a unit that ends the file needs only its blocks),
     /// next to the dirty units that are still in memory.
-    pub(super) fn fits_exactly(&self, st: &State, ino: u64, off: u64, end: u64) -> R<bool> {
-        let size = self.load_inode(st, ino)?.size.max(end);
-        let dirty = st.files.get(&ino);
-        let mut sizes = vec![UNIT; (st.dirty_bytes / UNIT) as usize];
+    pub(super) fn fits_exactly(
+        &self,
+        state: &State,
+        ino: u64,
+        off: u64,
+        end: u64,
+    ) -> ErrnoResult<bool> {
+        let size = self.load_inode(state, ino)?.size.max(end);
+        let dirty = state.files.get(&ino);
+        let mut sizes = vec![UNIT; (state.dirty_bytes / UNIT) as usize];
         for u in off / UNIT..=(end - 1) / UNIT {
             if dirty.is_some_and(|f| f.units.contains_key(&u)) {
                 continue;
@@ -97,17 +117,23 @@ impl Fs {
             let len = size.saturating_sub(u * UNIT).min(UNIT);
             sizes.push(len.div_ceil(BLOCK) * BLOCK);
         }
-        Ok(st.alloc.fits(&sizes))
+        Ok(state.alloc.fits(&sizes))
     }
 
-    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> R<u32> {
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> ErrnoResult<u32> {
         self.write_by(ino, off, data, None)
     }
 
     /// A write that drops set-id bits as a data change by `kill` does
     /// (`setid_loss`): the kernel asks for it with FUSE_WRITE_KILL_SUIDGID.
     /// The bits go with the write's other inode changes, in memory.
-    pub fn write_by(&self, ino: u64, off: u64, data: &[u8], kill: Option<&dyn Privs>) -> R<u32> {
+    pub fn write_by(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        kill: Option<&dyn Privs>,
+    ) -> ErrnoResult<u32> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -115,26 +141,26 @@ impl Fs {
         let end = off
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
-            .ok_or(err(libc::EFBIG))?;
+            .ok_or(errno(libc::EFBIG))?;
         if data.is_empty() {
             return Ok(0);
         }
-        let mut st = self.st.lock();
+        let mut state = self.state.lock();
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let dirty = st.files.get(&ino);
+        let dirty = state.files.get(&ino);
         let new_units = (first..=last)
             .filter(|u| !dirty.is_some_and(|f| f.units.contains_key(u)))
             .count() as u64;
-        if !self.surely_fits(&st, new_units) {
+        if !self.surely_fits(&state, new_units) {
             // Frees wait for a durable commit; make one before giving up.
             // (Before the inode is taken: the flush commits the file's own.)
-            self.flush_all(&mut st, true)?;
-            self.drain_deferred(&mut st);
-            if !self.surely_fits(&st, new_units) && !self.fits_exactly(&st, ino, off, end)? {
-                return Err(err(libc::ENOSPC));
+            self.flush_all(&mut state, true)?;
+            self.drain_deferred(&mut state);
+            if !self.surely_fits(&state, new_units) && !self.fits_exactly(&state, ino, off, end)? {
+                return Err(errno(libc::ENOSPC));
             }
         }
-        let mut inode = self.file_inode(&mut st, ino)?;
+        let mut inode = self.file_inode(&mut state, ino)?;
         if let Some(who) = kill {
             inode.perm &= !setid_loss(&inode, SetidChange::Data, who);
         }
@@ -145,21 +171,21 @@ impl Fs {
             let whole = from == ustart && to == ustart + UNIT;
             let beyond = ustart >= inode.size;
             if whole || beyond {
-                let f = st.files.get_mut(&ino).expect("file state");
+                let f = state.files.get_mut(&ino).expect("file state");
                 if !f.units.contains_key(&u) {
                     f.units.insert(
                         u,
                         DirtyUnit {
                             data: Buf::zeroed(UNIT as usize),
-                            keep: false,
+                            preallocated: false,
                         },
                     );
-                    st.dirty_bytes += UNIT;
+                    state.dirty_bytes += UNIT;
                 }
             } else {
-                self.unit_for_write(&mut st, ino, u)?;
+                self.unit_for_write(&mut state, ino, u)?;
             }
-            let f = st.files.get_mut(&ino).expect("file state");
+            let f = state.files.get_mut(&ino).expect("file state");
             let d = f.units.get_mut(&u).expect("unit");
             d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize]
                 .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
@@ -169,78 +195,90 @@ impl Fs {
         inode.size = inode.size.max(end);
         inode.mtime = now;
         inode.ctime = now;
-        st.files.get_mut(&ino).expect("file state").inode = Some(inode);
-        if st.dirty_bytes > DIRTY_LIMIT / 2 {
+        state.files.get_mut(&ino).expect("file state").inode = Some(inode);
+        if state.dirty_bytes > DIRTY_LIMIT / 2 {
             self.kick_writeback();
         }
-        if st.dirty_bytes > DIRTY_LIMIT {
-            self.flush_all(&mut st, false)?;
+        if state.dirty_bytes > DIRTY_LIMIT {
+            self.flush_all(&mut state, false)?;
         }
         Ok(data.len() as u32)
     }
 
-    pub(super) fn truncate(&self, st: &mut Guard, ino: u64, size: u64) -> R<()> {
+    pub(super) fn truncate(&self, state: &mut Guard, ino: u64, size: u64) -> ErrnoResult<()> {
         // The units a flush is writing must be committed before they change.
-        self.wait_for_flush(st);
-        let mut inode = self.file_inode(st, ino)?;
+        self.wait_for_flush(state);
+        let mut inode = self.file_inode(state, ino)?;
         if inode.kind != Kind::File {
-            return Err(err(if inode.kind == Kind::Dir {
+            return Err(errno(if inode.kind == Kind::Dir {
                 libc::EISDIR
             } else {
                 libc::EINVAL
             }));
         }
         if size > i64::MAX as u64 {
-            return Err(err(libc::EFBIG));
+            return Err(errno(libc::EFBIG));
         }
         if size < inode.size {
             // Zero the tail of the last kept unit; drop every unit after it.
             let keep = size.div_ceil(UNIT);
             if size % UNIT != 0 {
-                self.zero_in_unit(st, ino, size / UNIT, (size % UNIT) as usize, UNIT as usize)?;
+                self.zero_in_unit(
+                    state,
+                    ino,
+                    size / UNIT,
+                    (size % UNIT) as usize,
+                    UNIT as usize,
+                )?;
             }
-            let f = st.files.get_mut(&ino).expect("file");
+            let f = state.files.get_mut(&ino).expect("file");
             let gone: Vec<u64> = f.units.range(keep..).map(|(u, _)| *u).collect();
             for u in &gone {
                 f.units.remove(u);
             }
-            st.dirty_bytes -= (gone.len() as u64 * UNIT).min(st.dirty_bytes);
-            let tx = self.begin_tx(&mut *st)?;
-            let freed = self.drop_extents(st, &tx, ino, keep)?;
+            state.dirty_bytes -= (gone.len() as u64 * UNIT).min(state.dirty_bytes);
+            let tx = self.begin_tx(&mut *state)?;
+            let freed = self.drop_extents(state, &tx, ino, keep)?;
             inode.stored -= freed.min(inode.stored);
             inode.size = size;
-            self.put_inode(st, &tx, &inode)?;
-            st.files.get_mut(&ino).expect("file").inode = Some(inode);
-            self.commit(st, tx, false)?;
+            self.put_inode(state, &tx, &inode)?;
+            state.files.get_mut(&ino).expect("file").inode = Some(inode);
+            self.commit(state, tx, false)?;
         } else {
             // The unit holding the old end: what it stores past the end must
             // read as zeros once the file is longer.
             let tail = inode.size / UNIT;
             if inode.size % UNIT != 0 && size > inode.size && self.extent(ino, tail)?.is_some() {
-                self.unit_for_write(st, ino, tail)?;
+                self.unit_for_write(state, ino, tail)?;
             }
             inode.size = size;
-            st.files.get_mut(&ino).expect("file").inode = Some(inode);
+            state.files.get_mut(&ino).expect("file").inode = Some(inode);
         }
         Ok(())
     }
 
     /// Zero `[off, off+len)`: whole units become holes, partial ones are rewritten.
-    pub(super) fn zero_range(&self, st: &mut Guard, ino: u64, off: u64, len: u64) -> R<()> {
-        let inode = self.file_inode(st, ino)?;
+    pub(super) fn zero_range(
+        &self,
+        state: &mut Guard,
+        ino: u64,
+        off: u64,
+        len: u64,
+    ) -> ErrnoResult<()> {
+        let inode = self.file_inode(state, ino)?;
         let end = off + len;
         if len == 0 {
             return Ok(());
         }
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let tx = self.begin_tx(&mut *st)?;
+        let tx = self.begin_tx(&mut *state)?;
         let mut stored = inode.stored;
         for u in first..=last {
             let ustart = u * UNIT;
             let from = off.max(ustart);
             let to = end.min(ustart + UNIT);
             if from == ustart && to == ustart + UNIT {
-                if st
+                if state
                     .files
                     .get_mut(&ino)
                     .expect("file")
@@ -248,7 +286,7 @@ impl Fs {
                     .remove(&u)
                     .is_some()
                 {
-                    st.dirty_bytes -= UNIT.min(st.dirty_bytes);
+                    state.dirty_bytes -= UNIT.min(state.dirty_bytes);
                 }
                 let old = tx
                     .open_table(EXTENTS)
@@ -257,24 +295,24 @@ impl Fs {
                     .map_err(db_err)?
                     .map(|v| Extent::decode(v.value()));
                 if let Some(Ok(x)) = old {
-                    st.pending_free.push((x.phys, x.alloc as u64));
-                    stored -= (x.alloc as u64).min(stored);
+                    state.pending_free.push((x.phys, x.reserved_len as u64));
+                    stored -= (x.reserved_len as u64).min(stored);
                 }
-                self.rd.uncache(ino, u);
+                self.reads.uncache(ino, u);
             } else if ustart < inode.size {
                 let (from, to) = ((from - ustart) as usize, (to - ustart) as usize);
-                self.zero_in_unit(st, ino, u, from, to)?;
+                self.zero_in_unit(state, ino, u, from, to)?;
             }
         }
-        let f = st.files.get_mut(&ino).expect("file");
+        let f = state.files.get_mut(&ino).expect("file");
         let mut i = f.inode.clone().expect("file inode");
         i.stored = stored;
-        self.put_inode(st, &tx, &i)?;
-        st.files.get_mut(&ino).expect("file").inode = Some(i);
-        self.commit(st, tx, false)
+        self.put_inode(state, &tx, &i)?;
+        state.files.get_mut(&ino).expect("file").inode = Some(i);
+        self.commit(state, tx, false)
     }
 
-    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> R<()> {
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> ErrnoResult<()> {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -282,28 +320,28 @@ impl Fs {
             & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
             != 0
         {
-            return Err(err(libc::EOPNOTSUPP));
+            return Err(errno(libc::EOPNOTSUPP));
         }
         if punch && (!keep || zero) {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         let end = off
             .checked_add(len)
             .filter(|e| *e <= i64::MAX as u64)
-            .ok_or(err(libc::EFBIG))?;
+            .ok_or(errno(libc::EFBIG))?;
         if len == 0 {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
-        let mut st = self.st.lock();
-        self.wait_for_flush(&mut st);
-        let inode = self.file_inode(&mut st, ino)?;
+        let mut state = self.state.lock();
+        self.wait_for_flush(&mut state);
+        let inode = self.file_inode(&mut state, ino)?;
         if inode.kind != Kind::File {
-            return Err(err(libc::ENODEV));
+            return Err(errno(libc::ENODEV));
         }
         if punch || zero {
             let zend = if punch { end.min(inode.size) } else { end };
             if zend > off {
-                self.zero_range(&mut st, ino, off, zend - off)?;
+                self.zero_range(&mut state, ino, off, zend - off)?;
             }
         } else {
             // Copy-on-write cannot reserve blocks for later overwrites; it
@@ -314,44 +352,44 @@ impl Fs {
                 self.extents(ino, first, last)?.into_iter().collect();
             let short: Vec<u64> = (first..=last)
                 .filter(|u| {
-                    !st.files[&ino].units.contains_key(u)
-                        && stored.get(u).is_none_or(|x| (x.alloc as u64) < UNIT)
+                    !state.files[&ino].units.contains_key(u)
+                        && stored.get(u).is_none_or(|x| (x.reserved_len as u64) < UNIT)
                 })
                 .collect();
             // Preallocated units are stored whole: only whole pieces count.
-            if !self.surely_fits(&st, short.len() as u64) {
-                self.flush_all(&mut st, true)?;
-                self.drain_deferred(&mut st);
-                if !self.surely_fits(&st, short.len() as u64) {
-                    return Err(err(libc::ENOSPC));
+            if !self.surely_fits(&state, short.len() as u64) {
+                self.flush_all(&mut state, true)?;
+                self.drain_deferred(&mut state);
+                if !self.surely_fits(&state, short.len() as u64) {
+                    return Err(errno(libc::ENOSPC));
                 }
                 // The flush committed the file's inode: take it up again.
-                self.file_inode(&mut st, ino)?;
+                self.file_inode(&mut state, ino)?;
             }
             for u in short {
-                self.unit_for_write(&mut st, ino, u)?;
+                self.unit_for_write(&mut state, ino, u)?;
             }
-            let f = st.files.get_mut(&ino).expect("file");
+            let f = state.files.get_mut(&ino).expect("file");
             for (_, d) in f.units.range_mut(first..=last) {
-                d.keep = true;
+                d.preallocated = true;
             }
         }
         if !keep && end > inode.size {
-            let mut i = self.file_inode(&mut st, ino)?;
+            let mut i = self.file_inode(&mut state, ino)?;
             i.size = end;
             i.ctime = Ts::now();
-            st.files.get_mut(&ino).expect("file").inode = Some(i);
+            state.files.get_mut(&ino).expect("file").inode = Some(i);
         }
         Ok(())
     }
 
     /// SEEK_DATA / SEEK_HOLE at 4 KiB granularity: a block is data when it
     /// holds a non-zero byte (blocks of zeros read the same as holes).
-    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> R<u64> {
-        let st = self.st.lock();
-        let inode = self.load_inode(&st, ino)?;
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> ErrnoResult<u64> {
+        let state = self.state.lock();
+        let inode = self.load_inode(&state, ino)?;
         if off >= inode.size {
-            return Err(err(libc::ENXIO));
+            return Err(errno(libc::ENXIO));
         }
         let (first, last) = (off / UNIT, (inode.size - 1) / UNIT);
         let mut maps: BTreeMap<u64, u16> = self
@@ -359,11 +397,11 @@ impl Fs {
             .into_iter()
             .map(|(u, x)| (u, x.map))
             .collect();
-        let flying = st.in_flight.get(&ino).into_iter();
+        let flying = state.in_flight.get(&ino).into_iter();
         for (u, data) in flying.flat_map(|f| f.units.range(first..=last)) {
             maps.insert(*u, block_map(data.as_slice()));
         }
-        if let Some(f) = st.files.get(&ino) {
+        if let Some(f) = state.files.get(&ino) {
             for (u, d) in f.units.range(first..=last) {
                 maps.insert(*u, block_map(d.data.as_slice()));
             }
@@ -385,7 +423,7 @@ impl Fs {
                         }
                     }
                 }
-                Err(err(libc::ENXIO))
+                Err(errno(libc::ENXIO))
             }
             libc::SEEK_HOLE => {
                 let mut b = start_block;
@@ -398,7 +436,7 @@ impl Fs {
                 }
                 Ok(inode.size)
             }
-            _ => Err(err(libc::EINVAL)),
+            _ => Err(errno(libc::EINVAL)),
         }
     }
 }

@@ -57,9 +57,11 @@ const DIRTY_LIMIT: u64 = 256 << 20;
 const CLOSED_BATCH: usize = 64;
 const XATTR_SIZE_MAX: usize = 64 << 10;
 
-pub type R<T> = Result<T, Errno>;
+/// The result of a filesystem operation: its value, or the errno the caller gets.
+pub type ErrnoResult<T> = Result<T, Errno>;
 
-pub(crate) fn err(e: i32) -> Errno {
+/// The `Errno` of a libc error number (`errno(libc::ENOENT)`).
+pub(crate) fn errno(e: i32) -> Errno {
     Errno(e)
 }
 
@@ -167,7 +169,7 @@ struct FileState {
     units: BTreeMap<u64, DirtyUnit>,
     open: u32,
     /// Counted in `State::closed_dirty` (closed with data not yet written).
-    counted: bool,
+    in_closed_dirty: bool,
 }
 
 struct State {
@@ -250,19 +252,19 @@ pub struct Fs {
     meta_copies: Mutex<Arc<MetaCopies>>,
     _stop: StackGuard,
     /// The outcome of `shutdown`, once it ran (later calls return it again).
-    closed: Mutex<Option<R<()>>>,
+    closed: Mutex<Option<ErrnoResult<()>>>,
     /// Set once, when a metadata failure turned the filesystem read-only.
     failure: std::sync::OnceLock<String>,
     /// File data enters the stack here (the top); metadata enters below
     /// compression (`Stack::meta`, given to the metadata store).
     data: Arc<dyn Layer>,
-    st: Mutex<State>,
+    state: Mutex<State>,
     /// Signalled when a flush that released the lock has committed.
     flush_done: parking_lot::Condvar,
     /// The commit thread's wake-up, while it runs (`commit_every`).
     writeback: Mutex<Option<Arc<(Mutex<writeback::Wake>, parking_lot::Condvar)>>>,
-    /// What reads share with their completions, which run without `st`.
-    rd: Arc<ReadSide>,
+    /// What reads share with their completions, which run without `state`.
+    reads: Arc<ReadSide>,
     read_only: bool,
     /// What redb's integrity check found at open (fsck, or after the
     /// metadata store fell back to its older root copy).
@@ -354,7 +356,7 @@ fn load_allocation(
             let x = Extent::decode(v.value()).map_err(|_| {
                 FsError::damaged(format!("extent of inode {} is malformed", k.value().0))
             })?;
-            used.push((x.phys, x.alloc as u64));
+            used.push((x.phys, x.reserved_len as u64));
         }
     }
     let counter = |name: &str, default: u64| {
@@ -498,7 +500,7 @@ impl Fs {
             closed: Mutex::new(None),
             failure: std::sync::OnceLock::new(),
             data: top,
-            st: Mutex::new(State {
+            state: Mutex::new(State {
                 alloc,
                 pending_free: Vec::new(),
                 pending_mark: 0,
@@ -519,7 +521,7 @@ impl Fs {
             }),
             flush_done: parking_lot::Condvar::new(),
             writeback: Mutex::new(None),
-            rd: Arc::new(ReadSide {
+            reads: Arc::new(ReadSide {
                 cache: Mutex::new(LruCache::new(
                     NonZeroUsize::new(cache_units).expect("non-zero"),
                 )),
@@ -561,9 +563,9 @@ impl Fs {
         self.store_problem.as_deref()
     }
 
-    pub(super) fn init_root(&self) -> R<()> {
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
+    pub(super) fn init_root(&self) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
         {
             let mut t = tx.open_table(INODES).map_err(db_err)?;
             if t.get(ROOT).map_err(db_err)?.is_some() {
@@ -578,14 +580,14 @@ impl Fs {
             tx.open_table(SYMLINKS).map_err(db_err)?;
             tx.open_table(ORPHANS).map_err(db_err)?;
             let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
-            c.insert("next_ino", st.next_ino).map_err(db_err)?;
-            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+            c.insert("next_ino", state.next_ino).map_err(db_err)?;
+            c.insert("next_gen", state.next_gen).map_err(db_err)?;
         }
-        self.commit(&mut st, tx, true)
+        self.commit(&mut state, tx, true)
     }
 
-    pub fn usage(&self) -> R<Usage> {
-        let st = self.st.lock();
+    pub fn usage(&self) -> ErrnoResult<Usage> {
+        let state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         // A pool that was never mounted read-write has no tables yet.
         let inodes = match rtx.open_table(INODES) {
@@ -593,18 +595,18 @@ impl Fs {
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
             Err(e) => return Err(db_err(e)),
         };
-        let pending: u64 = st.pending_free.iter().map(|(_, l)| l).sum::<u64>()
-            + st.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
+        let pending: u64 = state.pending_free.iter().map(|(_, l)| l).sum::<u64>()
+            + state.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
         Ok(Usage {
-            total: st.alloc.total_bytes(),
-            free: (st.alloc.free_bytes() + pending).saturating_sub(st.dirty_bytes),
+            total: state.alloc.total_bytes(),
+            free: (state.alloc.free_bytes() + pending).saturating_sub(state.dirty_bytes),
             inodes,
         })
     }
 
     /// File data as written (logical) and as stored in the pool: scans the extent map.
-    pub fn space(&self) -> R<Space> {
-        let _st = self.st.lock();
+    pub fn space(&self) -> ErrnoResult<Space> {
+        let _state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         let mut sp = Space {
             logical: 0,
@@ -618,15 +620,15 @@ impl Fs {
         for row in t.iter().map_err(db_err)? {
             let (_, v) = row.map_err(db_err)?;
             let x = Extent::decode(v.value())?;
-            sp.logical += x.logical as u64;
-            sp.stored += x.alloc as u64;
+            sp.logical += x.data_len as u64;
+            sp.stored += x.reserved_len as u64;
         }
         Ok(sp)
     }
 
     /// Make everything durable and refuse further syncs; the stack stops
     /// when the last handle on the filesystem is dropped.
-    pub fn shutdown(&self) -> R<()> {
+    pub fn shutdown(&self) -> ErrnoResult<()> {
         let mut closed = self.closed.lock();
         if let Some(outcome) = *closed {
             return outcome;
@@ -639,7 +641,7 @@ impl Fs {
         outcome
     }
 
-    fn shut_down(&self) -> R<()> {
+    fn shut_down(&self) -> ErrnoResult<()> {
         if self.read_only {
             return Ok(());
         }
@@ -658,7 +660,7 @@ impl Fs {
             Ok(n) => log::debug!("freed {n} removed file(s) still held at unmount"),
             Err(e) => log::warn!("freeing removed files at unmount: {e} (freed at next mount)"),
         }
-        let mut st = self.st.lock();
-        self.flush_all(&mut st, true)
+        let mut state = self.state.lock();
+        self.flush_all(&mut state, true)
     }
 }

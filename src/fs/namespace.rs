@@ -4,7 +4,7 @@
 use super::*;
 
 impl Fs {
-    pub(super) fn purge_orphans(&self) -> R<()> {
+    pub(super) fn purge_orphans(&self) -> ErrnoResult<()> {
         let n = self.purge_all_orphans()?;
         if n > 0 {
             log::info!("removed {n} orphaned file(s) left by an unclean shutdown");
@@ -16,8 +16,8 @@ impl Fs {
     /// kernel): at mount, and at unmount once the session is over (the
     /// kernel sends no forget for what it still caches then, and a release
     /// or forget queued just before the unmount may never arrive).
-    pub(super) fn purge_all_orphans(&self) -> R<usize> {
-        let mut st = self.st.lock();
+    pub(super) fn purge_all_orphans(&self) -> ErrnoResult<usize> {
+        let mut state = self.state.lock();
         let orphans: Vec<u64> = {
             let rtx = self.db().begin_read().map_err(db_err)?;
             let t = rtx.open_table(ORPHANS).map_err(db_err)?;
@@ -29,63 +29,63 @@ impl Fs {
         if orphans.is_empty() {
             return Ok(0);
         }
-        let tx = self.begin_tx(&mut *st)?;
+        let tx = self.begin_tx(&mut *state)?;
         for ino in &orphans {
-            self.purge(&mut st, &tx, *ino)?;
-            st.dirs.remove(ino);
+            self.purge(&mut state, &tx, *ino)?;
+            state.dirs.remove(ino);
         }
-        self.commit(&mut st, tx, true)?;
+        self.commit(&mut state, tx, true)?;
         Ok(orphans.len())
     }
 
     /// Look a name up for the kernel: a directory found counts one lookup
     /// the kernel will forget (`forget`).
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Inode> {
-        let mut st = self.st.lock();
-        let inode = self.lookup_in(&st, parent, name)?;
-        Self::count_lookup(&mut st, &inode);
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
+        let mut state = self.state.lock();
+        let inode = self.lookup_in(&state, parent, name)?;
+        Self::count_lookup(&mut state, &inode);
         Ok(inode)
     }
 
-    pub(super) fn lookup_in(&self, st: &State, parent: u64, name: &[u8]) -> R<Inode> {
+    pub(super) fn lookup_in(&self, state: &State, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
         if name.len() > NAME_MAX {
-            return Err(err(libc::ENAMETOOLONG));
+            return Err(errno(libc::ENAMETOOLONG));
         }
         // The kernel asks for "." and ".." when it decodes an exported file
         // handle (NFS, open_by_handle_at).
         // ("." of any inode is itself: handles of files are decoded that way).
         if name == b"." {
-            return self.load_inode(st, parent);
+            return self.load_inode(state, parent);
         }
         if name == b".." {
-            let dir = self.load_inode(st, parent)?;
+            let dir = self.load_inode(state, parent)?;
             if dir.kind != Kind::Dir {
-                return Err(err(libc::ENOTDIR));
+                return Err(errno(libc::ENOTDIR));
             }
-            return self.load_inode(st, dir.parent);
+            return self.load_inode(state, dir.parent);
         }
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         let Some(v) = v else {
             // Tell "no such entry" from "parent is not a directory".
-            let p = self.load_inode(st, parent)?;
-            return Err(err(if p.kind == Kind::Dir {
+            let p = self.load_inode(state, parent)?;
+            return Err(errno(if p.kind == Kind::Dir {
                 libc::ENOENT
             } else {
                 libc::ENOTDIR
             }));
         };
         let (ino, _, _) = dirent_decode(v.value())?;
-        self.shown_inode(st, ino)
+        self.shown_inode(state, ino)
     }
 
     /// The kernel got an entry for `inode` (lookup, mkdir, readdirplus): a
     /// directory's lookup count goes up by one. Only directories are
     /// counted: removed files live on through their open handles only.
-    pub(super) fn count_lookup(st: &mut State, inode: &Inode) {
+    pub(super) fn count_lookup(state: &mut State, inode: &Inode) {
         if inode.kind == Kind::Dir {
-            st.dirs.entry(inode.ino).or_default().lookups += 1;
+            state.dirs.entry(inode.ino).or_default().lookups += 1;
         }
     }
 
@@ -94,7 +94,7 @@ impl Fs {
         tx: &WriteTransaction,
         parent: u64,
         name: &[u8],
-    ) -> R<Option<(u64, Kind, u64)>> {
+    ) -> ErrnoResult<Option<(u64, Kind, u64)>> {
         let t = tx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         v.map(|v| dirent_decode(v.value())).transpose()
@@ -107,7 +107,7 @@ impl Fs {
         name: &[u8],
         ino: u64,
         kind: Kind,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         // The name's own place in the readdir order (see `name_cookie`).
         let cookie = {
             let mut cookies = tx.open_table(COOKIES).map_err(db_err)?;
@@ -133,7 +133,7 @@ impl Fs {
         tx: &WriteTransaction,
         dir: &mut Inode,
         name: &[u8],
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let old = tx
             .open_table(DIRENTS)
             .map_err(db_err)?
@@ -152,12 +152,12 @@ impl Fs {
         Ok(())
     }
 
-    pub(super) fn check_name(name: &[u8]) -> R<()> {
+    pub(super) fn check_name(name: &[u8]) -> ErrnoResult<()> {
         if name.len() > NAME_MAX {
-            return Err(err(libc::ENAMETOOLONG));
+            return Err(errno(libc::ENAMETOOLONG));
         }
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         Ok(())
     }
@@ -172,17 +172,17 @@ impl Fs {
         umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
-    ) -> R<Inode> {
+    ) -> ErrnoResult<Inode> {
         Self::check_name(name)?;
-        let kind = Kind::from_mode(mode).ok_or(err(libc::EINVAL))?;
-        let mut st = self.st.lock();
-        let tx = self.begin_adding(&mut st)?;
-        let mut dir = self.dir_for_new_name(&st, &tx, parent, name)?;
+        let kind = Kind::from_mode(mode).ok_or(errno(libc::EINVAL))?;
+        let mut state = self.state.lock();
+        let tx = self.begin_adding(&mut state)?;
+        let mut dir = self.dir_for_new_name(&state, &tx, parent, name)?;
         let now = Ts::now();
-        let ino = st.next_ino;
-        st.next_ino += 1;
-        let generation = st.next_gen;
-        st.next_gen += 1;
+        let ino = state.next_ino;
+        state.next_ino += 1;
+        let generation = state.next_gen;
+        state.next_gen += 1;
         let (perm, gid, access_acl, default_acl) =
             self.new_mode(&tx, &dir, kind, mode, umask, c)?;
         let inode = Inode {
@@ -218,15 +218,15 @@ impl Fs {
                 .insert(ino, t)
                 .map_err(db_err)?;
         }
-        self.put_inode(&mut st, &tx, &inode)?;
+        self.put_inode(&mut state, &tx, &inode)?;
         self.add_entry(&tx, &mut dir, name, ino, kind)?;
         if kind == Kind::Dir {
             dir.nlink += 1;
         }
-        self.put_inode(&mut st, &tx, &dir)?;
-        self.commit(&mut st, tx, false)?;
+        self.put_inode(&mut state, &tx, &dir)?;
+        self.commit(&mut state, tx, false)?;
         // The reply is an entry the kernel counts (mkdir).
-        Self::count_lookup(&mut st, &inode);
+        Self::count_lookup(&mut state, &inode);
         Ok(inode)
     }
 
@@ -243,7 +243,7 @@ impl Fs {
         mode: u32,
         umask: u32,
         c: Caller,
-    ) -> R<(u16, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    ) -> ErrnoResult<(u16, u32, Option<Vec<u8>>, Option<Vec<u8>>)> {
         let default_acl = match kind {
             Kind::Symlink => None,
             _ => tx
@@ -277,43 +277,43 @@ impl Fs {
     /// open takes no new names), without that name yet (EEXIST).
     fn dir_for_new_name(
         &self,
-        st: &State,
+        state: &State,
         tx: &WriteTransaction,
         parent: u64,
         name: &[u8],
-    ) -> R<Inode> {
-        let dir = self.inode_tx(st, tx, parent)?;
+    ) -> ErrnoResult<Inode> {
+        let dir = self.inode_tx(state, tx, parent)?;
         if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         if dir.nlink == 0 {
-            return Err(err(libc::ENOENT));
+            return Err(errno(libc::ENOENT));
         }
         if self.find(tx, parent, name)?.is_some() {
-            return Err(err(libc::EEXIST));
+            return Err(errno(libc::EEXIST));
         }
         Ok(dir)
     }
 
-    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
-        let _st = self.st.lock();
+    pub fn readlink(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
+        let _state = self.state.lock();
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::EINVAL))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::EINVAL))?;
         Ok(v.value().to_vec())
     }
 
-    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> R<Inode> {
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
         Self::check_name(name)?;
-        let mut st = self.st.lock();
-        let tx = self.begin_adding(&mut st)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
+        let mut state = self.state.lock();
+        let tx = self.begin_adding(&mut state)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
         if inode.kind == Kind::Dir {
-            return Err(err(libc::EPERM));
+            return Err(errno(libc::EPERM));
         }
-        let mut dir = self.dir_for_new_name(&st, &tx, parent, name)?;
+        let mut dir = self.dir_for_new_name(&state, &tx, parent, name)?;
         if inode.nlink >= u32::MAX - 1 {
-            return Err(err(libc::EMLINK));
+            return Err(errno(libc::EMLINK));
         }
         if inode.nlink == 0 {
             // Relinking an open, unlinked file (linkat with AT_EMPTY_PATH) revives it.
@@ -325,9 +325,9 @@ impl Fs {
         inode.nlink += 1;
         inode.ctime = Ts::now();
         self.add_entry(&tx, &mut dir, name, ino, inode.kind)?;
-        self.put_inode(&mut st, &tx, &dir)?;
-        self.put_inode(&mut st, &tx, &inode)?;
-        self.commit(&mut st, tx, false)?;
+        self.put_inode(&mut state, &tx, &dir)?;
+        self.put_inode(&mut state, &tx, &inode)?;
+        self.commit(&mut state, tx, false)?;
         Ok(inode)
     }
 
@@ -335,10 +335,10 @@ impl Fs {
     /// closes (a directory: when it is released and forgotten, `DirRefs`).
     pub(super) fn drop_link(
         &self,
-        st: &mut State,
+        state: &mut State,
         tx: &WriteTransaction,
         inode: &mut Inode,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
             inode.nlink
         } else {
@@ -346,44 +346,49 @@ impl Fs {
         });
         inode.ctime = Ts::now();
         if inode.nlink > 0 {
-            return self.put_inode(st, tx, inode);
+            return self.put_inode(state, tx, inode);
         }
-        let held = st.files.get(&inode.ino).is_some_and(|f| f.open > 0)
-            || st
+        let held = state.files.get(&inode.ino).is_some_and(|f| f.open > 0)
+            || state
                 .dirs
                 .get(&inode.ino)
                 .is_some_and(|d| d.open > 0 || d.lookups > 0);
         if held {
-            if let Some(d) = st.dirs.get_mut(&inode.ino) {
+            if let Some(d) = state.dirs.get_mut(&inode.ino) {
                 d.removed = true;
             }
             tx.open_table(ORPHANS)
                 .map_err(db_err)?
                 .insert(inode.ino, ())
                 .map_err(db_err)?;
-            return self.put_inode(st, tx, inode);
+            return self.put_inode(state, tx, inode);
         }
-        self.purge(st, tx, inode.ino)
+        self.purge(state, tx, inode.ino)
     }
 
     /// Remove an inode and everything it owns.
-    pub(super) fn purge(&self, st: &mut State, tx: &WriteTransaction, ino: u64) -> R<()> {
+    pub(super) fn purge(
+        &self,
+        state: &mut State,
+        tx: &WriteTransaction,
+        ino: u64,
+    ) -> ErrnoResult<()> {
         // The kernel may still write a removed file's times back before it
         // forgets the inode (writeback cache): answered from here (`setattr`).
-        if let Ok(mut last) = self.inode_tx(st, tx, ino) {
+        if let Ok(mut last) = self.inode_tx(state, tx, ino) {
             last.nlink = 0;
-            st.gone.insert(ino, last);
+            state.gone.insert(ino, last);
         }
-        if let Some(f) = st.files.get_mut(&ino) {
+        if let Some(f) = state.files.get_mut(&ino) {
             let n = f.units.len() as u64 * UNIT;
             f.units.clear();
             f.inode = None;
             if f.open == 0 {
-                st.files.remove(&ino);
+                state.files.remove(&ino);
             }
-            st.dirty_bytes -= n.min(st.dirty_bytes);
+            state.dirty_bytes -= n.min(state.dirty_bytes);
         }
-        self.drop_extents(st, tx, ino, 0)?;
+        self.drop_extents(state, tx, ino, 0)?;
         tx.open_table(INODES)
             .map_err(db_err)?
             .remove(ino)
@@ -415,11 +420,11 @@ impl Fs {
     /// Drop extents of units >= `from_unit`; their space is freed once durable.
     pub(super) fn drop_extents(
         &self,
-        st: &mut State,
+        state: &mut State,
         tx: &WriteTransaction,
         ino: u64,
         from_unit: u64,
-    ) -> R<u64> {
+    ) -> ErrnoResult<u64> {
         let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
         let doomed: Vec<(u64, Extent)> = t
             .range((ino, from_unit)..=(ino, u64::MAX))
@@ -430,29 +435,29 @@ impl Fs {
         let mut freed = 0;
         for (unit, x) in doomed {
             t.remove((ino, unit)).map_err(db_err)?;
-            st.pending_free.push((x.phys, x.alloc as u64));
-            freed += x.alloc as u64;
-            self.rd.uncache(ino, unit);
+            state.pending_free.push((x.phys, x.reserved_len as u64));
+            freed += x.reserved_len as u64;
+            self.reads.uncache(ino, unit);
         }
         Ok(freed)
     }
 
-    pub fn unlink(&self, parent: u64, name: &[u8]) -> R<()> {
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(errno(libc::ENOENT))?;
         if kind == Kind::Dir {
-            return Err(err(libc::EISDIR));
+            return Err(errno(libc::EISDIR));
         }
-        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        let mut dir = self.inode_tx(&state, &tx, parent)?;
         self.remove_entry(&tx, &mut dir, name)?;
-        self.put_inode(&mut st, &tx, &dir)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
-        self.drop_link(&mut st, &tx, &mut inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &dir)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
+        self.drop_link(&mut state, &tx, &mut inode)?;
+        self.commit(&mut state, tx, false)
     }
 
-    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> R<bool> {
+    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> ErrnoResult<bool> {
         let t = tx.open_table(COOKIES).map_err(db_err)?;
         let empty = t
             .range((ino, 0)..=(ino, u64::MAX))
@@ -462,39 +467,44 @@ impl Fs {
         Ok(empty)
     }
 
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> R<()> {
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> ErrnoResult<()> {
         if name == b"." {
-            return Err(err(libc::EINVAL));
+            return Err(errno(libc::EINVAL));
         }
         if name == b".." {
-            return Err(err(libc::ENOTEMPTY));
+            return Err(errno(libc::ENOTEMPTY));
         }
-        let mut st = self.st.lock();
-        let tx = self.begin_tx(&mut *st)?;
-        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(err(libc::ENOENT))?;
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut *state)?;
+        let (ino, kind, _) = self.find(&tx, parent, name)?.ok_or(errno(libc::ENOENT))?;
         if kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
         if !self.is_empty_dir(&tx, ino)? {
-            return Err(err(libc::ENOTEMPTY));
+            return Err(errno(libc::ENOTEMPTY));
         }
-        let mut dir = self.inode_tx(&st, &tx, parent)?;
+        let mut dir = self.inode_tx(&state, &tx, parent)?;
         self.remove_entry(&tx, &mut dir, name)?;
         dir.nlink = dir.nlink.saturating_sub(1);
-        self.put_inode(&mut st, &tx, &dir)?;
-        let mut inode = self.inode_tx(&st, &tx, ino)?;
-        self.drop_link(&mut st, &tx, &mut inode)?;
-        self.commit(&mut st, tx, false)
+        self.put_inode(&mut state, &tx, &dir)?;
+        let mut inode = self.inode_tx(&state, &tx, ino)?;
+        self.drop_link(&mut state, &tx, &mut inode)?;
+        self.commit(&mut state, tx, false)
     }
 
     /// Entries after `offset` (a cookie; 0 = start, 1 = after ".", 2 = after "..").
-    pub fn readdir(&self, ino: u64, offset: u64, mut want: impl FnMut(&Entry) -> bool) -> R<()> {
-        let st = self.st.lock();
-        let dir = self.load_inode(&st, ino)?;
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut want: impl FnMut(&Entry) -> bool,
+    ) -> ErrnoResult<()> {
+        let state = self.state.lock();
+        let dir = self.load_inode(&state, ino)?;
         if dir.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
-        drop(st);
+        drop(state);
         if offset < 1
             && !want(&Entry {
                 cookie: 1,
@@ -542,26 +552,26 @@ impl Fs {
 
     /// opendir: a handle on a directory, which keeps it (with no links, in
     /// `orphans`) if it is removed while open, until `release_dir`.
-    pub fn open_dir(&self, ino: u64) -> R<Inode> {
-        let mut st = self.st.lock();
-        let inode = self.load_inode(&st, ino)?;
+    pub fn open_dir(&self, ino: u64) -> ErrnoResult<Inode> {
+        let mut state = self.state.lock();
+        let inode = self.load_inode(&state, ino)?;
         if inode.kind != Kind::Dir {
-            return Err(err(libc::ENOTDIR));
+            return Err(errno(libc::ENOTDIR));
         }
-        st.dirs.entry(ino).or_default().open += 1;
+        state.dirs.entry(ino).or_default().open += 1;
         Ok(inode)
     }
 
     /// releasedir: the last handle of a removed directory frees it, unless
     /// the kernel still holds it (lookups not yet forgotten).
-    pub fn release_dir(&self, ino: u64) -> R<()> {
-        let mut st = self.st.lock();
-        let Some(d) = st.dirs.get_mut(&ino) else {
+    pub fn release_dir(&self, ino: u64) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        let Some(d) = state.dirs.get_mut(&ino) else {
             return Ok(());
         };
         d.open = d.open.saturating_sub(1);
-        if Self::unheld(&mut st, ino) {
-            self.purge_dead_dirs(&mut st, &[ino])?;
+        if Self::unheld(&mut state, ino) {
+            self.purge_dead_dirs(&mut state, &[ino])?;
         }
         Ok(())
     }
@@ -569,7 +579,7 @@ impl Fs {
     /// readdirplus gave the kernel an entry (other than "." and ".."): it
     /// counts as a lookup of that inode.
     pub fn remember(&self, inode: &Inode) {
-        Self::count_lookup(&mut self.st.lock(), inode);
+        Self::count_lookup(&mut self.state.lock(), inode);
     }
 
     /// The kernel forgets `n` lookups of `ino`.
@@ -580,19 +590,19 @@ impl Fs {
     /// The kernel forgets lookups, (inode, count) each. The directories
     /// removed while held that nothing holds any more are freed together.
     pub fn forget_many(&self, nodes: &[(u64, u64)]) {
-        let mut st = self.st.lock();
+        let mut state = self.state.lock();
         let mut dead = Vec::new();
         for &(ino, n) in nodes {
-            st.gone.remove(&ino);
-            let Some(d) = st.dirs.get_mut(&ino) else {
+            state.gone.remove(&ino);
+            let Some(d) = state.dirs.get_mut(&ino) else {
                 continue;
             };
             d.lookups = d.lookups.saturating_sub(n);
-            if Self::unheld(&mut st, ino) {
+            if Self::unheld(&mut state, ino) {
                 dead.push(ino);
             }
         }
-        if let Err(e) = self.purge_dead_dirs(&mut st, &dead) {
+        if let Err(e) = self.purge_dead_dirs(&mut state, &dead) {
             log::warn!(
                 "freeing {} removed directories: {e} (freed at unmount)",
                 dead.len()
@@ -602,10 +612,10 @@ impl Fs {
 
     /// Stop tracking a directory nothing holds any more; true if it was
     /// removed (it is freed now).
-    pub(super) fn unheld(st: &mut State, ino: u64) -> bool {
-        match st.dirs.get(&ino) {
+    pub(super) fn unheld(state: &mut State, ino: u64) -> bool {
+        match state.dirs.get(&ino) {
             Some(d) if d.open == 0 && d.lookups == 0 => {
-                st.dirs.remove(&ino).is_some_and(|d| d.removed)
+                state.dirs.remove(&ino).is_some_and(|d| d.removed)
             }
             _ => false,
         }
@@ -613,30 +623,30 @@ impl Fs {
 
     /// Free removed directories nothing holds (those that really have no
     /// links: the removal may not have committed).
-    pub(super) fn purge_dead_dirs(&self, st: &mut State, inos: &[u64]) -> R<()> {
+    pub(super) fn purge_dead_dirs(&self, state: &mut State, inos: &[u64]) -> ErrnoResult<()> {
         if inos.is_empty() || self.read_only {
             return Ok(());
         }
-        let tx = self.begin_tx(st)?;
+        let tx = self.begin_tx(state)?;
         let mut n = 0;
         for &ino in inos {
             if self
-                .inode_tx(st, &tx, ino)
+                .inode_tx(state, &tx, ino)
                 .is_ok_and(|i| i.kind == Kind::Dir && i.nlink == 0)
             {
-                self.purge(st, &tx, ino)?;
+                self.purge(state, &tx, ino)?;
                 n += 1;
             }
         }
         if n == 0 {
             return Ok(());
         }
-        self.commit(st, tx, false)
+        self.commit(state, tx, false)
     }
 
     /// fsync: this file's data and all metadata so far, durably.
     /// The inode a directory entry names (committed state).
-    pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> R<Option<u64>> {
+    pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> ErrnoResult<Option<u64>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(DIRENTS).map_err(db_err)?;
         let v = t.get((dir, name)).map_err(db_err)?;

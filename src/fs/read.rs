@@ -59,12 +59,17 @@ impl ReadSide {
 }
 
 impl Fs {
-    pub(super) fn extent(&self, ino: u64, unit: u64) -> R<Option<Extent>> {
+    pub(super) fn extent(&self, ino: u64, unit: u64) -> ErrnoResult<Option<Extent>> {
         Ok(self.extents(ino, unit, unit)?.pop().map(|(_, x)| x))
     }
 
     /// The committed extents of units `first..=last`, with one range lookup.
-    pub(super) fn extents(&self, ino: u64, first: u64, last: u64) -> R<Vec<(u64, Extent)>> {
+    pub(super) fn extents(
+        &self,
+        ino: u64,
+        first: u64,
+        last: u64,
+    ) -> ErrnoResult<Vec<(u64, Extent)>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -77,13 +82,13 @@ impl Fs {
 
     /// Read committed units from the pool in one batch and wait; verify each.
     /// For callers holding the filesystem lock (partial overwrites, fsck).
-    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> R<Vec<Buf>> {
-        let gen = self.rd.generation();
+    pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> ErrnoResult<Vec<Buf>> {
+        let gen = self.reads.generation();
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
         let mut waits = Vec::new();
         {
-            let mut cache = self.rd.cache.lock();
+            let mut cache = self.reads.cache.lock();
             for (i, (u, x)) in units.iter().enumerate() {
                 if let Some(d) = cache.get(&(ino, *u)) {
                     out[i] = Some(d.clone());
@@ -101,7 +106,7 @@ impl Fs {
             let (r, served) = w.wait_tag();
             match self.verified_or_retried(ino, u, &x, r, served, b) {
                 Ok(d) => {
-                    self.rd.put((ino, u), d.clone(), gen);
+                    self.reads.put((ino, u), d.clone(), gen);
                     out[i] = Some(d);
                 }
                 Err(e) => {
@@ -126,13 +131,13 @@ impl Fs {
         mut r: IoResult,
         mut served: ExtentTag,
         mut b: Buf,
-    ) -> R<Buf> {
+    ) -> ErrnoResult<Buf> {
         loop {
             match verify_unit(ino, u, x, r, &b) {
                 Ok(d) => return Ok(d),
                 Err(e) if served.copies == 0 => return Err(e),
                 Err(_) => {
-                    b = Buf::zeroed(x.len as usize);
+                    b = Buf::zeroed(x.written_len as usize);
                     let tag = served.retry_avoiding();
                     (r, served) = stackfs_layers::submit_wait_tag(
                         &*self.data,
@@ -156,11 +161,11 @@ impl Fs {
         ino: u64,
         off: u64,
         size: u32,
-        done: impl FnOnce(R<Vec<u8>>) + Send + 'static,
+        done: impl FnOnce(ErrnoResult<Vec<u8>>) + Send + 'static,
     ) {
         let plan = {
-            let st = self.st.lock();
-            self.plan_read(&st, ino, off, size)
+            let state = self.state.lock();
+            self.plan_read(&state, ino, off, size)
         };
         let (mut out, fetch, ticket, gen) = match plan {
             Err(e) => return done(Err(e)),
@@ -169,7 +174,7 @@ impl Fs {
         if fetch.is_empty() {
             return done(Ok(out));
         }
-        let rd = self.rd.clone();
+        let reads = self.reads.clone();
         let shared = Arc::new(Mutex::new(std::mem::take(&mut out)));
         let result = shared.clone();
         let group = Io::new(
@@ -177,7 +182,7 @@ impl Fs {
             0,
             Buf::zeroed(0),
             Some(Box::new(move |_, r| {
-                rd.leave(ticket);
+                reads.leave(ticket);
                 let data = std::mem::take(&mut *result.lock());
                 done(r.map(|_| data));
                 r
@@ -188,7 +193,7 @@ impl Fs {
             off,
             gen,
             out: shared,
-            rd: self.rd.clone(),
+            reads: self.reads.clone(),
             data: self.data.clone(),
         });
         let ios = fetch
@@ -206,7 +211,7 @@ struct UnitRead {
     off: u64,
     gen: u64,
     out: Arc<Mutex<Vec<u8>>>,
-    rd: Arc<ReadSide>,
+    reads: Arc<ReadSide>,
     data: Arc<dyn Layer>,
 }
 
@@ -220,14 +225,14 @@ impl UnitRead {
         let io = group.child(
             Op::Read,
             x.phys,
-            Buf::zeroed(x.len as usize),
+            Buf::zeroed(x.written_len as usize),
             Some(Box::new(move |io, r| {
                 let served = io.tag();
                 match verify_unit(this.ino, u, &x, r, io.buf()) {
                     Ok(d) => {
                         this.place(u, &d);
-                        this.rd.put((this.ino, u), d, this.gen);
-                        Ok(x.len as u64)
+                        this.reads.put((this.ino, u), d, this.gen);
+                        Ok(x.written_len as u64)
                     }
                     Err(e) if served.copies == 0 => Err(e),
                     Err(_) => {
@@ -264,19 +269,19 @@ impl Fs {
     #[allow(clippy::type_complexity)]
     pub(super) fn plan_read(
         &self,
-        st: &State,
+        state: &State,
         ino: u64,
         off: u64,
         size: u32,
-    ) -> R<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
-        let inode = self.load_inode(st, ino)?;
+    ) -> ErrnoResult<(Vec<u8>, Vec<(u64, Extent)>, u64, u64)> {
+        let inode = self.load_inode(state, ino)?;
         if off >= inode.size || size == 0 {
             return Ok((Vec::new(), Vec::new(), 0, 0));
         }
         let end = (off + size as u64).min(inode.size);
         let mut out = vec![0u8; (end - off) as usize];
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let file = st.files.get(&ino);
+        let file = state.files.get(&ino);
         let mut fetch = Vec::new();
         let place = |u: u64, src: &[u8], out: &mut [u8]| {
             let ustart = u * UNIT;
@@ -290,8 +295,8 @@ impl Fs {
         };
         let committed = self.extents(ino, first, last)?;
         // Units a flush is writing: newer than what is committed.
-        let flying = st.in_flight.get(&ino).map(|f| &f.units);
-        let mut cache = self.rd.cache.lock();
+        let flying = state.in_flight.get(&ino).map(|f| &f.units);
+        let mut cache = self.reads.cache.lock();
         for (u, x) in committed {
             if file.is_some_and(|f| f.units.contains_key(&u))
                 || flying.is_some_and(|f| f.contains_key(&u))
@@ -303,7 +308,10 @@ impl Fs {
                 None => fetch.push((u, x)),
             }
         }
-        let gen = self.rd.cache_gen.load(std::sync::atomic::Ordering::Relaxed);
+        let gen = self
+            .reads
+            .cache_gen
+            .load(std::sync::atomic::Ordering::Relaxed);
         drop(cache);
         for (u, data) in flying.into_iter().flat_map(|f| f.range(first..=last)) {
             place(*u, data.as_slice(), &mut out);
@@ -313,15 +321,15 @@ impl Fs {
                 place(*u, d.data.as_slice(), &mut out);
             }
         }
-        let ticket = st.free_gen;
+        let ticket = state.free_gen;
         if !fetch.is_empty() {
-            self.rd.enter(ticket);
+            self.reads.enter(ticket);
         }
         Ok((out, fetch, ticket, gen))
     }
 
     /// Read and wait (copy_file_range).
-    pub fn read(&self, ino: u64, off: u64, size: u32) -> R<Vec<u8>> {
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> ErrnoResult<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.read_async(ino, off, size, move |r| {
             let _ = tx.send(r);
@@ -340,7 +348,6 @@ pub(super) fn copy_clipped(out: &mut [u8], src: &[u8], from: usize) {
     }
 }
 
-/// Check a unit read from the pool; its bytes up to the logical length.
 /// The read of a committed unit, tagged with `tag`: what the transform
 /// layers recorded at write time (`Extent::tag`), and which copies to read.
 pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
@@ -348,14 +355,15 @@ pub(super) fn unit_read(x: &Extent, tag: ExtentTag) -> (Io, Waiter) {
     let io = Io::new(
         Op::Read,
         x.phys,
-        Buf::zeroed(x.len as usize),
+        Buf::zeroed(x.written_len as usize),
         Some(w.end_io()),
     );
     io.set_tag(tag);
     (io, w)
 }
 
-pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> R<Buf> {
+/// Check a unit read from the pool; its bytes up to `data_len`.
+pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) -> ErrnoResult<Buf> {
     if let Err(e) = r {
         // A cancelled sibling of a failed read has nothing new to say.
         if e != Errno::ECANCELED {
@@ -371,6 +379,6 @@ pub(super) fn verify_unit(ino: u64, u: u64, x: &Extent, r: IoResult, b: &Buf) ->
         );
         return Err(Errno::EIO);
     }
-    let n = (x.logical as usize).min(UNIT as usize).min(b.len());
+    let n = (x.data_len as usize).min(UNIT as usize).min(b.len());
     Ok(b.slice(0, n))
 }

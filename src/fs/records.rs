@@ -185,7 +185,7 @@ impl Inode {
         e.0
     }
 
-    pub(crate) fn decode(ino: u64, raw: &[u8]) -> R<Inode> {
+    pub(crate) fn decode(ino: u64, raw: &[u8]) -> ErrnoResult<Inode> {
         let bad = |_| {
             log::error!("inode {ino}: record is malformed");
             Errno::EIO
@@ -199,7 +199,7 @@ impl Inode {
             log::error!("inode {ino}: unknown file type");
             Errno::EIO
         })?;
-        let ts = |d: &mut Dec| -> R<Ts> {
+        let ts = |d: &mut Dec| -> ErrnoResult<Ts> {
             Ok(Ts {
                 sec: d.i64().map_err(bad)?,
                 nsec: d.u32().map_err(bad)?,
@@ -244,20 +244,20 @@ pub struct Extent {
     /// Pool address of the stored bytes.
     pub phys: u64,
     /// Pool space reserved (a multiple of 4 KiB).
-    pub alloc: u32,
+    pub reserved_len: u32,
     /// Bytes of file data the unit holds; the rest of the unit reads as zeros.
-    pub logical: u32,
+    pub data_len: u32,
     /// Bytes the filesystem wrote (the data rounded up to 4 KiB).
-    pub len: u32,
+    pub written_len: u32,
     /// Compression codec (0: raw) and compressed length, from the extent tag.
     pub codec: u8,
-    pub stored: u32,
+    pub stored_len: u32,
     /// The crypt layer's nonce and key id (12 bytes each) and MAC (zeros
     /// without crypt), from the extent tag. Records of version 1 (before
     /// per-mount keys) have no key id: zeros, the master key.
     pub nonce: [u8; 24],
     pub mac: [u8; 16],
-    /// CRC32C of the `len` bytes written (before any layer transformed them).
+    /// CRC32C of the `written_len` bytes written (before any layer transformed them).
     pub crc: u32,
     /// Bit i set: 4 KiB block i of the unit holds non-zero bytes. Blocks of
     /// zeros are reported as holes by SEEK_DATA/SEEK_HOLE.
@@ -277,8 +277,8 @@ impl Extent {
     pub(super) fn tag(&self) -> ExtentTag {
         ExtentTag {
             codec: self.codec,
-            logical_len: self.len,
-            stored_len: self.stored,
+            logical_len: self.written_len,
+            stored_len: self.stored_len,
             nonce: self.nonce,
             mac: self.mac,
             flags: TAG_DETACHED,
@@ -291,18 +291,18 @@ impl Extent {
         let mut e = Enc::default();
         e.u8(2)
             .u64(self.phys)
-            .u32(self.alloc)
-            .u32(self.logical)
-            .u32(self.len)
+            .u32(self.reserved_len)
+            .u32(self.data_len)
+            .u32(self.written_len)
             .u8(self.codec)
-            .u32(self.stored)
+            .u32(self.stored_len)
             .bytes(&self.nonce)
             .bytes(&self.mac)
             .u32(self.crc)
             .u16(self.map);
         e.0
     }
-    pub fn decode(raw: &[u8]) -> R<Extent> {
+    pub fn decode(raw: &[u8]) -> ErrnoResult<Extent> {
         let mut d = Dec::new(raw);
         let bad = |_| Errno::EIO;
         let version = d.u8().map_err(bad)?;
@@ -311,11 +311,11 @@ impl Extent {
         }
         Ok(Extent {
             phys: d.u64().map_err(bad)?,
-            alloc: d.u32().map_err(bad)?,
-            logical: d.u32().map_err(bad)?,
-            len: d.u32().map_err(bad)?,
+            reserved_len: d.u32().map_err(bad)?,
+            data_len: d.u32().map_err(bad)?,
+            written_len: d.u32().map_err(bad)?,
             codec: d.u8().map_err(bad)?,
-            stored: d.u32().map_err(bad)?,
+            stored_len: d.u32().map_err(bad)?,
             nonce: if version == 1 {
                 let mut n = [0u8; 24];
                 n[..12].copy_from_slice(&d.array::<12>().map_err(bad)?);
@@ -336,7 +336,7 @@ pub(crate) fn dirent_val(ino: u64, kind: Kind, cookie: u64) -> Vec<u8> {
     e.0
 }
 
-pub(crate) fn dirent_decode(raw: &[u8]) -> R<(u64, Kind, u64)> {
+pub(crate) fn dirent_decode(raw: &[u8]) -> ErrnoResult<(u64, Kind, u64)> {
     let mut d = Dec::new(raw);
     let ino = d.u64().map_err(|_| Errno::EIO)?;
     let kind = d.u8().ok().and_then(Kind::from_code).ok_or(Errno::EIO)?;

@@ -64,11 +64,11 @@ type Placed = (u64, u64, u64, Extent);
 
 impl Fs {
     /// Bytes of file data the walk would read from `from` on.
-    pub fn data_to_walk(&self, from: u64) -> R<u64> {
+    pub fn data_to_walk(&self, from: u64) -> ErrnoResult<u64> {
         Ok(self
             .placed_extents(from)?
             .iter()
-            .map(|p| p.3.len as u64)
+            .map(|p| p.3.written_len as u64)
             .sum())
     }
 
@@ -80,7 +80,7 @@ impl Fs {
         mode: CopyWalk,
         from: u64,
         step: &mut dyn FnMut(WalkStep) -> bool,
-    ) -> R<WalkCounts> {
+    ) -> ErrnoResult<WalkCounts> {
         let copies = self.copies();
         let mut counts = WalkCounts::default();
         let placed = self.placed_extents(from)?;
@@ -100,7 +100,7 @@ impl Fs {
     }
 
     /// Every committed extent at or above `from`, in pool order.
-    fn placed_extents(&self, from: u64) -> R<Vec<Placed>> {
+    fn placed_extents(&self, from: u64) -> ErrnoResult<Vec<Placed>> {
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(EXTENTS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -124,7 +124,7 @@ impl Fs {
         mode: CopyWalk,
         copies: usize,
         counts: &mut WalkCounts,
-    ) -> R<(Vec<(u64, u64)>, u64)> {
+    ) -> ErrnoResult<(Vec<(u64, u64)>, u64)> {
         let (ticket, live) = self.pin(batch)?;
         let mut ios = Vec::with_capacity(live.len());
         let mut waits = Vec::with_capacity(live.len());
@@ -139,8 +139,8 @@ impl Fs {
         for ((_, ino, unit, x), (w, b)) in live.iter().zip(waits) {
             let (r, served) = w.wait_tag();
             counts.items += 1;
-            counts.bytes += x.len as u64;
-            bytes += x.len as u64;
+            counts.bytes += x.written_len as u64;
+            bytes += x.written_len as u64;
             if verify_unit(*ino, *unit, x, r, &b).is_ok() {
                 continue;
             }
@@ -152,7 +152,7 @@ impl Fs {
                 lost.push((*ino, unit * UNIT));
             }
         }
-        self.rd.leave(ticket);
+        self.reads.leave(ticket);
         Ok((lost, bytes))
     }
 
@@ -176,7 +176,7 @@ impl Fs {
             ..served
         };
         while served.copies != 0 {
-            let b = Buf::zeroed(x.len as usize);
+            let b = Buf::zeroed(x.written_len as usize);
             let tag = served.retry_avoiding();
             let (r, again) =
                 stackfs_layers::submit_wait_tag(&*self.data, Op::Read, x.phys, b.clone(), tag);
@@ -190,11 +190,11 @@ impl Fs {
 
     /// Take a read ticket (space freed from now on is not reused until it is
     /// given back) and keep the extents of `batch` still committed as found.
-    fn pin(&self, batch: &[Placed]) -> R<(u64, Vec<Placed>)> {
+    fn pin(&self, batch: &[Placed]) -> ErrnoResult<(u64, Vec<Placed>)> {
         let ticket = {
-            let st = self.st.lock();
-            self.rd.enter(st.free_gen);
-            st.free_gen
+            let state = self.state.lock();
+            self.reads.enter(state.free_gen);
+            state.free_gen
         };
         let still = (|| {
             let rtx = self.db().begin_read().map_err(db_err)?;
@@ -211,7 +211,7 @@ impl Fs {
         match still {
             Ok(live) => Ok((ticket, live)),
             Err(e) => {
-                self.rd.leave(ticket);
+                self.reads.leave(ticket);
                 Err(e)
             }
         }

@@ -19,12 +19,12 @@ impl Fs {
     /// Begin a transaction under the filesystem lock. Frees recorded by a
     /// transaction that was abandoned (an error returned before its commit)
     /// are dropped here: the extents they name are still in the committed map.
-    pub(super) fn begin_tx(&self, st: &mut State) -> R<WriteTransaction> {
-        st.pending_free.truncate(st.pending_mark);
+    pub(super) fn begin_tx(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
+        state.pending_free.truncate(state.pending_mark);
         self.begin()
     }
 
-    pub(crate) fn begin(&self) -> R<WriteTransaction> {
+    pub(crate) fn begin(&self) -> ErrnoResult<WriteTransaction> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
@@ -78,20 +78,20 @@ impl Fs {
     /// Begin a transaction that adds metadata (a name, an inode, an
     /// attribute): ENOSPC when the store is nearly full, so that the space
     /// left stays for removals, which need some to make room (copy-on-write).
-    pub(super) fn begin_adding(&self, st: &mut State) -> R<WriteTransaction> {
-        let tx = self.begin_tx(st)?;
+    pub(super) fn begin_adding(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
+        let tx = self.begin_tx(state)?;
         if self.near_full() {
             let (len, _) = self.store.lock().space();
             // redb's page count is a walk of every table: not for every call.
-            if st.meta_checks % 32 == 0 || st.meta_free.is_none() {
+            if state.meta_checks % 32 == 0 || state.meta_free.is_none() {
                 let stats = tx.stats().map_err(db_err)?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
-                st.meta_free = Some(len.saturating_sub(used));
+                state.meta_free = Some(len.saturating_sub(used));
                 log::debug!("metadata store nearly full: {len} bytes, {used} in use");
             }
-            st.meta_checks = st.meta_checks.wrapping_add(1);
-            if st.meta_free.unwrap_or(0) < Self::meta_reserve(len) {
-                st.meta_free = None;
+            state.meta_checks = state.meta_checks.wrapping_add(1);
+            if state.meta_free.unwrap_or(0) < Self::meta_reserve(len) {
+                state.meta_free = None;
                 return Err(Errno(libc::ENOSPC));
             }
         }
@@ -120,7 +120,7 @@ impl Fs {
     /// given out twice. Changes fail with EIO (a faulted member) or EROFS
     /// (read-only after a metadata failure, as ext4's errors=remount-ro);
     /// reads go on (those of a faulted member fail with EIO).
-    pub fn writable(&self) -> R<()> {
+    pub fn writable(&self) -> ErrnoResult<()> {
         if self.stack.health.lost() {
             return Err(Errno::EIO);
         }
@@ -153,17 +153,22 @@ impl Fs {
     /// Commit a transaction. A durable commit first flushes the data below
     /// (so no committed extent points at bytes not yet on disk), then makes
     /// the pending frees reusable.
-    pub(super) fn commit(&self, st: &mut State, tx: WriteTransaction, durable: bool) -> R<()> {
-        self.commit_with(st, tx, if durable { Sync::Flush } else { Sync::None })
+    pub(super) fn commit(
+        &self,
+        state: &mut State,
+        tx: WriteTransaction,
+        durable: bool,
+    ) -> ErrnoResult<()> {
+        self.commit_with(state, tx, if durable { Sync::Flush } else { Sync::None })
     }
 
     /// Commit, durably unless `sync` is `None` (and the mount is not `sync`).
     pub(super) fn commit_with(
         &self,
-        st: &mut State,
+        state: &mut State,
         mut tx: WriteTransaction,
         sync: Sync,
-    ) -> R<()> {
+    ) -> ErrnoResult<()> {
         let sync = match sync {
             Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,
             other => other,
@@ -171,8 +176,8 @@ impl Fs {
         let durable = sync != Sync::None;
         {
             let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
-            c.insert("next_ino", st.next_ino).map_err(db_err)?;
-            c.insert("next_gen", st.next_gen).map_err(db_err)?;
+            c.insert("next_ino", state.next_ino).map_err(db_err)?;
+            c.insert("next_gen", state.next_gen).map_err(db_err)?;
         }
         if sync == Sync::Flush {
             self.flush_device()?;
@@ -187,7 +192,7 @@ impl Fs {
             if self.store.lock().refused_growth() {
                 // The store refused to grow before anything was written:
                 // nothing of this transaction happened (see `recover_store`).
-                st.pending_free.truncate(st.pending_mark);
+                state.pending_free.truncate(state.pending_mark);
                 return Err(db_err(e));
             }
             // Part of it may be on disk: its frees stay pending and its new
@@ -200,48 +205,49 @@ impl Fs {
         if durable {
             // Reads that looked up their extents before this commit may still
             // be reading the freed space: it waits for them (see ARCHITECTURE).
-            let g = st.free_gen;
-            st.free_gen += 1;
-            let freed: Vec<(u64, u64)> = st.pending_free.drain(..).collect();
-            st.deferred_free
+            let g = state.free_gen;
+            state.free_gen += 1;
+            let freed: Vec<(u64, u64)> = state.pending_free.drain(..).collect();
+            state
+                .deferred_free
                 .extend(freed.into_iter().map(|(s, l)| (g, s, l)));
-            self.release_deferred(st);
-            st.undurable = false;
+            self.release_deferred(state);
+            state.undurable = false;
         } else {
-            self.release_deferred(st);
-            st.undurable = true;
+            self.release_deferred(state);
+            state.undurable = true;
         }
-        st.pending_mark = st.pending_free.len();
+        state.pending_mark = state.pending_free.len();
         Ok(())
     }
 
     /// Make reusable the freed space that no read in flight can still be reading.
-    pub(super) fn release_deferred(&self, st: &mut State) {
-        let oldest = self.rd.oldest().unwrap_or(u64::MAX);
-        let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred_free)
+    pub(super) fn release_deferred(&self, state: &mut State) {
+        let oldest = self.reads.oldest().unwrap_or(u64::MAX);
+        let (free, later): (Vec<_>, Vec<_>) = std::mem::take(&mut state.deferred_free)
             .into_iter()
             .partition(|(g, _, _)| *g < oldest);
-        st.deferred_free = keep;
+        state.deferred_free = later;
         for (_, s, l) in free {
-            st.alloc.free(s, l);
+            state.alloc.free(s, l);
         }
     }
 
     /// Wait (briefly: reads finish in milliseconds) until no read in flight
     /// holds freed space back, for a writer that would otherwise see ENOSPC.
-    pub(super) fn drain_deferred(&self, st: &mut State) {
+    pub(super) fn drain_deferred(&self, state: &mut State) {
         let until = std::time::Instant::now() + Duration::from_secs(5);
-        self.release_deferred(st);
-        while !st.deferred_free.is_empty() && std::time::Instant::now() < until {
+        self.release_deferred(state);
+        while !state.deferred_free.is_empty() && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(1));
-            self.release_deferred(st);
+            self.release_deferred(state);
         }
     }
 
     /// Flush the devices. Written data they have not made durable may be
     /// lost: nothing can be committed over it, so a failure fails the
     /// filesystem (EIO).
-    pub(super) fn flush_device(&self) -> R<()> {
+    pub(super) fn flush_device(&self) -> ErrnoResult<()> {
         let flushed = stackfs_layers::submit_wait(&*self.data, Op::Flush, 0, Buf::zeroed(0));
         flushed.map(|_| ()).map_err(|e| {
             self.fail(format!("a device flush failed ({e})"));
@@ -250,27 +256,32 @@ impl Fs {
     }
 
     /// The newest inode: changed in memory, being flushed, or committed.
-    pub(super) fn load_inode(&self, st: &State, ino: u64) -> R<Inode> {
-        if let Some(i) = Self::inode_in_memory(st, ino) {
+    pub(super) fn load_inode(&self, state: &State, ino: u64) -> ErrnoResult<Inode> {
+        if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
         let rtx = self.db().begin_read().map_err(db_err)?;
         let t = rtx.open_table(INODES).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
         Inode::decode(ino, v.value())
     }
 
-    fn inode_in_memory(st: &State, ino: u64) -> Option<Inode> {
-        let changed = st.files.get(&ino).and_then(|f| f.inode.clone());
-        changed.or_else(|| st.in_flight.get(&ino).map(|f| f.inode.clone()))
+    fn inode_in_memory(state: &State, ino: u64) -> Option<Inode> {
+        let changed = state.files.get(&ino).and_then(|f| f.inode.clone());
+        changed.or_else(|| state.in_flight.get(&ino).map(|f| f.inode.clone()))
     }
 
-    pub(super) fn inode_tx(&self, st: &State, tx: &WriteTransaction, ino: u64) -> R<Inode> {
-        if let Some(i) = Self::inode_in_memory(st, ino) {
+    pub(super) fn inode_tx(
+        &self,
+        state: &State,
+        tx: &WriteTransaction,
+        ino: u64,
+    ) -> ErrnoResult<Inode> {
+        if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
         let t = tx.open_table(INODES).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(err(libc::ENOENT))?;
+        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
         Inode::decode(ino, v.value())
     }
 
@@ -280,15 +291,23 @@ impl Fs {
     /// (chmod, link, xattrs, ...) is never ahead of its data, so a crash
     /// cannot leave a zero-filled tail. The full size goes with the data's
     /// own commit (`commit_units`).
-    pub(super) fn put_inode(&self, st: &mut State, tx: &WriteTransaction, inode: &Inode) -> R<()> {
+    pub(super) fn put_inode(
+        &self,
+        state: &mut State,
+        tx: &WriteTransaction,
+        inode: &Inode,
+    ) -> ErrnoResult<()> {
         let mut record = inode.clone();
         let mut table = tx.open_table(INODES).map_err(db_err)?;
-        let flying = st.in_flight.contains_key(&inode.ino);
-        let changed = st.files.get(&inode.ino).is_some_and(|f| f.inode.is_some());
+        let flying = state.in_flight.contains_key(&inode.ino);
+        let changed = state
+            .files
+            .get(&inode.ino)
+            .is_some_and(|f| f.inode.is_some());
         if changed || flying {
             // The change joins the file's in memory (a flush in progress
             // took the inode: the next flush commits it again).
-            st.files.entry(inode.ino).or_default().inode = Some(inode.clone());
+            state.files.entry(inode.ino).or_default().inode = Some(inode.clone());
             let committed = match table.get(inode.ino).map_err(db_err)? {
                 Some(v) => Inode::decode(inode.ino, v.value())?.size,
                 None => 0,

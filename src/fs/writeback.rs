@@ -4,17 +4,17 @@
 use super::*;
 
 impl Fs {
-    pub fn open_file(&self, ino: u64) -> R<Inode> {
-        let mut st = self.st.lock();
-        let inode = self.load_inode(&st, ino)?;
-        st.files.entry(ino).or_default().open += 1;
+    pub fn open_file(&self, ino: u64) -> ErrnoResult<Inode> {
+        let mut state = self.state.lock();
+        let inode = self.load_inode(&state, ino)?;
+        state.files.entry(ino).or_default().open += 1;
         Ok(inode)
     }
 
     /// Write a file's dirty data out (not durably): close() reports its errors.
-    pub fn flush(&self, ino: u64) -> R<()> {
-        let mut st = self.st.lock();
-        self.flush_file(&mut st, ino, false)
+    pub fn flush(&self, ino: u64) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        self.flush_file(&mut state, ino, false)
     }
 
     /// Last close of a handle: write its data out, free it if unlinked.
@@ -22,9 +22,9 @@ impl Fs {
     /// files wait for a group flush (every `CLOSED_BATCH` closes, the commit
     /// timer, memory pressure, fsync or unmount), so that many small files
     /// cost one batch of writes and one commit instead of one each.
-    pub fn release(&self, ino: u64) -> R<()> {
-        let mut st = self.st.lock();
-        let Some(f) = st.files.get_mut(&ino) else {
+    pub fn release(&self, ino: u64) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        let Some(f) = state.files.get_mut(&ino) else {
             return Ok(());
         };
         f.open = f.open.saturating_sub(1);
@@ -32,25 +32,25 @@ impl Fs {
             return Ok(());
         }
         let gone = self
-            .load_inode(&st, ino)
+            .load_inode(&state, ino)
             .map(|i| i.nlink == 0)
             .unwrap_or(false);
         if gone {
-            let tx = self.begin_tx(&mut *st)?;
-            self.purge(&mut st, &tx, ino)?;
-            self.commit(&mut st, tx, false)?;
+            let tx = self.begin_tx(&mut *state)?;
+            self.purge(&mut state, &tx, ino)?;
+            self.commit(&mut state, tx, false)?;
         }
-        match st.files.get(&ino) {
+        match state.files.get(&ino) {
             Some(f) if f.units.is_empty() && f.inode.is_none() => {
-                st.files.remove(&ino);
+                state.files.remove(&ino);
             }
             Some(f) => {
-                if !f.counted {
-                    st.files.get_mut(&ino).expect("present").counted = true;
-                    st.closed_dirty += 1;
+                if !f.in_closed_dirty {
+                    state.files.get_mut(&ino).expect("present").in_closed_dirty = true;
+                    state.closed_dirty += 1;
                 }
-                if st.closed_dirty >= CLOSED_BATCH {
-                    self.flush_all(&mut st, false)?;
+                if state.closed_dirty >= CLOSED_BATCH {
+                    self.flush_all(&mut state, false)?;
                 }
             }
             None => {}
@@ -59,31 +59,31 @@ impl Fs {
     }
 
     /// Write a file's dirty units to fresh space and commit the new extents.
-    pub(super) fn flush_file(&self, st: &mut Guard, ino: u64, durable: bool) -> R<()> {
-        self.flush_files(st, &[ino], durable)
+    pub(super) fn flush_file(&self, state: &mut Guard, ino: u64, durable: bool) -> ErrnoResult<()> {
+        self.flush_files(state, &[ino], durable)
     }
 
     /// Make everything committed so far durable: the device flush (which
     /// may take long: it writes back whatever the devices cache) runs with
     /// the lock released, holding the flush turn so that no data is written
     /// meanwhile; the durable commit after it needs no flush of its own.
-    pub(super) fn durable_commit(&self, st: &mut Guard) -> R<()> {
-        self.wait_for_flush(st);
-        st.flushing = true;
-        let flushed = Guard::unlocked(st, || self.flush_device());
-        st.flushing = false;
+    pub(super) fn durable_commit(&self, state: &mut Guard) -> ErrnoResult<()> {
+        self.wait_for_flush(state);
+        state.flushing = true;
+        let flushed = Guard::unlocked(state, || self.flush_device());
+        state.flushing = false;
         self.flush_done.notify_all();
         flushed?;
-        let tx = self.begin_tx(st)?;
-        self.commit_with(st, tx, Sync::Flushed)
+        let tx = self.begin_tx(state)?;
+        self.commit_with(state, tx, Sync::Flushed)
     }
 
     /// Wait until no flush is writing with the lock released: for a second
     /// flush (commits of one file's units must not cross), and for truncate,
     /// zero-range and fallocate, which change units a flush may be writing.
-    pub(super) fn wait_for_flush(&self, st: &mut Guard) {
-        while st.flushing {
-            self.flush_done.wait(st);
+    pub(super) fn wait_for_flush(&self, state: &mut Guard) {
+        while state.flushing {
+            self.flush_done.wait(state);
         }
     }
 
@@ -91,8 +91,8 @@ impl Fs {
     /// lock held and no flush writing (a device put into a mirror's bay
     /// then misses no write in flight).
     pub fn without_writes<T>(&self, f: impl FnOnce() -> T) -> T {
-        let mut st = self.st.lock();
-        self.wait_for_flush(&mut st);
+        let mut state = self.state.lock();
+        self.wait_for_flush(&mut state);
         f()
     }
 
@@ -104,13 +104,18 @@ impl Fs {
     /// to `in_flight`, where reads and partial overwrites find them, and
     /// lookups, getattr, readdir, reads and metadata changes go on meanwhile.
     /// The lock is taken again to commit.
-    pub(super) fn flush_files(&self, st: &mut Guard, inos: &[u64], durable: bool) -> R<()> {
+    pub(super) fn flush_files(
+        &self,
+        state: &mut Guard,
+        inos: &[u64],
+        durable: bool,
+    ) -> ErrnoResult<()> {
         // Failed: the dirty data stays in memory, unwritten (EIO to the caller).
         self.writable()?;
-        self.wait_for_flush(st);
+        self.wait_for_flush(state);
         let mut batch = Vec::new();
         for ino in inos {
-            let Some(f) = st.files.get_mut(ino) else {
+            let Some(f) = state.files.get_mut(ino) else {
                 continue;
             };
             if let Some(inode) = f.inode.take() {
@@ -118,29 +123,29 @@ impl Fs {
             }
         }
         if batch.is_empty() {
-            return if durable && st.undurable {
-                self.durable_commit(st)
+            return if durable && state.undurable {
+                self.durable_commit(state)
             } else {
                 Ok(())
             };
         }
         let units: u64 = batch.iter().map(|(_, u)| u.len() as u64).sum();
-        st.dirty_bytes -= (units * UNIT).min(st.dirty_bytes);
+        state.dirty_bytes -= (units * UNIT).min(state.dirty_bytes);
         for (inode, units) in &batch {
             let flying = InFlight {
                 inode: inode.clone(),
                 units: units.iter().map(|(u, d)| (*u, d.data.clone())).collect(),
             };
-            st.in_flight.insert(inode.ino, flying);
+            state.in_flight.insert(inode.ino, flying);
         }
-        st.flushing = true;
-        let res = self.write_units(st, &mut batch, durable);
-        st.flushing = false;
+        state.flushing = true;
+        let res = self.write_units(state, &mut batch, durable);
+        state.flushing = false;
         if res.is_err() {
             // Keep everything in memory: a later flush may succeed. Units
             // written again meanwhile keep their newer data.
             for (inode, units) in &mut batch {
-                let f = st.files.entry(inode.ino).or_default();
+                let f = state.files.entry(inode.ino).or_default();
                 f.inode.get_or_insert(inode.clone());
                 let mut back = 0;
                 for (u, d) in std::mem::take(units) {
@@ -149,16 +154,16 @@ impl Fs {
                         back += 1;
                     }
                 }
-                st.dirty_bytes += back * UNIT;
+                state.dirty_bytes += back * UNIT;
             }
         }
         for (inode, _) in &batch {
-            st.in_flight.remove(&inode.ino);
+            state.in_flight.remove(&inode.ino);
             // Closed files have nothing left to keep.
-            if let (Ok(()), Some(f)) = (&res, st.files.get_mut(&inode.ino)) {
-                f.counted = false;
+            if let (Ok(()), Some(f)) = (&res, state.files.get_mut(&inode.ino)) {
+                f.in_closed_dirty = false;
                 if f.open == 0 && f.units.is_empty() && f.inode.is_none() {
-                    st.files.remove(&inode.ino);
+                    state.files.remove(&inode.ino);
                 }
             }
         }
@@ -169,15 +174,15 @@ impl Fs {
     /// Place, write and commit a batch. Returns with the lock held again.
     pub(super) fn write_units(
         &self,
-        st: &mut Guard,
+        state: &mut Guard,
         batch: &mut [(Inode, BTreeMap<u64, DirtyUnit>)],
         durable: bool,
-    ) -> R<()> {
-        let prepared = Guard::unlocked(st, || Self::prepare_units(batch));
-        let (mut placed, ios, waits) = self.place_units(st, batch, &prepared)?;
+    ) -> ErrnoResult<()> {
+        let prepared = Guard::unlocked(state, || Self::prepare_units(batch));
+        let (mut placed, ios, waits) = self.place_units(state, batch, &prepared)?;
         // The data goes down without the lock; a durable flush also makes
         // it durable there (the commit then needs no device flush of its own).
-        let (results, flushed) = Guard::unlocked(st, || {
+        let (results, flushed) = Guard::unlocked(state, || {
             self.data.submit_batch(ios);
             let results: Vec<_> = waits.iter().map(|(_, _, w)| w.wait_tag()).collect();
             let ok = results.iter().all(|(r, _)| r.is_ok());
@@ -197,23 +202,25 @@ impl Fs {
                 .expect("written units have extents");
             if tag.codec != 0 {
                 x.codec = tag.codec;
-                x.stored = tag.stored_len;
+                x.stored_len = tag.stored_len;
             }
             x.nonce = tag.nonce;
             x.mac = tag.mac;
-            let used = (x.stored as u64)
+            let used = (x.stored_len as u64)
                 .div_ceil(BLOCK)
                 .saturating_mul(BLOCK)
-                .min(x.alloc as u64);
-            st.alloc.free(x.phys + used, x.alloc as u64 - used);
-            x.alloc = used as u32;
+                .min(x.reserved_len as u64);
+            state
+                .alloc
+                .free(x.phys + used, x.reserved_len as u64 - used);
+            x.reserved_len = used as u32;
         }
         if let Some((ino, e)) = failed {
             log::error!("inode {ino}: data write failed: {e}");
             // A write that timed out may still land: its space stays taken
             // until the next mount (the member is faulted meanwhile).
             if e != Errno(libc::ETIMEDOUT) {
-                self.free_placed(st, &placed);
+                self.free_placed(state, &placed);
             }
             return Err(Errno::EIO);
         }
@@ -222,9 +229,9 @@ impl Fs {
             Some(Ok(())) => Sync::Flushed,
             Some(Err(e)) => return Err(e),
         };
-        let res = self.commit_units(st, batch, &placed, sync);
+        let res = self.commit_units(state, batch, &placed, sync);
         if res.is_err() {
-            self.free_placed(st, &placed);
+            self.free_placed(state, &placed);
         }
         res
     }
@@ -233,12 +240,12 @@ impl Fs {
     /// failure whose outcome is unknown (a timed-out write, a failed commit)
     /// the space stays taken: the failed state allocates nothing more, and
     /// the next mount rebuilds the allocator.
-    fn free_placed(&self, st: &mut State, placed: &[Vec<(u64, Option<Extent>)>]) {
+    fn free_placed(&self, state: &mut State, placed: &[Vec<(u64, Option<Extent>)>]) {
         if self.failed() {
             return;
         }
         for x in placed.iter().flatten().filter_map(|(_, x)| *x) {
-            st.alloc.free(x.phys, x.alloc as u64);
+            state.alloc.free(x.phys, x.reserved_len as u64);
         }
     }
 
@@ -249,32 +256,32 @@ impl Fs {
         let prepare = |inode: &Inode, u: u64, d: &DirtyUnit| {
             let ustart = u * UNIT;
             // Units past EOF are kept only when fallocate reserved them.
-            if ustart >= inode.size && !d.keep {
+            if ustart >= inode.size && !d.preallocated {
                 return None;
             }
             let logical = inode.size.saturating_sub(ustart).min(UNIT);
             // Crypt keeps nonce and MAC in the extent record (detached), so a
             // unit needs at most its own length; what compression saves is freed later.
-            let len = if d.keep {
+            let len = if d.preallocated {
                 UNIT
             } else {
                 logical.div_ceil(BLOCK) * BLOCK
             };
             let bytes = &d.data.as_slice()[..logical as usize];
             // An all-zero unit is stored as a hole.
-            let hole = !d.keep && logical == UNIT && bytes.iter().all(|b| *b == 0);
+            let hole = !d.preallocated && logical == UNIT && bytes.iter().all(|b| *b == 0);
             Some(Prepared {
                 unit: u,
                 hole,
-                logical: logical as u32,
-                len: len as u32,
+                data_len: logical as u32,
+                written_len: len as u32,
                 crc: if hole {
                     0
                 } else {
                     crc32c::crc32c(&d.data.as_slice()[..len as usize])
                 },
                 map: if hole { 0 } else { block_map(bytes) },
-                raw: d.keep,
+                raw: d.preallocated,
             })
         };
         batch
@@ -293,10 +300,10 @@ impl Fs {
     #[allow(clippy::type_complexity)]
     fn place_units(
         &self,
-        st: &mut State,
+        state: &mut State,
         batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
         prepared: &[Vec<Prepared>],
-    ) -> R<(
+    ) -> ErrnoResult<(
         Vec<Vec<(u64, Option<Extent>)>>,
         Vec<Io>,
         Vec<(usize, usize, Waiter)>,
@@ -310,20 +317,20 @@ impl Fs {
                     placed[fi].push((p.unit, None));
                     continue;
                 }
-                let Some(phys) = st.alloc.alloc(p.len as u64) else {
-                    self.free_placed(st, &placed);
-                    return Err(err(libc::ENOSPC));
+                let Some(phys) = state.alloc.alloc(p.written_len as u64) else {
+                    self.free_placed(state, &placed);
+                    return Err(errno(libc::ENOSPC));
                 };
-                // The unit's own buffer goes down: past `logical` it holds zeros
+                // The unit's own buffer goes down: past `data_len` it holds zeros
                 // (truncate and writes past the end keep it so).
-                let b = units[&p.unit].data.slice(0, p.len as usize);
+                let b = units[&p.unit].data.slice(0, p.written_len as usize);
                 let x = Extent {
                     phys,
-                    alloc: p.len,
-                    logical: p.logical,
-                    len: p.len,
+                    reserved_len: p.written_len,
+                    data_len: p.data_len,
+                    written_len: p.written_len,
                     codec: 0,
-                    stored: p.len,
+                    stored_len: p.written_len,
                     nonce: [0; 24],
                     mac: [0; 16],
                     crc: p.crc,
@@ -350,12 +357,12 @@ impl Fs {
     /// data was in flight stays), with the size whose data this commits.
     pub(super) fn commit_units(
         &self,
-        st: &mut State,
+        state: &mut State,
         batch: &[(Inode, BTreeMap<u64, DirtyUnit>)],
         placed: &[Vec<(u64, Option<Extent>)>],
         sync: Sync,
-    ) -> R<()> {
-        let tx = self.begin_tx(&mut *st)?;
+    ) -> ErrnoResult<()> {
+        let tx = self.begin_tx(&mut *state)?;
         for ((flushed, _), placed) in batch.iter().zip(placed) {
             let ino = flushed.ino;
             let committed = match tx
@@ -369,12 +376,12 @@ impl Fs {
             };
             let Some(committed) = committed else {
                 // Unlinked and purged meanwhile: drop the extents again.
-                self.put_extents(st, &tx, ino, placed)?;
-                self.drop_extents(st, &tx, ino, 0)?;
+                self.put_extents(state, &tx, ino, placed)?;
+                self.drop_extents(state, &tx, ino, 0)?;
                 continue;
             };
-            let delta = self.put_extents(st, &tx, ino, placed)?;
-            let mut record = match st.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
+            let delta = self.put_extents(state, &tx, ino, placed)?;
+            let mut record = match state.files.get_mut(&ino).and_then(|f| f.inode.as_mut()) {
                 Some(newest) => {
                     newest.stored = newest.stored.saturating_add_signed(delta);
                     newest.clone()
@@ -397,21 +404,21 @@ impl Fs {
         // cache lock to finish a read.
         for ((inode, _), placed) in batch.iter().zip(placed) {
             for (u, _) in placed {
-                self.rd.uncache(inode.ino, *u);
+                self.reads.uncache(inode.ino, *u);
             }
         }
-        self.commit_with(st, tx, sync)
+        self.commit_with(state, tx, sync)
     }
 
     /// Record a file's new extents (None: a hole) in `tx`; the change of
     /// its stored bytes. The old extents' space is freed with the commit.
     fn put_extents(
         &self,
-        st: &mut State,
+        state: &mut State,
         tx: &WriteTransaction,
         ino: u64,
         placed: &[(u64, Option<Extent>)],
-    ) -> R<i64> {
+    ) -> ErrnoResult<i64> {
         let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
         let mut delta = 0i64;
         for (u, x) in placed {
@@ -420,32 +427,32 @@ impl Fs {
                 None => t.remove((ino, *u)).map_err(db_err)?,
             };
             if let Some(Ok(old)) = old.map(|v| Extent::decode(v.value())) {
-                st.pending_free.push((old.phys, old.alloc as u64));
-                delta -= old.alloc as i64;
+                state.pending_free.push((old.phys, old.reserved_len as u64));
+                delta -= old.reserved_len as i64;
             }
             if let Some(x) = x {
-                delta += x.alloc as i64;
+                delta += x.reserved_len as i64;
             }
         }
         Ok(delta)
     }
 
-    pub(super) fn flush_all(&self, st: &mut Guard, durable: bool) -> R<()> {
+    pub(super) fn flush_all(&self, state: &mut Guard, durable: bool) -> ErrnoResult<()> {
         // In inode order: files created one after another are laid out one
         // after another (and the layout does not depend on hash order).
-        let mut inos: Vec<u64> = st
+        let mut inos: Vec<u64> = state
             .files
             .iter()
             .filter(|(_, f)| f.inode.is_some() || !f.units.is_empty())
             .map(|(i, _)| *i)
             .collect();
         inos.sort_unstable();
-        st.closed_dirty = 0;
+        state.closed_dirty = 0;
         let mut first = None;
-        if self.flush_files(st, &inos, false).is_err() {
+        if self.flush_files(state, &inos, false).is_err() {
             // One file's failure must not hold the others back: one by one.
             for ino in inos {
-                if let Err(e) = self.flush_file(st, ino, false) {
+                if let Err(e) = self.flush_file(state, ino, false) {
                     first.get_or_insert(e);
                 }
             }
@@ -453,9 +460,11 @@ impl Fs {
         // What did get written is made durable even when some file failed.
         let committed = if durable
             && !self.failed()
-            && (st.undurable || !st.pending_free.is_empty() || !st.deferred_free.is_empty())
+            && (state.undurable
+                || !state.pending_free.is_empty()
+                || !state.deferred_free.is_empty())
         {
-            self.durable_commit(st)
+            self.durable_commit(state)
         } else {
             Ok(())
         };
@@ -465,27 +474,27 @@ impl Fs {
         }
     }
 
-    pub fn fsync(&self, ino: u64) -> R<()> {
-        let mut st = self.st.lock();
-        if st.closed_dirty > 0 {
+    pub fn fsync(&self, ino: u64) -> ErrnoResult<()> {
+        let mut state = self.state.lock();
+        if state.closed_dirty > 0 {
             // A durable commit makes every earlier metadata change durable,
             // names and sizes of closed files included: their data goes with it.
-            self.flush_all(&mut st, true)?;
+            self.flush_all(&mut state, true)?;
         }
-        self.flush_file(&mut st, ino, true)?;
-        if st.undurable {
-            self.durable_commit(&mut st)?;
+        self.flush_file(&mut state, ino, true)?;
+        if state.undurable {
+            self.durable_commit(&mut state)?;
         }
         Ok(())
     }
 
     /// Everything durable (timer, syncfs, unmount).
-    pub fn sync(&self) -> R<()> {
+    pub fn sync(&self) -> ErrnoResult<()> {
         if self.read_only || self.closed.lock().is_some() {
             return Ok(());
         }
-        let mut st = self.st.lock();
-        self.flush_all(&mut st, true)
+        let mut state = self.state.lock();
+        self.flush_all(&mut state, true)
     }
 }
 
@@ -494,8 +503,9 @@ struct Prepared {
     unit: u64,
     /// All zeros: stored as a hole.
     hole: bool,
-    logical: u32,
-    len: u32,
+    /// As in `Extent`: bytes of file data, and bytes written (rounded up to 4 KiB).
+    data_len: u32,
+    written_len: u32,
     crc: u32,
     map: u16,
     /// Preallocated: stored whole, uncompressed.
@@ -542,21 +552,21 @@ impl Fs {
     /// writes pass half the dirty limit (so that writers seldom reach the
     /// limit, where they flush themselves and hold a FUSE thread meanwhile).
     fn commit_loop(&self, signal: &(Mutex<Wake>, parking_lot::Condvar), interval: Duration) {
-        let (state, wake) = signal;
-        let mut state = state.lock();
+        let (asked, wake) = signal;
+        let mut asked = asked.lock();
         let mut due = std::time::Instant::now() + interval;
-        while !state.stop {
-            if !state.dirty {
-                wake.wait_until(&mut state, due);
+        while !asked.stop {
+            if !asked.dirty {
+                wake.wait_until(&mut asked, due);
             }
-            if state.stop || self.failed() {
+            if asked.stop || self.failed() {
                 due = std::time::Instant::now() + interval;
                 continue;
             }
-            if std::mem::take(&mut state.dirty) {
-                let written = parking_lot::MutexGuard::unlocked(&mut state, || {
-                    let mut st = self.st.lock();
-                    self.flush_all(&mut st, false)
+            if std::mem::take(&mut asked.dirty) {
+                let written = parking_lot::MutexGuard::unlocked(&mut asked, || {
+                    let mut state = self.state.lock();
+                    self.flush_all(&mut state, false)
                 });
                 if let Err(e) = written {
                     log::warn!("write-back of dirty data failed: {e}");
@@ -572,7 +582,7 @@ impl Fs {
                 stackfs_layers::buf::release_kept();
                 continue;
             }
-            let synced = parking_lot::MutexGuard::unlocked(&mut state, || self.sync());
+            let synced = parking_lot::MutexGuard::unlocked(&mut asked, || self.sync());
             if let Err(e) = synced {
                 log::error!("periodic commit failed: {e}");
             }
@@ -589,10 +599,10 @@ impl Fs {
 
     /// Whether anything written is not durable yet.
     pub(super) fn has_undurable(&self) -> bool {
-        let st = self.st.lock();
-        st.undurable
-            || !st.pending_free.is_empty()
-            || st
+        let state = self.state.lock();
+        state.undurable
+            || !state.pending_free.is_empty()
+            || state
                 .files
                 .values()
                 .any(|f| f.inode.is_some() || !f.units.is_empty())

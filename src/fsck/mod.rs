@@ -455,8 +455,10 @@ fn check_extents(
             continue;
         }
         if x.phys < start
-            || x.phys.checked_add(x.alloc as u64).is_none_or(|e| e > end)
-            || x.alloc % 4096 != 0
+            || x.phys
+                .checked_add(x.reserved_len as u64)
+                .is_none_or(|e| e > end)
+            || x.reserved_len % 4096 != 0
         {
             problems.push(Problem::ExtentOutside {
                 ino,
@@ -479,7 +481,7 @@ fn check_extents(
 fn check_overlaps(extents: &[(u64, u64, Extent)], problems: &mut Vec<Problem>) {
     let mut spans: Vec<(u64, u64, u64, u64)> = extents
         .iter()
-        .map(|(ino, unit, x)| (x.phys, x.alloc as u64, *ino, *unit))
+        .map(|(ino, unit, x)| (x.phys, x.reserved_len as u64, *ino, *unit))
         .collect();
     spans.sort_unstable();
     for w in spans.windows(2) {
@@ -524,11 +526,11 @@ pub fn inject(fs: &Fs, what: &str) -> Result<(), String> {
                 let phys = fs.stack.top.capacity() - 4096;
                 let x = Extent {
                     phys,
-                    alloc: 4096,
-                    logical: 4096,
-                    len: 4096,
+                    reserved_len: 4096,
+                    data_len: 4096,
+                    written_len: 4096,
                     codec: 0,
-                    stored: 4096,
+                    stored_len: 4096,
                     nonce: [0; 24],
                     mac: [0; 16],
                     crc: 0,

@@ -98,7 +98,7 @@ fn prepare(fs: &Fs) -> u64 {
 }
 
 /// Dirty data, the operation, and a durable commit of something else.
-fn after_the_durable_point(fs: &Fs, ino: u64, op: fn(&Fs, u64)) -> R<()> {
+fn after_the_durable_point(fs: &Fs, ino: u64, op: fn(&Fs, u64)) -> ErrnoResult<()> {
     fs.write(
         ino,
         NEW_AT,

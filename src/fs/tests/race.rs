@@ -182,9 +182,9 @@ fn commit_cost() {
     let n = 20_000;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        let mut st = fs.st.lock();
-        let tx = fs.begin_tx(&mut st).unwrap();
-        fs.commit(&mut st, tx, false).unwrap();
+        let mut state = fs.state.lock();
+        let tx = fs.begin_tx(&mut state).unwrap();
+        fs.commit(&mut state, tx, false).unwrap();
     }
     println!(
         "{n} empty commits: {:.1} us each",
