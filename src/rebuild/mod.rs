@@ -149,7 +149,7 @@ pub struct Jobs {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     recorder: Recorder,
     /// How often a rebuild saves its cursor.
-    checkpoint_every: Duration,
+    checkpoint_every: Mutex<Duration>,
     /// Bytes per second a resync or replace may read (None: no limit).
     rebuild_rate: Mutex<Option<u64>>,
 }
@@ -204,16 +204,15 @@ impl Jobs {
             progress: Progress::default(),
             thread: Mutex::new(None),
             recorder,
-            checkpoint_every: CHECKPOINT_EVERY,
+            checkpoint_every: Mutex::new(CHECKPOINT_EVERY),
             rebuild_rate: Mutex::new(None),
         })
     }
 
-    /// Save the cursor after every batch (tests of power cuts).
-    pub fn checkpoint_always(self: Arc<Self>) -> Arc<Self> {
-        let mut me = Arc::try_unwrap(self).unwrap_or_else(|_| panic!("jobs shared before set-up"));
-        me.checkpoint_every = Duration::ZERO;
-        Arc::new(me)
+    /// How often a resync or replace saves its cursor (tests of power cuts
+    /// save it after every batch).
+    pub fn set_checkpoint_every(&self, every: Duration) {
+        *self.checkpoint_every.lock() = every;
     }
 
     /// Keep resyncs and replaces under `rate` bytes per second (the mount's
@@ -414,7 +413,7 @@ impl Jobs {
         fs.walk_data(mode, from.max(meta_len), &mut |step| {
             self.progress.advance(step.bytes);
             pace.after(step.bytes);
-            if saved.elapsed() >= self.checkpoint_every {
+            if saved.elapsed() >= *self.checkpoint_every.lock() {
                 saved = Instant::now();
                 if let Err(e) = self.checkpoint(fs, |s| save(s, step.cursor)) {
                     failed = Some(e);

@@ -64,7 +64,8 @@ fn resync_once(rig: &Rig, kept: &Arc<Mutex<MemberStates>>, cut: Option<u64>) -> 
     if states.is_stale(1) {
         fs.stack.health.set_resyncing(1, true);
     }
-    let jobs = Jobs::new(&fs, states, Vec::new(), recorder(rig, kept)).checkpoint_always();
+    let jobs = Jobs::new(&fs, states, Vec::new(), recorder(rig, kept));
+    jobs.set_checkpoint_every(Duration::ZERO);
     jobs.step();
     fs
 }
