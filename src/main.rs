@@ -103,6 +103,7 @@ fn run(cmd: Cmd) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(cli::CliError::Reported) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("stackfs: {e}");
             ExitCode::FAILURE

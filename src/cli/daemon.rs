@@ -72,7 +72,7 @@ pub fn spawn(
     source: &str,
     mountpoint: &Path,
     handed: Option<&Secret>,
-) -> Result<(), String> {
+) -> super::CliResult {
     let secret_pipe = handed.map(|_| pipe()).transpose()?;
     let (ready_read, ready_write) = pipe()?;
     inherit(ready_write);
@@ -118,9 +118,11 @@ pub fn spawn(
         return Ok(());
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    Err(format!(
-        "the daemon exited before the mount was ready ({status})"
-    ))
+    // Exit code 1: the daemon printed why on our stderr.
+    if status.code() == Some(1) {
+        return Err(super::CliError::Reported);
+    }
+    Err(format!("the daemon exited before the mount was ready ({status})").into())
 }
 
 /// Tell the waiting parent we are mounted; from now on write nothing to the

@@ -190,6 +190,10 @@ pub enum CliError {
     Pool(#[from] PoolError),
     #[error("{0}")]
     Message(String),
+    /// Failed, and the reason was already printed (by the daemon a mount
+    /// started, which shares our stderr).
+    #[error("")]
+    Reported,
 }
 
 impl From<String> for CliError {
