@@ -404,7 +404,7 @@ impl Jobs {
         if from < meta_len {
             self.progress.say(format!("{what}: metadata"));
             fs.walk_metadata(mode, &|_| {}).map_err(|e| e.to_string())?;
-            self.checkpoint(fs, |s| save(s, meta_len))?;
+            self.checkpoint(fs, |s| save(s, if faulted() { 0 } else { meta_len }))?;
         }
         self.progress.say(format!("{what}: data"));
         let mut saved = Instant::now();
@@ -413,9 +413,18 @@ impl Jobs {
         fs.walk_data(mode, from.max(meta_len), &mut |step| {
             self.progress.advance(step.bytes);
             pace.after(step.bytes);
+            // Another member that faults meanwhile is recorded at once.
+            self.record_faults(fs);
+            if self.progress.stopped() || faulted() {
+                return false;
+            }
             if saved.elapsed() >= *self.checkpoint_every.lock() {
                 saved = Instant::now();
-                if let Err(e) = self.checkpoint(fs, |s| save(s, step.cursor)) {
+                // Applied after the flush: a member that faulted in it is
+                // behind from the start again.
+                let cursor =
+                    |s: &mut MemberStates| save(s, if faulted() { 0 } else { step.cursor });
+                if let Err(e) = self.checkpoint(fs, cursor) {
                     failed = Some(e);
                     return false;
                 }
@@ -446,7 +455,17 @@ impl Jobs {
             log::info!("{what}: stopped; it goes on at the next mount");
             return Ok(());
         }
-        self.checkpoint(fs, |s| s.stale.retain(|(i, _)| *i != m))?;
+        let faulted = || fs.stack.health.is_faulted(m as usize);
+        self.checkpoint(fs, |s| {
+            if faulted() {
+                mark_stale(s, m, 0);
+            } else {
+                s.stale.retain(|(i, _)| *i != m);
+            }
+        })?;
+        if faulted() {
+            return Err(format!("{what}: the member faulted at the end"));
+        }
         fs.stack.health.set_resyncing(m as usize, false);
         log::info!("{what}: done; the member serves reads again");
         Ok(())

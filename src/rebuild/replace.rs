@@ -136,6 +136,10 @@ impl Jobs {
         let pool = fs.pool.as_ref().ok_or("no pool")?;
         stackfs_layers::submit_wait(&*fs.stack.top, Op::Flush, 0, Buf::zeroed(0))
             .map_err(|e| format!("flushing the devices: {e}"))?;
+        if fs.stack.health.is_faulted(r.index as usize) {
+            // The jobs thread records it, and gives the replace up.
+            return Err(format!("{} faulted at the end of its rebuild", r.path));
+        }
         let mut shared = self.shared.lock();
         let mut next = shared.states.clone();
         next.replace = None;
