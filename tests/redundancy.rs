@@ -78,22 +78,9 @@ fn mount_devices(p: &Pool, imgs: &[&Path], options: &str) -> std::process::Outpu
     ])
 }
 
-/// Unmount and wait for the daemon (whatever devices it was given); a busy
-/// mount is tried again for a while (see `Pool::umount`).
+/// Unmount and wait for the daemon (whatever devices it was given).
 fn umount(p: &Pool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let out = stackfs(&["umount", p.mnt.to_str().unwrap()]);
-        if out.status.success() {
-            return;
-        }
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            said.contains("busy") && Instant::now() < deadline,
-            "umount failed: {said}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    unmount_retrying_busy(|| stackfs(&["umount", p.mnt.to_str().unwrap()]));
 }
 
 #[test]

@@ -71,6 +71,24 @@ pub fn fails_with(out: Output, needle: &str) {
     assert!(!err.contains("panicked"), "stackfs panicked: {err}");
 }
 
+/// Run an unmount command until it succeeds; a busy mount is tried again
+/// for up to 5 s (see `Pool::umount`), any other failure fails the test.
+pub fn unmount_retrying_busy(unmount: impl Fn() -> Output) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = unmount();
+        if out.status.success() {
+            return;
+        }
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("busy") && Instant::now() < deadline,
+            "umount failed: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let m = mnt.to_string_lossy().to_string();
     fs::read_to_string("/proc/mounts")
@@ -155,19 +173,7 @@ impl Pool {
     /// this thread's open files until it execs (tests run in parallel), so
     /// a file just closed here can keep the mount busy for a moment.
     pub fn umount(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = Command::new("umount").arg(&self.mnt).output().unwrap();
-            if out.status.success() {
-                break;
-            }
-            let said = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                said.contains("busy") && Instant::now() < deadline,
-                "umount failed: {said}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        unmount_retrying_busy(|| Command::new("umount").arg(&self.mnt).output().unwrap());
         self.wait_daemon_gone();
     }
 
