@@ -275,12 +275,11 @@ fn a_heal_is_skipped_when_a_newer_write_overlaps() {
     }
 }
 
-/// A write overlapping a heal in progress waits for it: the heal's write
-/// (of older bytes) cannot land after the newer one.
-#[test]
-fn a_write_waits_for_the_heal_of_its_range() {
-    let rig = rig(2);
-    rig.write(ADDR, &noise(LEN, 9)).unwrap();
+/// `data` on both copies, copy 0 damaged, and a read that avoids copy 0 in
+/// flight: its heal's write to copy 0 hangs (returned once it does). The
+/// read's waiter completes when the hung write is let go.
+fn heal_held(rig: &Rig, data: &[u8]) -> Waiter {
+    rig.write(ADDR, data).unwrap();
     rig.corrupt(0, ADDR, 4096);
     rig.control.add_rule(FaultRule {
         dev: Some(0),
@@ -301,6 +300,15 @@ fn a_write_waits_for_the_heal_of_its_range() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    read
+}
+
+/// A write overlapping a heal in progress waits for it: the heal's write
+/// (of older bytes) cannot land after the newer one.
+#[test]
+fn a_write_waits_for_the_heal_of_its_range() {
+    let rig = rig(2);
+    let read = heal_held(&rig, &noise(LEN, 9));
     let newer = noise(LEN, 10);
     let write = Waiter::new();
     let io = Io::new(
@@ -335,22 +343,7 @@ fn a_write_waits_for_the_heal_of_its_range() {
 fn a_write_cancelled_while_it_waits_for_a_heal_never_lands() {
     let rig = rig(2);
     let data = noise(LEN, 14);
-    rig.write(ADDR, &data).unwrap();
-    rig.corrupt(0, ADDR, 4096);
-    rig.control.add_rule(FaultRule {
-        dev: Some(0),
-        ..FaultRule::new(Some(Op::Write), FaultAction::Hang)
-    });
-    let read = Waiter::new();
-    let io = Io::new(Op::Read, ADDR, Buf::zeroed(LEN), Some(read.end_io()));
-    io.set_tag(ExtentTag {
-        avoid: 0b01,
-        ..ExtentTag::default()
-    });
-    rig.mirror.submit(io);
-    while rig.control.hung_count() < 1 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let read = heal_held(&rig, &data);
     let write = Waiter::new();
     let io = Io::new(
         Op::Write,
