@@ -85,6 +85,17 @@ impl MemberStates {
         self.stale.iter().any(|(i, _)| *i == index)
     }
 
+    /// Record member `index` as stale, whole again below `cursor`.
+    pub fn mark_stale(&mut self, index: u32, cursor: u64) {
+        match self.stale.iter_mut().find(|(i, _)| *i == index) {
+            Some(entry) => entry.1 = cursor,
+            None => {
+                self.stale.push((index, cursor));
+                self.stale.sort_unstable();
+            }
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         if self.is_empty() {
             return Vec::new();

@@ -20,6 +20,8 @@ pub struct Health {
     /// Members that hold the same data (mirror groups, by member index): the
     /// pool is lost only when a group has no member left to read from.
     groups: Mutex<Vec<Vec<usize>>>,
+    /// The pool is open read-only: nothing may be rewritten (no heals).
+    read_only: AtomicBool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -79,6 +81,7 @@ impl Health {
             ),
             any: AtomicBool::new(false),
             groups: Mutex::new(Vec::new()),
+            read_only: AtomicBool::new(false),
         })
     }
 
@@ -86,6 +89,21 @@ impl Health {
     /// `mirror=N`); a member in no group holds the only copy of its data.
     pub fn set_groups(&self, groups: Vec<Vec<usize>>) {
         *self.groups.lock() = groups;
+    }
+
+    /// The pool is open read-only (fsck's check, `info`, a ro mount): the
+    /// mirrors read around bad copies but rewrite none (a scrub will).
+    pub fn set_read_only(&self) {
+        self.read_only.store(true, Ordering::Release);
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Whether any member is faulted (not only resyncing).
+    pub fn any_member_faulted(&self) -> bool {
+        self.any_faulted() && (0..self.count()).any(|i| self.is_faulted(i))
     }
 
     /// The mirror groups, by member index (none without a mirror).

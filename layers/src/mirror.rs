@@ -353,6 +353,14 @@ impl Mirror {
         let targets: Vec<usize> = (0..self.copies())
             .filter(|&c| c != good && state.avoid & (1 << c) != 0 && self.usable(c, 0))
             .collect();
+        // A read-only pool rewrites nothing: the bad copy is left for a scrub.
+        if self.health.is_read_only() {
+            if !targets.is_empty() {
+                log::info!("mirror: {origin:?} not healed: the pool is open read-only");
+            }
+            origin.finish(Ok(n));
+            return;
+        }
         let heal_id = {
             let mut log = self.writes.lock();
             if targets.is_empty() || !log.heal_is_safe(&range, state.since) {
@@ -513,10 +521,6 @@ impl HealJob {
                     mirror.health.count_repair(member, bytes);
                     mirror.repairs.count.fetch_add(1, Ordering::Relaxed);
                     mirror.repairs.bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
-                // Opened read-only (fsck, info, a ro mount): left for a scrub.
-                Err(e) if e == Errno(libc::EBADF) || e == Errno(libc::EROFS) => {
-                    log::info!("mirror: copy {copy} not repaired: the pool is open read-only");
                 }
                 Err(e) => {
                     mirror.health.count_write_error(member);

@@ -108,12 +108,8 @@ pub fn check_groups(
 pub fn after_open(states: &MemberStates, missing: &[u32]) -> Option<MemberStates> {
     let mut next = states.clone();
     for &i in missing {
-        match next.stale.iter_mut().find(|(j, _)| *j == i) {
-            Some(entry) => entry.1 = 0,
-            None => next.stale.push((i, 0)),
-        }
+        next.mark_stale(i, 0);
     }
-    next.stale.sort_unstable();
     if next == *states {
         return None;
     }
@@ -126,9 +122,7 @@ pub fn after_open(states: &MemberStates, missing: &[u32]) -> Option<MemberStates
 pub fn drop_replace(states: &MemberStates) -> MemberStates {
     let mut next = states.clone();
     if let Some(r) = next.replace.take() {
-        next.stale.retain(|(i, _)| *i != r.index);
-        next.stale.push((r.index, 0));
-        next.stale.sort_unstable();
+        next.mark_stale(r.index, 0);
     }
     next.seq += 1;
     next

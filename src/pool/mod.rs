@@ -525,6 +525,9 @@ pub fn open(
         read_only,
         timeout,
     )?;
+    if read_only {
+        stack.health.set_read_only();
+    }
     for i in 0..sb.count {
         if members::behind(&states, i) && !missing.contains(&i) {
             stack.health.set_resyncing(i as usize, true);

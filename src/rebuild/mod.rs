@@ -331,7 +331,7 @@ impl Jobs {
     /// the moment it faulted. A faulted new device ends its replace.
     fn record_faults(&self, fs: &Fs) {
         let health = &fs.stack.health;
-        if !health.any_faulted() {
+        if !health.any_member_faulted() {
             return;
         }
         let mut shared = self.shared.lock();
@@ -345,7 +345,7 @@ impl Jobs {
                 next.replace = None;
                 shared.new_lock = None;
             }
-            mark_stale(&mut next, i, 0);
+            next.mark_stale(i, 0);
         }
         if next != shared.states {
             next.seq += 1;
@@ -450,7 +450,7 @@ impl Jobs {
             .map_or(0, |(_, c)| *c);
         let what = format!("resync of member {m}");
         log::info!("{what}: starting at pool address {from}");
-        let save = |s: &mut MemberStates, cursor: u64| mark_stale(s, m, cursor);
+        let save = |s: &mut MemberStates, cursor: u64| s.mark_stale(m, cursor);
         if !self.rebuild(fs, m, from, &what, &save)? {
             log::info!("{what}: stopped; it goes on at the next mount");
             return Ok(());
@@ -458,7 +458,7 @@ impl Jobs {
         let faulted = || fs.stack.health.is_faulted(m as usize);
         self.checkpoint(fs, |s| {
             if faulted() {
-                mark_stale(s, m, 0);
+                s.mark_stale(m, 0);
             } else {
                 s.stale.retain(|(i, _)| *i != m);
             }
@@ -521,17 +521,6 @@ impl Jobs {
         shared.scrub = None;
         if shared.running.is_some_and(|(job, _)| job == "scrub") {
             self.progress.request_stop();
-        }
-    }
-}
-
-/// Record member `i` as stale with resync cursor `cursor`.
-fn mark_stale(states: &mut MemberStates, i: u32, cursor: u64) {
-    match states.stale.iter_mut().find(|(j, _)| *j == i) {
-        Some(entry) => entry.1 = cursor,
-        None => {
-            states.stale.push((i, cursor));
-            states.stale.sort_unstable();
         }
     }
 }
