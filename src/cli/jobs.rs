@@ -39,7 +39,9 @@ fn command(mountpoint: &Path, name: &CStr, value: &str) -> Result<(), String> {
         .and_then(|s| s["last"]["error"].as_str().map(str::to_string));
     Err(why.unwrap_or_else(|| match error.raw_os_error() {
         Some(libc::EROFS) => "the pool is mounted read-only".into(),
-        Some(libc::EPERM) => "only root (or the user who mounted it) may do that".into(),
+        Some(libc::EPERM | libc::EACCES) => {
+            "only root (or the user who mounted the pool) may do that".into()
+        }
         _ => format!("the daemon refused: {error}"),
     }))
 }
