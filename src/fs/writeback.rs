@@ -577,7 +577,11 @@ impl Fs {
                 continue;
             }
             due = std::time::Instant::now() + interval;
-            if !self.has_undurable() {
+            // Never the filesystem lock while holding `asked`: a writer
+            // holds the filesystem lock when it wakes this thread
+            // (`kick_writeback`), so the opposite order deadlocks.
+            let undurable = parking_lot::MutexGuard::unlocked(&mut asked, || self.has_undurable());
+            if !undurable {
                 // Idle: the buffers kept for the next writes go back.
                 stackfs_layers::buf::release_kept();
                 continue;
