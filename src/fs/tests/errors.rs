@@ -187,3 +187,28 @@ fn times_written_back_for_a_removed_file_are_not_an_error() {
     fs.forget(ino, 1);
     assert_eq!(fs.setattr(ino, times).unwrap_err(), Errno(libc::ENOENT));
 }
+
+#[test]
+fn a_writer_waking_the_commit_thread_under_the_lock_does_not_deadlock() {
+    let rig = Rig::small();
+    let fs = Arc::new(rig.open());
+    let committer = fs.commit_every(Duration::from_millis(1)).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = fs.clone();
+    std::thread::spawn(move || {
+        // As `write` does past the write-back mark: the filesystem lock is
+        // held while the commit thread is woken. Meanwhile the thread's
+        // periodic check (every 1 ms) wants the filesystem lock.
+        let state = writer.state.lock();
+        std::thread::sleep(Duration::from_millis(50));
+        writer.kick_writeback();
+        drop(state);
+        let _ = done.send(());
+    });
+    if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+        // Dropping it would join a deadlocked thread: fail instead of hang.
+        std::mem::forget(committer);
+        panic!("the writer and the commit thread deadlocked");
+    }
+    drop(committer);
+}
