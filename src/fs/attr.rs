@@ -166,26 +166,22 @@ impl Fs {
             let (mode, minimal) = acl_mode(value).ok_or(errno(libc::EINVAL))?;
             inode.perm = (inode.perm & !0o777) | mode;
             if minimal {
-                tx.open_table(XATTRS)
-                    .map_err(db_err)?
-                    .remove((ino, name))
-                    .map_err(db_err)?;
+                tx.write(XATTRS)?.remove((ino, name)).map_err(db_err)?;
                 inode.ctime = Ts::now();
                 self.put_inode(&mut state, &tx, &inode)?;
                 return self.commit(&mut state, tx, false);
             }
         }
-        {
-            let mut t = tx.open_table(XATTRS).map_err(db_err)?;
-            let exists = t.get((ino, name)).map_err(db_err)?.is_some();
-            if flags & libc::XATTR_CREATE != 0 && exists {
-                return Err(errno(libc::EEXIST));
-            }
-            if flags & libc::XATTR_REPLACE != 0 && !exists {
-                return Err(errno(libc::ENODATA));
-            }
-            t.insert((ino, name), value).map_err(db_err)?;
+        let exists = tx.read(XATTRS)?.get((ino, name)).map_err(db_err)?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(errno(libc::EEXIST));
         }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(errno(libc::ENODATA));
+        }
+        tx.write(XATTRS)?
+            .insert((ino, name), value)
+            .map_err(db_err)?;
         inode.ctime = Ts::now();
         self.put_inode(&mut state, &tx, &inode)?;
         self.commit(&mut state, tx, false)
@@ -197,46 +193,39 @@ impl Fs {
         }
         let state = self.state.lock();
         self.load_inode(&state, ino)?;
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(XATTRS).map_err(db_err)?;
-        let v = t
+        let value = read_table!(self, XATTRS, |t| t
             .get((ino, name))
             .map_err(db_err)?
-            .ok_or(errno(libc::ENODATA))?;
-        Ok(v.value().to_vec())
+            .map(|v| v.value().to_vec()));
+        value.ok_or(errno(libc::ENODATA))
     }
 
     pub fn listxattr(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
         let state = self.state.lock();
         self.load_inode(&state, ino)?;
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(XATTRS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.range((ino, &[][..])..).map_err(db_err)? {
-            let (k, _) = row.map_err(db_err)?;
-            let (i, n) = k.value();
-            if i != ino {
-                break;
+        read_table!(self, XATTRS, |t| {
+            let mut out = Vec::new();
+            for row in t.range((ino, &[][..])..).map_err(db_err)? {
+                let (k, _) = row.map_err(db_err)?;
+                let (i, n) = k.value();
+                if i != ino {
+                    break;
+                }
+                out.extend_from_slice(n);
+                out.push(0);
             }
-            out.extend_from_slice(n);
-            out.push(0);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
         let mut inode = self.inode_tx(&state, &tx, ino)?;
-        let gone = tx
-            .open_table(XATTRS)
-            .map_err(db_err)?
-            .remove((ino, name))
-            .map_err(db_err)?
-            .is_some();
-        if !gone {
+        if tx.read(XATTRS)?.get((ino, name)).map_err(db_err)?.is_none() {
             return Err(errno(libc::ENODATA));
         }
+        tx.write(XATTRS)?.remove((ino, name)).map_err(db_err)?;
         inode.ctime = Ts::now();
         self.put_inode(&mut state, &tx, &inode)?;
         self.commit(&mut state, tx, false)

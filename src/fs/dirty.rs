@@ -271,38 +271,36 @@ impl Fs {
             return Ok(());
         }
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
-        let tx = self.begin_tx(&mut *state)?;
-        let mut stored = inode.stored;
-        for u in first..=last {
-            let ustart = u * UNIT;
-            let from = off.max(ustart);
-            let to = end.min(ustart + UNIT);
-            if from == ustart && to == ustart + UNIT {
-                if state
-                    .files
-                    .get_mut(&ino)
-                    .expect("file")
-                    .units
-                    .remove(&u)
-                    .is_some()
-                {
-                    state.dirty_bytes -= UNIT.min(state.dirty_bytes);
-                }
-                let old = tx
-                    .open_table(EXTENTS)
-                    .map_err(db_err)?
-                    .remove((ino, u))
-                    .map_err(db_err)?
-                    .map(|v| Extent::decode(v.value()));
-                if let Some(Ok(x)) = old {
-                    state.pending_free.push((x.phys, x.reserved_len as u64));
-                    stored -= (x.reserved_len as u64).min(stored);
-                }
-                self.reads.uncache(ino, u);
-            } else if ustart < inode.size {
-                let (from, to) = ((from - ustart) as usize, (to - ustart) as usize);
+        // The units zeroed in part (at most the first and the last), read
+        // before the transaction begins (a read takes the metadata as it is).
+        let span = |u: u64| (off.max(u * UNIT), end.min((u + 1) * UNIT));
+        let whole = |u: u64| span(u) == (u * UNIT, (u + 1) * UNIT);
+        let mut partial = vec![first, last];
+        partial.dedup();
+        for u in partial.into_iter().filter(|u| !whole(*u)) {
+            if u * UNIT < inode.size {
+                let (from, to) = span(u);
+                let (from, to) = ((from - u * UNIT) as usize, (to - u * UNIT) as usize);
                 self.zero_in_unit(state, ino, u, from, to)?;
             }
+        }
+        let tx = self.begin_tx(&mut *state)?;
+        let mut stored = inode.stored;
+        for u in (first..=last).filter(|u| whole(*u)) {
+            let units = &mut state.files.get_mut(&ino).expect("file").units;
+            if units.remove(&u).is_some() {
+                state.dirty_bytes -= UNIT.min(state.dirty_bytes);
+            }
+            let old = tx
+                .write(EXTENTS)?
+                .remove((ino, u))
+                .map_err(db_err)?
+                .map(|v| Extent::decode(v.value()));
+            if let Some(Ok(x)) = old {
+                state.pending_free.push((x.phys, x.reserved_len as u64));
+                stored -= (x.reserved_len as u64).min(stored);
+            }
+            self.reads.uncache(ino, u);
         }
         let f = state.files.get_mut(&ino).expect("file");
         let mut i = f.inode.clone().expect("file inode");

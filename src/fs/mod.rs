@@ -24,6 +24,50 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Read table `$def` as operations under the filesystem lock see it:
+/// through the group transaction when one is open (changes gathered, not
+/// yet committed), else as last committed. `$body` runs with `$t` bound to
+/// the table and the group's lock held: it must take no lock of the
+/// filesystem's.
+macro_rules! read_table {
+    ($fs:expr, $def:expr, |$t:ident| $body:expr) => {{
+        let group = $fs.group.lock();
+        match group.tx.as_ref() {
+            Some(tx) => {
+                let $t = tx.open_table($def).map_err(db_err)?;
+                let out = $body;
+                out
+            }
+            None => {
+                group.check_untaken()?;
+                let rtx = $fs.db().begin_read().map_err(db_err)?;
+                let $t = rtx.open_table($def).map_err(db_err)?;
+                let out = $body;
+                out
+            }
+        }
+    }};
+    ($fs:expr, ($d1:expr, $d2:expr), |$t:ident, $u:ident| $body:expr) => {{
+        let group = $fs.group.lock();
+        match group.tx.as_ref() {
+            Some(tx) => {
+                let $t = tx.open_table($d1).map_err(db_err)?;
+                let $u = tx.open_table($d2).map_err(db_err)?;
+                let out = $body;
+                out
+            }
+            None => {
+                group.check_untaken()?;
+                let rtx = $fs.db().begin_read().map_err(db_err)?;
+                let $t = rtx.open_table($d1).map_err(db_err)?;
+                let $u = rtx.open_table($d2).map_err(db_err)?;
+                let out = $body;
+                out
+            }
+        }
+    }};
+}
+
 mod attr;
 mod dirty;
 mod meta_walk;
@@ -44,7 +88,7 @@ use dirty::DirtyUnit;
 use read::{copy_clipped, ReadSide};
 pub use records::*;
 pub use scrub::WalkStep;
-use txn::Sync;
+use txn::{Group, Sync, Tx};
 
 /// Logical size of a file data unit: the granule of copy-on-write and of the
 /// extent map.
@@ -193,6 +237,16 @@ struct State {
     next_gen: u64,
     /// Something was committed without durability since the last durable commit.
     undurable: bool,
+    /// The sequence number of the last operation committed (to the group
+    /// transaction or to redb).
+    seq: u64,
+    /// Every operation up to this sequence number is durable.
+    durable_seq: u64,
+    /// Inodes changed since the last durable commit, with the sequence
+    /// number of their last change: what fsync waits for.
+    changed: HashMap<u64, u64>,
+    /// Inodes the operation in progress changes (`put_inode`).
+    touching: Vec<u64>,
     /// Directories the kernel holds (see `DirRefs`).
     dirs: HashMap<u64, DirRefs>,
     /// Nearly full metadata store: its free bytes as last counted, and the
@@ -242,6 +296,9 @@ impl Drop for StackGuard {
 }
 
 pub struct Fs {
+    /// Operations' changes gathered, not yet committed to redb (dropped
+    /// first: an open transaction keeps the database open).
+    group: Mutex<Group>,
     /// The metadata database. Replaced only when the store was full (see
     /// `recover_store`); use `db()`.
     db: parking_lot::RwLock<Database>,
@@ -379,6 +436,20 @@ fn load_allocation(
     Ok((alloc, next_ino, next_gen))
 }
 
+/// The data of an extent map, as written and as stored.
+fn space_of(t: &impl ReadableTable<(u64, u64), &'static [u8]>) -> ErrnoResult<Space> {
+    let mut sp = Space {
+        logical: 0,
+        stored: 0,
+    };
+    for row in t.iter().map_err(db_err)? {
+        let x = Extent::decode(row.map_err(db_err)?.1.value())?;
+        sp.logical += x.data_len as u64;
+        sp.stored += x.reserved_len as u64;
+    }
+    Ok(sp)
+}
+
 /// A second handle on the same layers.
 pub fn share(stack: &Stack) -> Stack {
     Stack {
@@ -493,6 +564,7 @@ impl Fs {
             load_allocation(&db, meta_len, top.capacity(), opts.lenient)?;
         let cache_units = (opts.cache_bytes / UNIT).max(16) as usize;
         let fs = Fs {
+            group: Mutex::new(Group::default()),
             db: parking_lot::RwLock::new(db),
             store: Mutex::new(watch.clone()),
             meta_copies: Mutex::new(meta_copies),
@@ -518,6 +590,10 @@ impl Fs {
                 gone: HashMap::new(),
                 flushing: false,
                 in_flight: HashMap::new(),
+                seq: 0,
+                durable_seq: 0,
+                changed: HashMap::new(),
+                touching: Vec::new(),
             }),
             flush_done: parking_lot::Condvar::new(),
             writeback: Mutex::new(None),
@@ -567,33 +643,40 @@ impl Fs {
         let mut state = self.state.lock();
         let tx = self.begin_tx(&mut *state)?;
         {
-            let mut t = tx.open_table(INODES).map_err(db_err)?;
-            if t.get(ROOT).map_err(db_err)?.is_some() {
+            if tx.read(INODES)?.get(ROOT).map_err(db_err)?.is_some() {
                 return Ok(());
             }
             let root = Inode::new_dir(ROOT, 0o755, ROOT);
+            let mut t = tx.write(INODES)?;
             t.insert(ROOT, root.encode().as_slice()).map_err(db_err)?;
-            tx.open_table(DIRENTS).map_err(db_err)?;
-            tx.open_table(COOKIES).map_err(db_err)?;
-            tx.open_table(EXTENTS).map_err(db_err)?;
-            tx.open_table(XATTRS).map_err(db_err)?;
-            tx.open_table(SYMLINKS).map_err(db_err)?;
-            tx.open_table(ORPHANS).map_err(db_err)?;
-            let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
-            c.insert("next_ino", state.next_ino).map_err(db_err)?;
-            c.insert("next_gen", state.next_gen).map_err(db_err)?;
+            tx.write(DIRENTS)?;
+            tx.write(COOKIES)?;
+            tx.write(EXTENTS)?;
+            tx.write(XATTRS)?;
+            tx.write(SYMLINKS)?;
+            tx.write(ORPHANS)?;
+            tx.write(COUNTERS)?;
         }
         self.commit(&mut state, tx, true)
     }
 
     pub fn usage(&self) -> ErrnoResult<Usage> {
         let state = self.state.lock();
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        // A pool that was never mounted read-write has no tables yet.
-        let inodes = match rtx.open_table(INODES) {
-            Ok(t) => t.len().map_err(db_err)?,
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(db_err(e)),
+        let inodes = match self.group.lock().tx.as_ref() {
+            Some(tx) => tx
+                .open_table(INODES)
+                .map_err(db_err)?
+                .len()
+                .map_err(db_err)?,
+            None => {
+                let rtx = self.db().begin_read().map_err(db_err)?;
+                // A pool that was never mounted read-write has no tables yet.
+                match rtx.open_table(INODES) {
+                    Ok(t) => t.len().map_err(db_err)?,
+                    Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                    Err(e) => return Err(db_err(e)),
+                }
+            }
         };
         let pending: u64 = state.pending_free.iter().map(|(_, l)| l).sum::<u64>()
             + state.deferred_free.iter().map(|(_, _, l)| l).sum::<u64>();
@@ -607,23 +690,20 @@ impl Fs {
     /// File data as written (logical) and as stored in the pool: scans the extent map.
     pub fn space(&self) -> ErrnoResult<Space> {
         let _state = self.state.lock();
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let mut sp = Space {
-            logical: 0,
-            stored: 0,
-        };
-        let t = match rtx.open_table(EXTENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(sp),
-            Err(e) => return Err(db_err(e)),
-        };
-        for row in t.iter().map_err(db_err)? {
-            let (_, v) = row.map_err(db_err)?;
-            let x = Extent::decode(v.value())?;
-            sp.logical += x.data_len as u64;
-            sp.stored += x.reserved_len as u64;
+        let group = self.group.lock();
+        if let Some(tx) = group.tx.as_ref() {
+            return space_of(&tx.open_table(EXTENTS).map_err(db_err)?);
         }
-        Ok(sp)
+        drop(group);
+        let rtx = self.db().begin_read().map_err(db_err)?;
+        match rtx.open_table(EXTENTS) {
+            Ok(t) => space_of(&t),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Space {
+                logical: 0,
+                stored: 0,
+            }),
+            Err(e) => Err(db_err(e)),
+        }
     }
 
     /// Make everything durable and refuse further syncs; the stack stops

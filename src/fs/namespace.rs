@@ -18,14 +18,11 @@ impl Fs {
     /// or forget queued just before the unmount may never arrive).
     pub(super) fn purge_all_orphans(&self) -> ErrnoResult<usize> {
         let mut state = self.state.lock();
-        let orphans: Vec<u64> = {
-            let rtx = self.db().begin_read().map_err(db_err)?;
-            let t = rtx.open_table(ORPHANS).map_err(db_err)?;
-            t.iter()
-                .map_err(db_err)?
-                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
-                .collect()
-        };
+        let orphans: Vec<u64> = read_table!(self, ORPHANS, |t| t
+            .iter()
+            .map_err(db_err)?
+            .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+            .collect());
         if orphans.is_empty() {
             return Ok(0);
         }
@@ -64,10 +61,11 @@ impl Fs {
             }
             return self.load_inode(state, dir.parent);
         }
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
-        let v = t.get((parent, name)).map_err(db_err)?;
-        let Some(v) = v else {
+        let found = read_table!(self, DIRENTS, |t| t
+            .get((parent, name))
+            .map_err(db_err)?
+            .map(|v| dirent_decode(v.value())));
+        let Some(found) = found else {
             // Tell "no such entry" from "parent is not a directory".
             let p = self.load_inode(state, parent)?;
             return Err(errno(if p.kind == Kind::Dir {
@@ -76,7 +74,7 @@ impl Fs {
                 libc::ENOTDIR
             }));
         };
-        let (ino, _, _) = dirent_decode(v.value())?;
+        let (ino, _, _) = found?;
         self.shown_inode(state, ino)
     }
 
@@ -91,18 +89,18 @@ impl Fs {
 
     pub(super) fn find(
         &self,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         parent: u64,
         name: &[u8],
     ) -> ErrnoResult<Option<(u64, Kind, u64)>> {
-        let t = tx.open_table(DIRENTS).map_err(db_err)?;
+        let t = tx.read(DIRENTS)?;
         let v = t.get((parent, name)).map_err(db_err)?;
         v.map(|v| dirent_decode(v.value())).transpose()
     }
 
     pub(super) fn add_entry(
         &self,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         dir: &mut Inode,
         name: &[u8],
         ino: u64,
@@ -110,7 +108,7 @@ impl Fs {
     ) -> ErrnoResult<()> {
         // The name's own place in the readdir order (see `name_cookie`).
         let cookie = {
-            let mut cookies = tx.open_table(COOKIES).map_err(db_err)?;
+            let mut cookies = tx.write(COOKIES)?;
             let mut c = name_cookie(name);
             while cookies.get((dir.ino, c)).map_err(db_err)?.is_some() {
                 c = next_cookie(c);
@@ -118,8 +116,7 @@ impl Fs {
             cookies.insert((dir.ino, c), name).map_err(db_err)?;
             c
         };
-        tx.open_table(DIRENTS)
-            .map_err(db_err)?
+        tx.write(DIRENTS)?
             .insert((dir.ino, name), dirent_val(ino, kind, cookie).as_slice())
             .map_err(db_err)?;
         let now = Ts::now();
@@ -130,19 +127,17 @@ impl Fs {
 
     pub(super) fn remove_entry(
         &self,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         dir: &mut Inode,
         name: &[u8],
     ) -> ErrnoResult<()> {
         let old = tx
-            .open_table(DIRENTS)
-            .map_err(db_err)?
+            .write(DIRENTS)?
             .remove((dir.ino, name))
             .map_err(db_err)?
             .map(|v| dirent_decode(v.value()));
         if let Some(Ok((_, _, cookie))) = old {
-            tx.open_table(COOKIES)
-                .map_err(db_err)?
+            tx.write(COOKIES)?
                 .remove((dir.ino, cookie))
                 .map_err(db_err)?;
         }
@@ -204,7 +199,7 @@ impl Fs {
             next_cookie: 3,
         };
         {
-            let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+            let mut x = tx.write(XATTRS)?;
             if let Some(a) = &access_acl {
                 x.insert((ino, ACL_ACCESS), a.as_slice()).map_err(db_err)?;
             }
@@ -213,10 +208,7 @@ impl Fs {
             }
         }
         if let Some(t) = target {
-            tx.open_table(SYMLINKS)
-                .map_err(db_err)?
-                .insert(ino, t)
-                .map_err(db_err)?;
+            tx.write(SYMLINKS)?.insert(ino, t).map_err(db_err)?;
         }
         self.put_inode(&mut state, &tx, &inode)?;
         self.add_entry(&tx, &mut dir, name, ino, kind)?;
@@ -237,7 +229,7 @@ impl Fs {
     #[allow(clippy::type_complexity)]
     fn new_mode(
         &self,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         dir: &Inode,
         kind: Kind,
         mode: u32,
@@ -247,8 +239,7 @@ impl Fs {
         let default_acl = match kind {
             Kind::Symlink => None,
             _ => tx
-                .open_table(XATTRS)
-                .map_err(db_err)?
+                .read(XATTRS)?
                 .get((dir.ino, ACL_DEFAULT))
                 .map_err(db_err)?
                 .map(|v| v.value().to_vec()),
@@ -278,7 +269,7 @@ impl Fs {
     fn dir_for_new_name(
         &self,
         state: &State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         parent: u64,
         name: &[u8],
     ) -> ErrnoResult<Inode> {
@@ -297,10 +288,11 @@ impl Fs {
 
     pub fn readlink(&self, ino: u64) -> ErrnoResult<Vec<u8>> {
         let _state = self.state.lock();
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(SYMLINKS).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::EINVAL))?;
-        Ok(v.value().to_vec())
+        let target = read_table!(self, SYMLINKS, |t| t
+            .get(ino)
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()));
+        target.ok_or(errno(libc::EINVAL))
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> ErrnoResult<Inode> {
@@ -317,10 +309,7 @@ impl Fs {
         }
         if inode.nlink == 0 {
             // Relinking an open, unlinked file (linkat with AT_EMPTY_PATH) revives it.
-            tx.open_table(ORPHANS)
-                .map_err(db_err)?
-                .remove(ino)
-                .map_err(db_err)?;
+            tx.write(ORPHANS)?.remove(ino).map_err(db_err)?;
         }
         inode.nlink += 1;
         inode.ctime = Ts::now();
@@ -336,7 +325,7 @@ impl Fs {
     pub(super) fn drop_link(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         inode: &mut Inode,
     ) -> ErrnoResult<()> {
         inode.nlink = inode.nlink.saturating_sub(if inode.kind == Kind::Dir {
@@ -357,22 +346,14 @@ impl Fs {
             if let Some(d) = state.dirs.get_mut(&inode.ino) {
                 d.removed = true;
             }
-            tx.open_table(ORPHANS)
-                .map_err(db_err)?
-                .insert(inode.ino, ())
-                .map_err(db_err)?;
+            tx.write(ORPHANS)?.insert(inode.ino, ()).map_err(db_err)?;
             return self.put_inode(state, tx, inode);
         }
         self.purge(state, tx, inode.ino)
     }
 
     /// Remove an inode and everything it owns.
-    pub(super) fn purge(
-        &self,
-        state: &mut State,
-        tx: &WriteTransaction,
-        ino: u64,
-    ) -> ErrnoResult<()> {
+    pub(super) fn purge(&self, state: &mut State, tx: &Tx<'_>, ino: u64) -> ErrnoResult<()> {
         // The kernel may still write a removed file's times back before it
         // forgets the inode (writeback cache): answered from here (`setattr`).
         if let Ok(mut last) = self.inode_tx(state, tx, ino) {
@@ -389,19 +370,10 @@ impl Fs {
             state.dirty_bytes -= n.min(state.dirty_bytes);
         }
         self.drop_extents(state, tx, ino, 0)?;
-        tx.open_table(INODES)
-            .map_err(db_err)?
-            .remove(ino)
-            .map_err(db_err)?;
-        tx.open_table(SYMLINKS)
-            .map_err(db_err)?
-            .remove(ino)
-            .map_err(db_err)?;
-        tx.open_table(ORPHANS)
-            .map_err(db_err)?
-            .remove(ino)
-            .map_err(db_err)?;
-        let mut x = tx.open_table(XATTRS).map_err(db_err)?;
+        tx.write(INODES)?.remove(ino).map_err(db_err)?;
+        tx.write(SYMLINKS)?.remove(ino).map_err(db_err)?;
+        tx.write(ORPHANS)?.remove(ino).map_err(db_err)?;
+        let mut x = tx.write(XATTRS)?;
         let names: Vec<Vec<u8>> = x
             .range((ino, &[][..])..)
             .map_err(db_err)?
@@ -421,11 +393,11 @@ impl Fs {
     pub(super) fn drop_extents(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         ino: u64,
         from_unit: u64,
     ) -> ErrnoResult<u64> {
-        let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+        let mut t = tx.write(EXTENTS)?;
         let doomed: Vec<(u64, Extent)> = t
             .range((ino, from_unit)..=(ino, u64::MAX))
             .map_err(db_err)?
@@ -457,8 +429,8 @@ impl Fs {
         self.commit(&mut state, tx, false)
     }
 
-    pub(super) fn is_empty_dir(&self, tx: &WriteTransaction, ino: u64) -> ErrnoResult<bool> {
-        let t = tx.open_table(COOKIES).map_err(db_err)?;
+    pub(super) fn is_empty_dir(&self, tx: &Tx<'_>, ino: u64) -> ErrnoResult<bool> {
+        let t = tx.read(COOKIES)?;
         let empty = t
             .range((ino, 0)..=(ino, u64::MAX))
             .map_err(db_err)?
@@ -525,29 +497,54 @@ impl Fs {
         {
             return Ok(());
         }
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let cookies = rtx.open_table(COOKIES).map_err(db_err)?;
-        let dirents = rtx.open_table(DIRENTS).map_err(db_err)?;
-        for row in cookies
-            .range((ino, offset.max(2).saturating_add(1))..=(ino, u64::MAX))
-            .map_err(db_err)?
-        {
-            let (k, name) = row.map_err(db_err)?;
-            let name = name.value().to_vec();
-            let Some(v) = dirents.get((ino, name.as_slice())).map_err(db_err)? else {
-                continue;
+        // In chunks, each read under the lock: `want` may take it (readdirplus).
+        const CHUNK: usize = 128;
+        let mut next = offset.max(2).saturating_add(1);
+        loop {
+            let chunk = {
+                let _state = self.state.lock();
+                self.entries(ino, next, CHUNK)?
             };
-            let (child, kind, _) = dirent_decode(v.value())?;
-            if !want(&Entry {
-                cookie: k.value().1,
-                ino: child,
-                kind,
-                name,
-            }) {
-                break;
+            for e in &chunk {
+                if !want(e) {
+                    return Ok(());
+                }
+            }
+            match chunk.last() {
+                Some(last) if chunk.len() == CHUNK && last.cookie < u64::MAX => {
+                    next = last.cookie + 1
+                }
+                _ => return Ok(()),
             }
         }
-        Ok(())
+    }
+
+    /// Up to `max` entries of directory `ino` from cookie `next` on.
+    fn entries(&self, ino: u64, next: u64, max: usize) -> ErrnoResult<Vec<Entry>> {
+        read_table!(self, (COOKIES, DIRENTS), |cookies, dirents| {
+            let mut out = Vec::new();
+            for row in cookies
+                .range((ino, next)..=(ino, u64::MAX))
+                .map_err(db_err)?
+            {
+                let (k, name) = row.map_err(db_err)?;
+                let name = name.value().to_vec();
+                let Some(v) = dirents.get((ino, name.as_slice())).map_err(db_err)? else {
+                    continue;
+                };
+                let (child, kind, _) = dirent_decode(v.value())?;
+                out.push(Entry {
+                    cookie: k.value().1,
+                    ino: child,
+                    kind,
+                    name,
+                });
+                if out.len() == max {
+                    break;
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// opendir: a handle on a directory, which keeps it (with no links, in
@@ -645,12 +642,12 @@ impl Fs {
     }
 
     /// fsync: this file's data and all metadata so far, durably.
-    /// The inode a directory entry names (committed state).
+    /// The inode a directory entry names.
     pub(super) fn entry_ino(&self, dir: u64, name: &[u8]) -> ErrnoResult<Option<u64>> {
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(DIRENTS).map_err(db_err)?;
-        let v = t.get((dir, name)).map_err(db_err)?;
-        v.map(|v| dirent_decode(v.value()).map(|(i, _, _)| i))
-            .transpose()
+        let v = read_table!(self, DIRENTS, |t| t
+            .get((dir, name))
+            .map_err(db_err)?
+            .map(|v| dirent_decode(v.value()).map(|(i, _, _)| i)));
+        v.transpose()
     }
 }

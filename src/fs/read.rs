@@ -70,14 +70,14 @@ impl Fs {
         first: u64,
         last: u64,
     ) -> ErrnoResult<Vec<(u64, Extent)>> {
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(EXTENTS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in t.range((ino, first)..=(ino, last)).map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
-            out.push((k.value().1, Extent::decode(v.value())?));
-        }
-        Ok(out)
+        read_table!(self, EXTENTS, |t| {
+            let mut out = Vec::new();
+            for row in t.range((ino, first)..=(ino, last)).map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                out.push((k.value().1, Extent::decode(v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     /// Read committed units from the pool in one batch and wait; verify each.

@@ -7,7 +7,7 @@ impl Fs {
     pub(super) fn is_ancestor(
         &self,
         state: &State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         ancestor: u64,
         mut dir: u64,
     ) -> ErrnoResult<bool> {
@@ -114,7 +114,7 @@ impl Fs {
     fn move_entry(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         names: &RenameNames,
         ino: u64,
         kind: Kind,
@@ -144,7 +144,7 @@ impl Fs {
     fn exchange(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         names: &RenameNames,
         (ino, kind): (u64, Kind),
         (tino, tkind): (u64, Kind),

@@ -1,7 +1,9 @@
-//! Transactions: begin and commit, inode access within them, and the
-//! pending and deferred frees that commits make reusable.
+//! Transactions: the group transaction that gathers operations, begin and
+//! commit, inode access within them, and the pending and deferred frees that
+//! commits make reusable.
 
 use super::*;
+use std::cell::Cell;
 
 /// How a commit reaches the disk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -15,24 +17,178 @@ pub(super) enum Sync {
     Flushed,
 }
 
-impl Fs {
-    /// Begin a transaction under the filesystem lock. Frees recorded by a
-    /// transaction that was abandoned (an error returned before its commit)
-    /// are dropped here: the extents they name are still in the committed map.
-    pub(super) fn begin_tx(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
-        state.pending_free.truncate(state.pending_mark);
-        self.begin()
+/// Operations gathered into one redb transaction before it is committed
+/// without durability: a run of creates costs one commit (one update of
+/// each table's root, one write-out of the pages they share) instead of one
+/// each. Bounded so that a commit stays short; the commit thread, fsync and
+/// unmount commit the group durably sooner.
+pub(super) const GROUP_OPS: u32 = 256;
+
+/// The group transaction: the changes of operations that returned, not yet
+/// committed to redb. Its lock is taken under the filesystem lock only, and
+/// nothing is locked under it but the database handle: readers under the
+/// filesystem lock read through it (`read_table!`).
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) tx: Option<WriteTransaction>,
+    /// Operations whose changes it holds (their callers have their answer).
+    pub(super) ops: u32,
+    /// An operation holds it (`Tx`): reads must go through that `Tx`.
+    taken: bool,
+}
+
+impl Group {
+    /// A read outside the group while an operation holds it would miss the
+    /// changes gathered so far: a bug, reported as EIO rather than answered
+    /// from older metadata.
+    pub(super) fn check_untaken(&self) -> ErrnoResult<()> {
+        if self.taken && self.ops > 0 {
+            log::error!("a read inside an operation bypassed its transaction");
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+}
+
+/// An operation's hold on the group transaction, from `begin_tx` to
+/// `commit`. Tables it changes are opened with `write`, tables it only
+/// reads with `read`. An operation that fails before its first `write`
+/// gives the transaction back as it found it; one that fails after it
+/// aborts the group, and with it the changes of earlier operations not yet
+/// committed (redb cannot undo part of a transaction): the filesystem then
+/// fails (read-only), as after a failed commit. Only a metadata I/O error or
+/// damage found midway can do that: operations check before they change.
+pub(super) struct Tx<'a> {
+    fs: &'a Fs,
+    tx: Option<WriteTransaction>,
+    wrote: Cell<bool>,
+}
+
+impl Tx<'_> {
+    fn inner(&self) -> &WriteTransaction {
+        self.tx
+            .as_ref()
+            .expect("a Tx holds its transaction until commit")
     }
 
-    pub(crate) fn begin(&self) -> ErrnoResult<WriteTransaction> {
+    /// A table the operation reads.
+    pub(super) fn read<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> ErrnoResult<redb::Table<'_, K, V>> {
+        self.inner().open_table(def).map_err(db_err)
+    }
+
+    /// A table the operation changes.
+    pub(super) fn write<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> ErrnoResult<redb::Table<'_, K, V>> {
+        self.wrote.set(true);
+        self.read(def)
+    }
+
+    pub(super) fn stats(&self) -> ErrnoResult<redb::DatabaseStats> {
+        self.inner().stats().map_err(db_err)
+    }
+
+    /// The transaction, with no more to do on drop.
+    fn into_inner(mut self) -> WriteTransaction {
+        self.tx
+            .take()
+            .expect("a Tx holds its transaction until commit")
+    }
+
+    /// The transaction itself, out of the group (for a caller that commits it).
+    fn take(self) -> WriteTransaction {
+        let fs = self.fs;
+        let tx = self.into_inner();
+        let mut group = fs.group.lock();
+        group.taken = false;
+        group.ops = 0;
+        tx
+    }
+}
+
+impl Drop for Tx<'_> {
+    /// An operation that returned an error without committing.
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else {
+            return; // committed, or taken
+        };
+        let mut group = self.fs.group.lock();
+        group.taken = false;
+        if !self.wrote.get() {
+            group.tx = Some(tx);
+            return;
+        }
+        drop(tx);
+        let lost = std::mem::take(&mut group.ops);
+        drop(group);
+        if lost > 0 {
+            self.fs.fail(format!(
+                "an operation failed after changing the metadata; the changes of {lost} \
+                 earlier operation(s) gathered with it and not yet committed are lost"
+            ));
+        }
+    }
+}
+
+impl Fs {
+    /// Begin an operation's transaction under the filesystem lock: the group
+    /// transaction, or a new one. Frees recorded by an operation that failed
+    /// (an error returned before its commit) are dropped here: the extents
+    /// they name are still in the map.
+    pub(super) fn begin_tx(&self, state: &mut State) -> ErrnoResult<Tx<'_>> {
+        state.pending_free.truncate(state.pending_mark);
+        state.touching.clear();
         if self.read_only {
             return Err(Errno::EROFS);
         }
         self.writable()?;
-        self.db().begin_write().map_err(|e| {
-            self.fail(format!("the metadata store refuses new transactions ({e})"));
-            Errno::EROFS
+        // Nearly full, every commit is durable, and an operation starts with
+        // no gathered changes: one refused a growth of the store then loses
+        // only its own (see `recover_store`).
+        if self.near_full() && self.group.lock().ops > 0 {
+            let group = self.hold_group()?;
+            self.commit_with(state, group, Sync::Flush)?;
+        }
+        self.hold_group()
+    }
+
+    /// The group transaction, or a new one, held by the caller.
+    fn hold_group(&self) -> ErrnoResult<Tx<'_>> {
+        let mut group = self.group.lock();
+        let tx = match group.tx.take() {
+            Some(tx) => tx,
+            None => self.db().begin_write().map_err(|e| {
+                self.fail(format!("the metadata store refuses new transactions ({e})"));
+                Errno::EROFS
+            })?,
+        };
+        group.taken = true;
+        Ok(Tx {
+            fs: self,
+            tx: Some(tx),
+            wrote: Cell::new(false),
         })
+    }
+
+    /// A write transaction for a caller that commits it itself (fsck's
+    /// repairs): the group transaction, with the counters, or a new one.
+    pub(crate) fn begin(&self) -> ErrnoResult<WriteTransaction> {
+        let mut state = self.state.lock();
+        let tx = self.begin_tx(&mut state)?;
+        Self::put_counters(&state, &tx)?;
+        state.pending_mark = state.pending_free.len();
+        Ok(tx.take())
+    }
+
+    fn put_counters(state: &State, tx: &Tx<'_>) -> ErrnoResult<()> {
+        let mut c = tx.write(COUNTERS)?;
+        c.insert("next_ino", state.next_ino).map_err(db_err)?;
+        c.insert("next_gen", state.next_gen).map_err(db_err)?;
+        Ok(())
     }
 
     /// The metadata database, opened again first if the store refused to
@@ -78,13 +234,13 @@ impl Fs {
     /// Begin a transaction that adds metadata (a name, an inode, an
     /// attribute): ENOSPC when the store is nearly full, so that the space
     /// left stays for removals, which need some to make room (copy-on-write).
-    pub(super) fn begin_adding(&self, state: &mut State) -> ErrnoResult<WriteTransaction> {
+    pub(super) fn begin_adding(&self, state: &mut State) -> ErrnoResult<Tx<'_>> {
         let tx = self.begin_tx(state)?;
         if self.near_full() {
             let (len, _) = self.store.lock().space();
             // redb's page count is a walk of every table: not for every call.
             if state.meta_checks % 32 == 0 || state.meta_free.is_none() {
-                let stats = tx.stats().map_err(db_err)?;
+                let stats = tx.stats()?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
                 state.meta_free = Some(len.saturating_sub(used));
                 log::debug!("metadata store nearly full: {len} bytes, {used} in use");
@@ -153,32 +309,39 @@ impl Fs {
     /// Commit a transaction. A durable commit first flushes the data below
     /// (so no committed extent points at bytes not yet on disk), then makes
     /// the pending frees reusable.
-    pub(super) fn commit(
-        &self,
-        state: &mut State,
-        tx: WriteTransaction,
-        durable: bool,
-    ) -> ErrnoResult<()> {
+    pub(super) fn commit(&self, state: &mut State, tx: Tx<'_>, durable: bool) -> ErrnoResult<()> {
         self.commit_with(state, tx, if durable { Sync::Flush } else { Sync::None })
     }
 
     /// Commit, durably unless `sync` is `None` (and the mount is not `sync`).
-    pub(super) fn commit_with(
-        &self,
-        state: &mut State,
-        mut tx: WriteTransaction,
-        sync: Sync,
-    ) -> ErrnoResult<()> {
+    /// A commit without durability joins the group transaction, which is
+    /// committed to redb every `GROUP_OPS` operations.
+    pub(super) fn commit_with(&self, state: &mut State, tx: Tx<'_>, sync: Sync) -> ErrnoResult<()> {
         let sync = match sync {
             Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,
             other => other,
         };
         let durable = sync != Sync::None;
-        {
-            let mut c = tx.open_table(COUNTERS).map_err(db_err)?;
-            c.insert("next_ino", state.next_ino).map_err(db_err)?;
-            c.insert("next_gen", state.next_gen).map_err(db_err)?;
+        state.seq += 1;
+        let seq = state.seq;
+        for ino in std::mem::take(&mut state.touching) {
+            state.changed.insert(ino, seq);
         }
+        {
+            let mut group = self.group.lock();
+            group.ops += 1;
+            if !durable && group.ops < GROUP_OPS {
+                group.taken = false;
+                group.tx = Some(tx.into_inner());
+                drop(group);
+                self.release_deferred(state);
+                state.undurable = true;
+                state.pending_mark = state.pending_free.len();
+                return Ok(());
+            }
+        }
+        Self::put_counters(state, &tx)?;
+        let mut tx = tx.take();
         if sync == Sync::Flush {
             self.flush_device()?;
         }
@@ -213,6 +376,9 @@ impl Fs {
                 .extend(freed.into_iter().map(|(s, l)| (g, s, l)));
             self.release_deferred(state);
             state.undurable = false;
+            // Everything committed so far is durable with it.
+            state.durable_seq = seq;
+            state.changed.clear();
         } else {
             self.release_deferred(state);
             state.undurable = true;
@@ -260,10 +426,11 @@ impl Fs {
         if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
-        let rtx = self.db().begin_read().map_err(db_err)?;
-        let t = rtx.open_table(INODES).map_err(db_err)?;
-        let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
-        Inode::decode(ino, v.value())
+        let found = read_table!(self, INODES, |t| t
+            .get(ino)
+            .map_err(db_err)?
+            .map(|v| Inode::decode(ino, v.value())));
+        found.ok_or(errno(libc::ENOENT))?
     }
 
     fn inode_in_memory(state: &State, ino: u64) -> Option<Inode> {
@@ -271,16 +438,11 @@ impl Fs {
         changed.or_else(|| state.in_flight.get(&ino).map(|f| f.inode.clone()))
     }
 
-    pub(super) fn inode_tx(
-        &self,
-        state: &State,
-        tx: &WriteTransaction,
-        ino: u64,
-    ) -> ErrnoResult<Inode> {
+    pub(super) fn inode_tx(&self, state: &State, tx: &Tx<'_>, ino: u64) -> ErrnoResult<Inode> {
         if let Some(i) = Self::inode_in_memory(state, ino) {
             return Ok(i);
         }
-        let t = tx.open_table(INODES).map_err(db_err)?;
+        let t = tx.read(INODES)?;
         let v = t.get(ino).map_err(db_err)?.ok_or(errno(libc::ENOENT))?;
         Inode::decode(ino, v.value())
     }
@@ -294,11 +456,12 @@ impl Fs {
     pub(super) fn put_inode(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         inode: &Inode,
     ) -> ErrnoResult<()> {
         let mut record = inode.clone();
-        let mut table = tx.open_table(INODES).map_err(db_err)?;
+        let mut table = tx.write(INODES)?;
+        state.touching.push(inode.ino);
         let flying = state.in_flight.contains_key(&inode.ino);
         let changed = state
             .files

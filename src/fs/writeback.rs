@@ -365,12 +365,7 @@ impl Fs {
         let tx = self.begin_tx(&mut *state)?;
         for ((flushed, _), placed) in batch.iter().zip(placed) {
             let ino = flushed.ino;
-            let committed = match tx
-                .open_table(INODES)
-                .map_err(db_err)?
-                .get(ino)
-                .map_err(db_err)?
-            {
+            let committed = match tx.read(INODES)?.get(ino).map_err(db_err)? {
                 Some(v) => Some(Inode::decode(ino, v.value())?),
                 None => None,
             };
@@ -393,8 +388,8 @@ impl Fs {
                 },
             };
             record.size = flushed.size;
-            tx.open_table(INODES)
-                .map_err(db_err)?
+            state.touching.push(ino);
+            tx.write(INODES)?
                 .insert(ino, record.encode().as_slice())
                 .map_err(db_err)?;
         }
@@ -415,11 +410,11 @@ impl Fs {
     fn put_extents(
         &self,
         state: &mut State,
-        tx: &WriteTransaction,
+        tx: &Tx<'_>,
         ino: u64,
         placed: &[(u64, Option<Extent>)],
     ) -> ErrnoResult<i64> {
-        let mut t = tx.open_table(EXTENTS).map_err(db_err)?;
+        let mut t = tx.write(EXTENTS)?;
         let mut delta = 0i64;
         for (u, x) in placed {
             let old = match x {
@@ -474,18 +469,41 @@ impl Fs {
         }
     }
 
+    /// fsync: this file's data and every change before its last one,
+    /// durably. A file whose changes are all durable already (those of
+    /// other files may not be) costs no commit.
     pub fn fsync(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
+        if !Self::undurable_file(&state, ino) {
+            return Ok(());
+        }
         if state.closed_dirty > 0 {
             // A durable commit makes every earlier metadata change durable,
             // names and sizes of closed files included: their data goes with it.
             self.flush_all(&mut state, true)?;
         }
         self.flush_file(&mut state, ino, true)?;
-        if state.undurable {
+        // Another fsync's commit, made while this one waited for its turn,
+        // may have covered the file's last change.
+        self.wait_for_flush(&mut state);
+        if Self::undurable_file(&state, ino) {
             self.durable_commit(&mut state)?;
         }
         Ok(())
+    }
+
+    /// Whether something of file `ino` is not durable yet: dirty data, a
+    /// flush writing it, or a change committed since the last durable commit.
+    fn undurable_file(state: &State, ino: u64) -> bool {
+        state
+            .files
+            .get(&ino)
+            .is_some_and(|f| f.inode.is_some() || !f.units.is_empty())
+            || state.in_flight.contains_key(&ino)
+            || state
+                .changed
+                .get(&ino)
+                .is_some_and(|s| *s > state.durable_seq)
     }
 
     /// Everything durable (timer, syncfs, unmount).

@@ -5,6 +5,7 @@
 
 mod crash;
 mod errors;
+mod group;
 mod meta_copies;
 mod mirror;
 mod race;
