@@ -170,25 +170,34 @@ impl Fs {
             let to = end.min(ustart + UNIT);
             let whole = from == ustart && to == ustart + UNIT;
             let beyond = ustart >= inode.size;
+            let bytes = &data[(from - off) as usize..(to - off) as usize];
             if whole || beyond {
                 let f = state.files.get_mut(&ino).expect("file state");
                 if !f.units.contains_key(&u) {
+                    // A whole unit is copied in at once, not zeroed first.
+                    let data = if whole {
+                        Buf::copy_from(bytes)
+                    } else {
+                        Buf::zeroed(UNIT as usize)
+                    };
                     f.units.insert(
                         u,
                         DirtyUnit {
-                            data: Buf::zeroed(UNIT as usize),
+                            data,
                             preallocated: false,
                         },
                     );
                     state.dirty_bytes += UNIT;
+                    if whole {
+                        continue;
+                    }
                 }
             } else {
                 self.unit_for_write(&mut state, ino, u)?;
             }
             let f = state.files.get_mut(&ino).expect("file state");
             let d = f.units.get_mut(&u).expect("unit");
-            d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize]
-                .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            d.bytes_mut()[(from - ustart) as usize..(to - ustart) as usize].copy_from_slice(bytes);
             stackfs_layers::buf::count_copy((to - from) as usize);
         }
         let now = Ts::now();
