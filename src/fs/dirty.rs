@@ -146,6 +146,7 @@ impl Fs {
             return Ok(0);
         }
         let mut state = self.state.lock();
+        self.prefetch_partial(&mut state, ino, off, end)?;
         let (first, last) = (off / UNIT, (end - 1) / UNIT);
         let dirty = state.files.get(&ino);
         let new_units = (first..=last)

@@ -83,7 +83,17 @@ impl Fs {
     /// Read committed units from the pool in one batch and wait; verify each.
     /// For callers holding the filesystem lock (partial overwrites, fsck).
     pub(crate) fn read_units(&self, ino: u64, units: &[(u64, Extent)]) -> ErrnoResult<Vec<Buf>> {
-        let gen = self.reads.generation();
+        self.read_units_since(ino, units, self.reads.generation())
+    }
+
+    /// `read_units`, caching what it reads only if no unit left the cache
+    /// since generation `gen` (taken when the extents were looked up).
+    fn read_units_since(
+        &self,
+        ino: u64,
+        units: &[(u64, Extent)],
+        gen: u64,
+    ) -> ErrnoResult<Vec<Buf>> {
         let mut out = vec![None; units.len()];
         let mut ios = Vec::new();
         let mut waits = Vec::new();
@@ -118,6 +128,56 @@ impl Fs {
             return Err(e);
         }
         Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    }
+
+    /// Before a write changes units `first` and `last` in part: bring
+    /// those not in memory into the cache, read with the filesystem lock
+    /// released (metadata operations and other writes go on meanwhile), so
+    /// that the write's read-modify-write then finds them there. A unit
+    /// rewritten meanwhile leaves the cache (its generation changed), and the
+    /// write reads it again under the lock.
+    pub(super) fn prefetch_partial(
+        &self,
+        state: &mut Guard,
+        ino: u64,
+        off: u64,
+        end: u64,
+    ) -> ErrnoResult<()> {
+        let (first, last) = (off / UNIT, (end - 1) / UNIT);
+        let size = self.load_inode(state, ino)?.size;
+        let mut wanted = Vec::new();
+        for u in [first, last] {
+            let whole = off <= u * UNIT && end >= (u + 1) * UNIT;
+            if u * UNIT >= size {
+                continue; // past the end: the write starts from zeros
+            }
+            let present = state
+                .files
+                .get(&ino)
+                .is_some_and(|f| f.units.contains_key(&u))
+                || state
+                    .in_flight
+                    .get(&ino)
+                    .is_some_and(|f| f.units.contains_key(&u));
+            if whole || present || wanted.iter().any(|(w, _)| *w == u) {
+                continue;
+            }
+            if let Some(x) = self.extent(ino, u)? {
+                if !self.reads.cache.lock().contains(&(ino, u)) {
+                    wanted.push((u, x));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let gen = self.reads.generation();
+        // The space read is not given out again until the read is done.
+        let ticket = state.free_gen;
+        self.reads.enter(ticket);
+        let read = Guard::unlocked(state, || self.read_units_since(ino, &wanted, gen));
+        self.reads.leave(ticket);
+        read.map(|_| ())
     }
 
     /// Verify a unit read from the pool; when it is bad and came from

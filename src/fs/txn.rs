@@ -159,6 +159,11 @@ impl Fs {
     /// The group transaction, or a new one, held by the caller.
     fn hold_group(&self) -> ErrnoResult<Tx<'_>> {
         let mut group = self.group.lock();
+        if group.taken {
+            // redb would wait for the other transaction to end: forever.
+            log::error!("an operation began a transaction inside another");
+            return Err(Errno::EIO);
+        }
         let tx = match group.tx.take() {
             Some(tx) => tx,
             None => self.db().begin_write().map_err(|e| {

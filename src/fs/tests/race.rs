@@ -191,3 +191,42 @@ fn commit_cost() {
         t.elapsed().as_secs_f64() * 1e6 / n as f64
     );
 }
+
+/// A write into part of a unit that is only on the pool reads the unit with
+/// the filesystem lock released: a create elsewhere goes on while that read
+/// hangs, and the write then lands on the right bytes.
+#[test]
+fn a_partial_write_reads_its_unit_without_holding_the_lock() {
+    let rig = Rig::small();
+    let fs = rig.open();
+    let f = create(&fs, ROOT, "f");
+    write_all(&fs, f, 0, &pattern(1, 0, UNIT as usize));
+    fs.fsync(f).unwrap();
+    rig.ctl.add_rule(FaultRule {
+        range: rig.data_range(),
+        ..FaultRule::new(Some(Op::Read), FaultAction::Hang)
+    });
+    let created = std::thread::scope(|s| {
+        let writer = s.spawn(|| fs.write(f, 100, b"partial"));
+        // Give the writer time to reach its read.
+        std::thread::sleep(Duration::from_millis(200));
+        let (done, wait) = std::sync::mpsc::channel();
+        let fs = &fs;
+        s.spawn(move || {
+            let made = fs.mknod(ME, ROOT, b"other", libc::S_IFREG | 0o644, 0, 0, None);
+            let _ = done.send(made.is_ok());
+        });
+        let created = wait.recv_timeout(Duration::from_secs(10));
+        rig.release();
+        assert_eq!(writer.join().unwrap(), Ok(7));
+        created
+    });
+    assert_eq!(
+        created,
+        Ok(true),
+        "a create waited for another file's data read"
+    );
+    let mut want = pattern(1, 0, UNIT as usize);
+    want[100..107].copy_from_slice(b"partial");
+    same(&read_all(&fs, f), &want);
+}
