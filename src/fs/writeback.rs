@@ -21,7 +21,8 @@ impl Fs {
     /// The last close of a file. Its dirty data is not written here: closed
     /// files wait for a group flush (every `CLOSED_BATCH` closes, the commit
     /// timer, memory pressure, fsync or unmount), so that many small files
-    /// cost one batch of writes and one commit instead of one each.
+    /// cost one batch of writes and one commit instead of one each. The
+    /// group flush runs on the commit thread when there is one.
     pub fn release(&self, ino: u64) -> ErrnoResult<()> {
         let mut state = self.state.lock();
         let Some(f) = state.files.get_mut(&ino) else {
@@ -49,7 +50,9 @@ impl Fs {
                     state.files.get_mut(&ino).expect("present").in_closed_dirty = true;
                     state.closed_dirty += 1;
                 }
-                if state.closed_dirty >= CLOSED_BATCH {
+                // The commit thread writes the group, on the other core,
+                // while this FUSE thread answers the next request.
+                if state.closed_dirty >= CLOSED_BATCH && !self.kick_writeback() {
                     self.flush_all(&mut state, false)?;
                 }
             }
@@ -630,12 +633,15 @@ impl Fs {
         }
     }
 
-    /// Ask the commit thread (if any) to write dirty data back now.
-    pub(super) fn kick_writeback(&self) {
-        if let Some(signal) = &*self.writeback.lock() {
-            signal.0.lock().dirty = true;
-            signal.1.notify_one();
-        }
+    /// Ask the commit thread (if any: whether there is one) to write dirty
+    /// data back now.
+    pub(super) fn kick_writeback(&self) -> bool {
+        let Some(signal) = &*self.writeback.lock() else {
+            return false;
+        };
+        signal.0.lock().dirty = true;
+        signal.1.notify_one();
+        true
     }
 
     /// Whether anything written is not durable yet.
