@@ -15,6 +15,8 @@ pub(super) enum Sync {
     /// Durably; the caller flushed the device after its last data write
     /// (data written since by others is not referenced: flushes take turns).
     Flushed,
+    /// Not durably, but to redb now: the group, by the commit thread.
+    Group,
 }
 
 /// Operations gathered into one redb transaction before it is committed
@@ -23,6 +25,9 @@ pub(super) enum Sync {
 /// each. Bounded so that a commit stays short; the commit thread, fsync and
 /// unmount commit the group durably sooner.
 pub(super) const GROUP_OPS: u32 = 256;
+/// Past this many the operation that gets there commits the group itself:
+/// the commit thread, asked at `GROUP_OPS`, is late.
+const GROUP_OPS_MAX: u32 = 4 * GROUP_OPS;
 
 /// The group transaction: the changes of operations that returned, not yet
 /// committed to redb. Its lock is taken under the filesystem lock only, and
@@ -326,7 +331,7 @@ impl Fs {
             Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,
             other => other,
         };
-        let durable = sync != Sync::None;
+        let durable = matches!(sync, Sync::Flush | Sync::Flushed);
         state.seq += 1;
         let seq = state.seq;
         for ino in std::mem::take(&mut state.touching) {
@@ -335,7 +340,12 @@ impl Fs {
         {
             let mut group = self.group.lock();
             group.ops += 1;
-            if !durable && group.ops < GROUP_OPS {
+            let ops = group.ops;
+            // At GROUP_OPS the commit thread (when there is one) is asked to
+            // commit the group; operations go on gathering meanwhile.
+            let gather = ops < GROUP_OPS
+                || (ops < GROUP_OPS_MAX && (ops > GROUP_OPS || self.ask_group_commit()));
+            if sync == Sync::None && gather {
                 group.taken = false;
                 group.tx = Some(tx.into_inner());
                 drop(group);
@@ -390,6 +400,16 @@ impl Fs {
         }
         state.pending_mark = state.pending_free.len();
         Ok(())
+    }
+
+    /// Commit the group transaction to redb, without durability (the commit
+    /// thread, asked by the operation that filled it).
+    pub(super) fn commit_group(&self, state: &mut State) -> ErrnoResult<()> {
+        if self.group.lock().ops == 0 {
+            return Ok(());
+        }
+        let tx = self.begin_tx(state)?;
+        self.commit_with(state, tx, Sync::Group)
     }
 
     /// Make reusable the freed space that no read in flight can still be reading.

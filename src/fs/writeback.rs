@@ -566,6 +566,8 @@ pub(super) struct Wake {
     stop: bool,
     /// Writes passed half the dirty limit.
     dirty: bool,
+    /// The group transaction is full: commit it.
+    group: bool,
 }
 
 impl Fs {
@@ -596,11 +598,20 @@ impl Fs {
         let mut asked = asked.lock();
         let mut due = std::time::Instant::now() + interval;
         while !asked.stop {
-            if !asked.dirty {
+            if !asked.dirty && !asked.group {
                 wake.wait_until(&mut asked, due);
             }
             if asked.stop || self.failed() {
                 due = std::time::Instant::now() + interval;
+                continue;
+            }
+            if std::mem::take(&mut asked.group) {
+                let committed = parking_lot::MutexGuard::unlocked(&mut asked, || {
+                    self.commit_group(&mut self.state.lock())
+                });
+                if let Err(e) = committed {
+                    log::error!("commit of the gathered metadata changes failed: {e}");
+                }
                 continue;
             }
             if std::mem::take(&mut asked.dirty) {
@@ -640,6 +651,17 @@ impl Fs {
             return false;
         };
         signal.0.lock().dirty = true;
+        signal.1.notify_one();
+        true
+    }
+
+    /// Ask the commit thread (if any: whether there is one) to commit the
+    /// group transaction.
+    pub(super) fn ask_group_commit(&self) -> bool {
+        let Some(signal) = &*self.writeback.lock() else {
+            return false;
+        };
+        signal.0.lock().group = true;
         signal.1.notify_one();
         true
     }

@@ -79,6 +79,31 @@ fn a_group_is_committed_every_group_ops_operations() {
 }
 
 #[test]
+fn the_commit_thread_commits_a_full_group() {
+    let rig = Rig::small();
+    let fs = Arc::new(rig.open());
+    // A long interval: no periodic commit comes in between.
+    let committer = fs.commit_every(Duration::from_secs(3600)).unwrap();
+    let n = txn::GROUP_OPS as usize + 5;
+    for i in 0..n {
+        create(&fs, ROOT, &format!("f{i}"));
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while committed_names(&fs, ROOT).len() < txn::GROUP_OPS as usize
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(committer);
+    let committed = committed_names(&fs, ROOT).len();
+    assert!(
+        committed >= txn::GROUP_OPS as usize,
+        "{committed} names committed to redb after {n} creates"
+    );
+    assert_eq!(listed(&fs, ROOT).len(), n);
+}
+
+#[test]
 fn a_crash_loses_a_group_whole() {
     let rig = Rig::small();
     let fs = rig.open();
