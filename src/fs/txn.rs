@@ -324,8 +324,8 @@ impl Fs {
     }
 
     /// Commit, durably unless `sync` is `None` (and the mount is not `sync`).
-    /// A commit without durability joins the group transaction, which is
-    /// committed to redb every `GROUP_OPS` operations.
+    /// A commit without durability joins the group transaction, which the
+    /// commit thread commits to redb once it holds `GROUP_OPS` operations.
     pub(super) fn commit_with(&self, state: &mut State, tx: Tx<'_>, sync: Sync) -> ErrnoResult<()> {
         let sync = match sync {
             Sync::None if self.policy.lock().sync_metadata || self.near_full() => Sync::Flush,

@@ -563,11 +563,11 @@ pub struct CommitThread {
 /// What wakes the commit thread.
 #[derive(Default)]
 pub(super) struct Wake {
-    stop: bool,
+    pub(super) stop: bool,
     /// Writes passed half the dirty limit.
-    dirty: bool,
+    pub(super) dirty: bool,
     /// The group transaction is full: commit it.
-    group: bool,
+    pub(super) group: bool,
 }
 
 impl Fs {
@@ -602,6 +602,10 @@ impl Fs {
                 wake.wait_until(&mut asked, due);
             }
             if asked.stop || self.failed() {
+                // Nothing more is written: what was asked is dropped (a
+                // flag left set would keep the thread from waiting).
+                asked.dirty = false;
+                asked.group = false;
                 due = std::time::Instant::now() + interval;
                 continue;
             }

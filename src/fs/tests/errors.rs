@@ -212,3 +212,31 @@ fn a_writer_waking_the_commit_thread_under_the_lock_does_not_deadlock() {
     }
     drop(committer);
 }
+
+#[test]
+fn a_failed_filesystem_leaves_its_commit_thread_waiting() {
+    let rig = Rig::small();
+    let fs = Arc::new(rig.open());
+    let committer = fs.commit_every(Duration::from_secs(3600)).unwrap();
+    fs.fail("a failure for the test".into());
+    // Asked for work it cannot do: it drops the requests and waits again,
+    // rather than spinning on them.
+    assert!(fs.kick_writeback());
+    assert!(fs.ask_group_commit());
+    let signal = fs.writeback.lock().clone().expect("the thread's signal");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let waits = loop {
+        // A spinning thread never lets go of its wake-up lock.
+        match signal.0.try_lock_for(Duration::from_millis(100)) {
+            Some(asked) if !asked.dirty && !asked.group => break true,
+            _ if std::time::Instant::now() >= until => break false,
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    if !waits {
+        // Dropping it would join a spinning thread: fail instead of hang.
+        std::mem::forget(committer);
+        panic!("the commit thread keeps requests it cannot serve, and never waits");
+    }
+    drop(committer);
+}
