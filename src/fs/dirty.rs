@@ -34,18 +34,32 @@ impl Fs {
         {
             return Ok(());
         }
-        let mut data = Buf::zeroed(UNIT as usize);
         let flying = state
             .in_flight
             .get(&ino)
             .and_then(|f| f.units.get(&u))
             .cloned();
-        let old = match (flying, self.extent(ino, u)?) {
+        let old = match flying {
             // A flush is writing the unit: its bytes are the newest.
-            (Some(flying), _) => Some(flying),
-            (None, Some(x)) => self.read_units(ino, &[(u, x)])?.pop(),
-            (None, None) => None,
+            Some(flying) => Some(flying),
+            None => match self.extent(ino, u)? {
+                Some(x) => self.read_units(ino, &[(u, x)])?.pop(),
+                None => None,
+            },
         };
+        self.put_unit_for_write(state, ino, u, old)
+    }
+
+    /// Make unit `u` a dirty unit holding `old` (its newest stored or
+    /// flying bytes, clipped to the file's size), or zeros.
+    pub(super) fn put_unit_for_write(
+        &self,
+        state: &mut State,
+        ino: u64,
+        u: u64,
+        old: Option<Buf>,
+    ) -> ErrnoResult<()> {
+        let mut data = Buf::zeroed(UNIT as usize);
         if let Some(old) = old {
             let size = self.load_inode(state, ino)?.size;
             let valid = size.saturating_sub(u * UNIT).min(UNIT) as usize;

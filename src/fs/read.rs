@@ -130,12 +130,13 @@ impl Fs {
         Ok(out.into_iter().map(|o| o.expect("filled")).collect())
     }
 
-    /// Before a write changes units `first` and `last` in part: bring
-    /// those not in memory into the cache, read with the filesystem lock
-    /// released (metadata operations and other writes go on meanwhile), so
-    /// that the write's read-modify-write then finds them there. A unit
-    /// rewritten meanwhile leaves the cache (its generation changed), and the
-    /// write reads it again under the lock.
+    /// Before a write changes units `first` and `last` in part: read those
+    /// that are only on the pool with the filesystem lock released
+    /// (metadata operations and other writes go on meanwhile), and make
+    /// them the write's dirty units. If any unit left the cache meanwhile
+    /// (its cache generation moved: a commit or truncate changed some
+    /// extent), the read only fills the cache, and the write looks its
+    /// units up again under the lock.
     pub(super) fn prefetch_partial(
         &self,
         state: &mut Guard,
@@ -151,21 +152,11 @@ impl Fs {
             if u * UNIT >= size {
                 continue; // past the end: the write starts from zeros
             }
-            let present = state
-                .files
-                .get(&ino)
-                .is_some_and(|f| f.units.contains_key(&u))
-                || state
-                    .in_flight
-                    .get(&ino)
-                    .is_some_and(|f| f.units.contains_key(&u));
-            if whole || present || wanted.iter().any(|(w, _)| *w == u) {
+            if whole || Self::unit_in_memory(state, ino, u) || wanted.iter().any(|(w, _)| *w == u) {
                 continue;
             }
             if let Some(x) = self.extent(ino, u)? {
-                if !self.reads.cache.lock().contains(&(ino, u)) {
-                    wanted.push((u, x));
-                }
+                wanted.push((u, x));
             }
         }
         if wanted.is_empty() {
@@ -177,7 +168,28 @@ impl Fs {
         self.reads.enter(ticket);
         let read = Guard::unlocked(state, || self.read_units_since(ino, &wanted, gen));
         self.reads.leave(ticket);
-        read.map(|_| ())
+        let read = read?;
+        if self.reads.generation() != gen {
+            return Ok(());
+        }
+        for ((u, _), old) in wanted.into_iter().zip(read) {
+            if !Self::unit_in_memory(state, ino, u) {
+                self.put_unit_for_write(state, ino, u, Some(old))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether unit `u` of a file is dirty or being flushed.
+    fn unit_in_memory(state: &State, ino: u64, u: u64) -> bool {
+        state
+            .files
+            .get(&ino)
+            .is_some_and(|f| f.units.contains_key(&u))
+            || state
+                .in_flight
+                .get(&ino)
+                .is_some_and(|f| f.units.contains_key(&u))
     }
 
     /// Verify a unit read from the pool; when it is bad and came from
