@@ -30,42 +30,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// the table and the group's lock held: it must take no lock of the
 /// filesystem's.
 macro_rules! read_table {
-    ($fs:expr, $def:expr, |$t:ident| $body:expr) => {{
+    ($fs:expr, ($($def:expr),+), |$($t:ident),+| $body:expr) => {{
         let group = $fs.group.lock();
         match group.tx.as_ref() {
             Some(tx) => {
-                let $t = tx.open_table($def).map_err(db_err)?;
+                $(let $t = tx.open_table($def).map_err(db_err)?;)+
                 let out = $body;
                 out
             }
             None => {
                 group.check_untaken()?;
                 let rtx = $fs.db().begin_read().map_err(db_err)?;
-                let $t = rtx.open_table($def).map_err(db_err)?;
+                $(let $t = rtx.open_table($def).map_err(db_err)?;)+
                 let out = $body;
                 out
             }
         }
     }};
-    ($fs:expr, ($d1:expr, $d2:expr), |$t:ident, $u:ident| $body:expr) => {{
-        let group = $fs.group.lock();
-        match group.tx.as_ref() {
-            Some(tx) => {
-                let $t = tx.open_table($d1).map_err(db_err)?;
-                let $u = tx.open_table($d2).map_err(db_err)?;
-                let out = $body;
-                out
-            }
-            None => {
-                group.check_untaken()?;
-                let rtx = $fs.db().begin_read().map_err(db_err)?;
-                let $t = rtx.open_table($d1).map_err(db_err)?;
-                let $u = rtx.open_table($d2).map_err(db_err)?;
-                let out = $body;
-                out
-            }
-        }
-    }};
+    ($fs:expr, $def:expr, |$t:ident| $body:expr) => {
+        read_table!($fs, ($def), |$t| $body)
+    };
 }
 
 mod attr;

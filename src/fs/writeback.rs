@@ -651,21 +651,20 @@ impl Fs {
     /// Ask the commit thread (if any: whether there is one) to write dirty
     /// data back now.
     pub(super) fn kick_writeback(&self) -> bool {
-        let Some(signal) = &*self.writeback.lock() else {
-            return false;
-        };
-        signal.0.lock().dirty = true;
-        signal.1.notify_one();
-        true
+        self.ask_commit_thread(|asked| asked.dirty = true)
     }
 
     /// Ask the commit thread (if any: whether there is one) to commit the
     /// group transaction.
     pub(super) fn ask_group_commit(&self) -> bool {
+        self.ask_commit_thread(|asked| asked.group = true)
+    }
+
+    fn ask_commit_thread(&self, ask: impl FnOnce(&mut Wake)) -> bool {
         let Some(signal) = &*self.writeback.lock() else {
             return false;
         };
-        signal.0.lock().group = true;
+        ask(&mut signal.0.lock());
         signal.1.notify_one();
         true
     }
