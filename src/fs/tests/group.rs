@@ -103,15 +103,21 @@ fn the_commit_thread_commits_a_full_group() {
     assert_eq!(listed(&fs, ROOT).len(), n);
 }
 
-#[test]
-fn a_crash_loses_a_group_whole() {
-    let rig = Rig::small();
+/// A filesystem with "durable" committed durably, then `n` creates gathered.
+fn durable_then_gathered(rig: &Rig, n: usize) -> Fs {
     let fs = rig.open();
     create(&fs, ROOT, "durable");
     fs.sync().unwrap();
-    for i in 0..20 {
+    for i in 0..n {
         create(&fs, ROOT, &format!("gathered{i}"));
     }
+    fs
+}
+
+#[test]
+fn a_crash_loses_a_group_whole() {
+    let rig = Rig::small();
+    let fs = durable_then_gathered(&rig, 20);
     fs.unlink(ROOT, b"durable").unwrap();
     let fs = rig.crash(fs);
     assert_eq!(listed(&fs, ROOT), vec![b"durable".to_vec()]);
@@ -150,12 +156,7 @@ fn refusals_before_any_change_keep_the_group() {
 #[test]
 fn an_operation_failing_after_a_change_fails_the_filesystem() {
     let rig = Rig::small();
-    let fs = rig.open();
-    create(&fs, ROOT, "durable");
-    fs.sync().unwrap();
-    for i in 0..3 {
-        create(&fs, ROOT, &format!("gathered{i}"));
-    }
+    let fs = durable_then_gathered(&rig, 3);
     {
         // As an operation that changed a table and then failed.
         let mut state = fs.state.lock();
